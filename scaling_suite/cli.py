@@ -1,0 +1,190 @@
+"""`scaling-suite <verb>`: parse, call, print. Every flag is a RunConfig field of the same name.
+
+Errors the user can fix end as one line, `error: ...`, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import fields
+
+from .config import PRESETS, RunConfig, from_preset, make_config
+from .errors import SuiteError
+
+EXIT_USAGE = 2
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field, named exactly as the field (and the MLflow param)."""
+    g = p.add_argument_group("run settings (defaults: the preset, else RunConfig)")
+    for f in fields(RunConfig):
+        if f.name != "preset":
+            # Parsed as strings: make_config types and validates them, and "" means "not given"
+            # (MLproject passes every declared parameter, empty when the user gave none).
+            g.add_argument(f"--{f.name}", default=None, metavar=str(f.type).upper())
+    p.add_argument("--preset", default=None, help=f"start from a preset: {', '.join(PRESETS)}")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig)
+             if f.name != "preset" and getattr(args, f.name, None) not in (None, "")}
+    budget_given = {"D", "C", "tokens_per_param"} & set(given)
+    if args.preset:
+        base = dict(PRESETS.get(args.preset, {}))
+        if budget_given:  # a budget on the command line replaces the preset's budget entirely
+            for k in ("D", "C", "tokens_per_param"):
+                base.pop(k, None)
+        if args.preset not in PRESETS:
+            return from_preset(args.preset)  # raises the one-line error
+        return make_config(**{**base, "preset": args.preset, **given})
+    if not budget_given:
+        given["tokens_per_param"] = 20.0  # Hoffmann et al. 2022's compute-optimal ratio
+    return make_config(**given)
+
+
+def cmd_train(args) -> int:
+    from . import data as data_lib
+    from . import tracking
+    from .device import pick_device
+    from .train import TrainingFailed, config_from_params, result_dict, train
+
+    resume_from = None
+    if args.resume:
+        client = tracking.init_store()
+        try:
+            run = client.get_run(args.resume)
+        except Exception:  # noqa: BLE001
+            raise SuiteError(f"no MLflow run {args.resume!r} in {tracking.tracking_uri()}") from None
+        cfg = config_from_params(run.data.params)
+    else:
+        cfg = config_from_args(args)
+    pick_device(cfg.device)                      # an absent device fails before anything loads
+    tracking.init_store()                        # so does an unwritable store
+    d = cfg.derived()
+    data = data_lib.load_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size)
+    tracker = tracking.start_run(args.experiment, run_name=args.run_name or run_name(d.N, d.D),
+                                 run_id=args.resume)
+    try:
+        if args.resume:
+            scratch = tracking.scratch_dir()
+            resume_from = tracker.fetch_checkpoint(scratch)
+            if resume_from is None:
+                raise SuiteError(f"run {args.resume} has no checkpoint to resume from; start it again")
+        result = train(cfg, tracker, data=data, resume_from=resume_from, progress=not args.quiet)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED", "interrupted by the user")
+        raise
+    except (TrainingFailed, SuiteError) as e:
+        tracker.finish("FAILED", str(e))
+        raise
+    except Exception as e:
+        tracker.finish("FAILED", f"{type(e).__name__}: {e}")
+        raise
+    tracker.finish("FINISHED")
+    out = result_dict(result)
+    print(f"run {result.run_id}: N={d.N:,} D={d.D:,} C={d.C:.3g} FLOPs  final_val_loss={result.final_val_loss:.4f} "
+          f"({result.val_bpb:.3f} bits/byte)  {result.wall_seconds:.1f}s, {result.tokens_per_second:,.0f} tok/s")
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+def run_name(N: float, D: float) -> str:
+    return f"N={_si(N)} D={_si(D)}"
+
+
+def _si(x: float) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def cmd_doctor(args) -> int:
+    """Check this machine end to end, as the original framework's test script did."""
+    import torch
+
+    from . import data as data_lib
+    from . import tracking
+    from .device import available_memory, pick_device, pick_precision
+    from .train import train
+
+    problems = []
+    def check(name, fn):
+        t = time.perf_counter()
+        try:
+            detail = fn()
+            print(f"  ok    {name}: {detail}  ({time.perf_counter() - t:.1f}s)")
+            return detail
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{name}: {e}")
+            print(f"  FAIL  {name}: {e}")
+
+    print("scaling-suite doctor")
+    device = check("device", lambda: pick_device(args.device or "auto"))
+    if device is not None:
+        check("device works", lambda: f"matmul on {device} = {float((torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)).sum()):.0f}")
+        check("memory available", lambda: f"{available_memory(device) / 2**30:.1f} GiB")
+    cfg = from_preset("tiny", device=args.device or "auto")
+    cfg = cfg.replace(D=20 * cfg.batch_tokens, eval_every=20)
+    check("precision", lambda: f"{pick_precision(device, 'auto', cfg.shape())} for the tiny preset" if device else "-")
+    check("MLflow store", lambda: (tracking.init_store(), tracking.tracking_uri())[1])
+    data = check("data (stdlib corpus)", lambda: data_lib.load_data(cfg.dataset))
+    if data is not None:
+        r = check("20-step training", lambda: train(cfg, data=data, progress=False))
+        if r is not None:
+            print(f"        {r.tokens_per_second:,.0f} tokens/s, val loss {r.curve[0][1]:.3f} -> {r.final_val_loss:.3f}")
+            if not r.final_val_loss < r.curve[0][1]:
+                problems.append("training did not lower the validation loss")
+    if problems:
+        print("doctor found problems:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    print("all checks passed")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scaling-suite", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    t = sub.add_parser("train", help="train one model and track it in MLflow")
+    add_config_flags(t)
+    t.add_argument("--experiment", default=None, help="MLflow experiment (default: scaling-suite)")
+    t.add_argument("--run_name", default=None)
+    t.add_argument("--resume", default=None, metavar="RUN_ID", help="continue an interrupted run")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="also print the result as JSON")
+    t.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("doctor", help="check device, precision, memory, store and a 20-step run")
+    d.add_argument("--device", default=None)
+    d.set_defaults(fn=cmd_doctor)
+
+    a = sub.add_parser("analyze", help="fit scaling laws to runs in MLflow or a CSV file")
+    from analysis import report
+    report.add_arguments(a)
+    a.set_defaults(fn=cmd_analyze)
+    return p
+
+
+def cmd_analyze(args) -> int:
+    from analysis import report
+
+    return report.main(args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SuiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Device, precision and memory: choose where and how to run, never *what* to optimize.
+
+The micro-batch planner only splits the configured global batch into equal micro-batches with
+gradient accumulation, so the number of tokens per optimizer step is the same on every device.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from .errors import SuiteError
+from .model import ModelShape
+
+# bf16 autocast on CPU pays only once matmuls are big enough for the AMX/AVX-512-BF16 kernels to
+# beat the casts around them. Measured on the reference 2-core AVX-512-BF16 machine with
+# benchmarks/throughput.py (see README, "Precision rule"): below this width fp32 was faster.
+CPU_BF16_MIN_WIDTH = 512
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """cuda > mps > cpu, unless a device is named; a named device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SuiteError(f"device {name!r} requested but CUDA is not available on this machine")
+        idx = int(name.split(":")[1]) if ":" in name else 0
+        if idx >= torch.cuda.device_count():
+            raise SuiteError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return torch.device(name)
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise SuiteError("device 'mps' requested but Apple MPS is not available on this machine")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise SuiteError(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:<i> or mps")
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_precision(device: torch.device, requested: str, shape: ModelShape) -> str:
+    """fp32 or bf16 (autocast; master weights and the loss stay fp32)."""
+    if requested != "auto":
+        if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise SuiteError("precision bf16 requested but this CUDA device does not support bf16")
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "mps":
+        return "fp32"  # MPS autocast to bf16 is incomplete across macOS versions; fp32 is safe.
+    return "bf16" if cpu_has_bf16() and shape.d_model >= CPU_BF16_MIN_WIDTH else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for this process: CUDA's free memory, or system RAM (also for MPS: unified memory)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def process_memory(device: torch.device) -> int:
+    """Bytes in use now: peak allocated on CUDA, resident set size elsewhere."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def estimate_bytes(shape: ModelShape, micro_batch: int, precision: str) -> int:
+    """Rough peak memory of one training micro-step.
+
+    Weights, gradients and two AdamW moments: 16 bytes per parameter in fp32. Activations kept for
+    backward per layer and token: about 34·d + 5·heads·T values (Korthikanti et al. 2022,
+    "Reducing Activation Recomputation", §4.1, eq. 1), 2 bytes each in bf16 and 4 in fp32; plus
+    the logits and their gradient (fp32 cross-entropy: 3 copies of T·V).
+    """
+    d, L, T, V = shape.d_model, shape.depth, shape.context, shape.vocab_size
+    n_params = L * (4 * d * d + 3 * d * shape.d_mlp) + 2 * V * d
+    act_bytes = 2 if precision == "bf16" else 4
+    per_seq = L * T * (34 * d + 5 * shape.n_head * T) * act_bytes + 3 * T * V * 4
+    return 16 * n_params + micro_batch * per_seq
+
+
+def plan_micro_batch(shape: ModelShape, batch_size: int, precision: str, free_bytes: int,
+                     fraction: float = 0.5) -> int:
+    """Largest divisor of the global batch (in sequences) whose estimate fits in a fraction of memory."""
+    budget = fraction * free_bytes
+    for m in sorted((m for m in range(1, batch_size + 1) if batch_size % m == 0), reverse=True):
+        if estimate_bytes(shape, m, precision) <= budget:
+            return m
+    raise SuiteError(
+        f"not enough memory: one sequence needs about {estimate_bytes(shape, 1, precision) / 2**30:.1f} GiB "
+        f"but {free_bytes / 2**30:.1f} GiB is free; use a smaller model or context")
+
+
+def release_memory(device: torch.device) -> None:
+    """Give memory back between runs of a sweep (the caller drops its references first)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    precision: str
+    micro_batch: int
+    accumulation: int
+    free_bytes: int
+
+    def tags(self) -> dict[str, str]:
+        return {"device": str(self.device), "precision": self.precision,
+                "torch_version": torch.__version__}
+
+
+def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape, batch_size: int) -> Placement:
+    device = pick_device(device_name)
+    prec = pick_precision(device, precision, shape)
+    free = available_memory(device)
+    micro = micro_batch or plan_micro_batch(shape, batch_size, prec, free)
+    return Placement(device, prec, micro, batch_size // micro, free)

@@ -1,0 +1,240 @@
+"""Train one model on one token budget. The loop reads top to bottom (nanoGPT's train.py).
+
+    train(cfg, tracker) -> RunResult
+
+Batches are a pure function of (seed, step), the learning rate a pure function of the step, and
+a checkpoint holds model, optimizer, step and RNG state, so a resumed run retraces the
+uninterrupted one exactly. Memory limits change only how the global batch is split into
+micro-batches (gradient accumulation), never the batch, the schedule or the token count.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import data as data_lib
+from .config import Derived, RunConfig, make_config
+from .device import autocast, place, process_memory, release_memory
+from .errors import SuiteError
+from .model import GPT
+from .tracking import NullTracker, scratch_dir
+
+
+class TrainingFailed(SuiteError):
+    """A run that cannot go on (NaN loss, out of memory); a sweep records it FAILED and moves on."""
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    status: str
+    final_val_loss: float
+    final_train_loss: float
+    val_bpb: float
+    steps: int
+    D: int
+    C: float
+    N: int
+    wall_seconds: float
+    tokens_per_second: float
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (tokens, val_loss)
+
+
+def lr_at(step: int, cfg: RunConfig, d: Derived) -> float:
+    """Peak lr times the schedule's multiplier at this optimizer step."""
+    if step < d.warmup_steps:                       # linear warmup
+        return cfg.lr * (step + 1) / d.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        # Cosine to 10% of peak: Hoffmann et al. 2022 §3 / App. B found decaying by 10× over the
+        # run's own length (not longer) matters for compute-optimal fits.
+        p = (step - d.warmup_steps) / max(1, d.steps - d.warmup_steps)
+        return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * p)))
+    # wsd: warmup-stable-decay with a (1 - sqrt) cooldown over the last cooldown_frac of steps,
+    # Hägele et al. 2024 ("Scaling Laws and Compute-Optimal Training Beyond Fixed Training
+    # Durations", §3), which matches cosine at the same length.
+    start = cooldown_start(cfg, d)
+    if step < start:
+        return cfg.lr
+    return cfg.lr * (1 - math.sqrt((step - start) / max(1, d.steps - start)))
+
+
+def cooldown_start(cfg: RunConfig, d: Derived) -> int:
+    return d.steps - max(1, round(cfg.cooldown_frac * d.steps))
+
+
+@torch.no_grad()
+def evaluate(model: GPT, val: torch.Tensor, micro: int, device, precision: str) -> float:
+    """Mean cross-entropy (nats/token) over the fixed validation set."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(val), micro):
+        chunk = val[i:i + micro].to(device)
+        with autocast(device, precision):
+            total += model(chunk[:, :-1], chunk[:, 1:]).item() * len(chunk)
+        n += len(chunk)
+    model.train()
+    return total / n
+
+
+def save_checkpoint(path: Path, model, opt, step: int, cfg: RunConfig, curve) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+             "config": cfg.to_params(), "curve": curve, "torch_rng": torch.get_rng_state()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a kill mid-write never leaves a truncated checkpoint
+
+
+def load_checkpoint(path: Path, cfg: RunConfig) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise SuiteError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if state["config"] != cfg.to_params():
+        diff = [k for k in state["config"] if state["config"][k] != cfg.to_params().get(k)]
+        raise SuiteError(f"checkpoint {path} was made with a different config ({', '.join(diff)})")
+    return state
+
+
+def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
+          resume_from: Path | None = None, halt_at_step: int | None = None,
+          checkpoint_dir: Path | None = None, progress: bool = True, tags: dict | None = None) -> RunResult:
+    tracker = tracker or NullTracker()
+    d = cfg.derived()
+    pl = place(cfg.device, cfg.precision, cfg.micro_batch, d.shape, d.batch_size)
+    data = data or data_lib.load_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size)
+    if data.vocab_size != cfg.vocab_size:
+        raise SuiteError(f"the data's vocabulary ({data.vocab_size}) differs from vocab_size ({cfg.vocab_size})")
+    val = data_lib.validation_set(data, cfg.eval_tokens, cfg.context)
+    bpt = data_lib.bytes_per_token(data, val)
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(d.shape).to(pl.device)
+    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=pl.device.type in ("cpu", "cuda"))
+    start, curve = 0, []
+    if resume_from is not None:
+        state = load_checkpoint(Path(resume_from), cfg)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start, curve = state["step"], [tuple(p) for p in state["curve"]]
+
+    # Everything about the run goes to the tracker before the first step, so a run that dies
+    # early is still traceable: config as params, sizes as metrics, placement as tags.
+    tracker.log_params(cfg.to_params())
+    tracker.set_tags({"role": "train", **pl.tags(), "micro_batch": pl.micro_batch,
+                      "accumulation": pl.accumulation, "flops_convention": "6N+6*depth*context*d_model",
+                      "N_convention": "N = non-embedding + output head (Porian et al. 2024)", **(tags or {})})
+    tracker.log_dataset(data_lib.describe(data))
+    tracker.log_metrics({**d.metrics(), "bytes_per_token": bpt, "tokens": 0, "flops": 0}, step=0)
+
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else scratch_dir()
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = ckpt_dir / "last.pt"
+
+    def checkpoint(step):
+        save_checkpoint(ckpt_path, model, opt, step, cfg, curve)
+        tracker.flush()  # metrics up to this step are durable together with the checkpoint
+        tracker.log_artifact(ckpt_path, "checkpoints")
+
+    def eval_and_log(step):
+        loss = evaluate(model, val, pl.micro_batch, pl.device, pl.precision)
+        tokens = step * cfg.batch_tokens
+        curve.append((tokens, loss))
+        # tokens and flops at this step are logged by the training step that reached it.
+        tracker.log_metrics({"val_loss": loss, "val_bpb": loss / math.log(2) / bpt,
+                             "mem_gb": process_memory(pl.device) / 2**30}, step=tokens)
+        return loss
+
+    bar = _progress(d.steps, start, progress, cfg)
+    t0, train_loss, tok_s = time.perf_counter(), float("nan"), 0.0
+    t_window, step_window = time.perf_counter(), start
+    micro_steps = pl.accumulation
+    for step in range(start, d.steps):
+        if step % d.eval_every == 0 and (not curve or curve[-1][0] != step * cfg.batch_tokens):
+            eval_and_log(step)
+        if step == halt_at_step:
+            break  # a simulated interruption, for tests: the last checkpoint stands
+        lr = lr_at(step, cfg, d)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = data_lib.train_batch(data, cfg.seed, step, d.batch_size, cfg.context).to(pl.device)
+        loss_sum = 0.0
+        for m in range(micro_steps):
+            mb = batch[m * pl.micro_batch:(m + 1) * pl.micro_batch]
+            with autocast(pl.device, pl.precision):
+                loss = model(mb[:, :-1], mb[:, 1:])
+            # Equal micro-batches: the mean over the global batch is the mean of micro means.
+            (loss / micro_steps).backward()
+            loss_sum += loss.item()
+        train_loss = loss_sum / micro_steps
+        if not math.isfinite(train_loss):
+            _fail(tracker, f"training diverged: loss is {train_loss} at step {step}", pl.device)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        tokens = (step + 1) * cfg.batch_tokens
+        tracker.log_metrics({"train_loss": train_loss, "lr": lr, "tokens": tokens,
+                             "flops": tokens * d.flops_per_token}, step=tokens)
+        if (step + 1) % 10 == 0 or step + 1 == d.steps:
+            now = time.perf_counter()
+            tok_s = (step + 1 - step_window) * cfg.batch_tokens / (now - t_window)
+            t_window, step_window = now, step + 1
+            tracker.log_metrics({"tokens_per_second": tok_s}, step=tokens)
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{curve[-1][1]:.3f}" if curve else "-",
+                        tok_s=f"{tok_s:,.0f}", mem=f"{process_memory(pl.device) / 2**30:.1f}G", refresh=False)
+        if (step + 1) % d.checkpoint_every == 0 and step + 1 < d.steps:
+            checkpoint(step + 1)
+    bar.close()
+    wall = time.perf_counter() - t0
+
+    if halt_at_step is not None and halt_at_step < d.steps:
+        tracker.flush()
+        return RunResult(tracker.run_id, "INTERRUPTED", float("nan"), train_loss, float("nan"),
+                         halt_at_step, d.D, d.C, d.N, wall, tok_s, curve)
+
+    final = eval_and_log(d.steps)
+    checkpoint(d.steps)
+    result = RunResult(tracker.run_id, "FINISHED", final, train_loss, final / math.log(2) / bpt,
+                       d.steps, d.D, d.C, d.N, wall, (d.steps - start) * cfg.batch_tokens / wall, curve)
+    tracker.log_metrics({"final_val_loss": final, "final_train_loss": train_loss, "val_bpb": result.val_bpb,
+                         "wall_seconds": wall, **d.metrics()}, step=d.D)
+    del model, opt
+    release_memory(pl.device)
+    return result
+
+
+def _fail(tracker, reason: str, device) -> None:
+    release_memory(device)
+    raise TrainingFailed(reason)
+
+
+def _progress(total: int, initial: int, enabled: bool, cfg: RunConfig):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", leave=False,
+                desc=f"depth={cfg.depth}", dynamic_ncols=True)
+
+
+def config_from_params(params: dict) -> RunConfig:
+    """Rebuild a RunConfig from an MLflow run's params (for --resume)."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(RunConfig)}
+    return make_config(**{k: v for k, v in params.items() if k in names})
+
+
+def result_dict(r: RunResult) -> dict:
+    out = asdict(r)
+    out.pop("curve")
+    return out
