@@ -42,7 +42,7 @@ FORMS = "expected 'stdlib', 'hf:NAME[:CONFIG]', or a path / directory / glob of 
 BATCH_CHARS = 1 << 22  # documents are tokenized and written in ~4M-character batches
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: comparing memmaps elementwise makes no sense
+@dataclass(frozen=True, eq=False, repr=False)  # eq=False: comparing memmaps elementwise makes no sense
 class TokenData:
     train: np.ndarray      # uint16 memmap, 1-D
     val: np.ndarray        # uint16 memmap, 1-D
@@ -53,6 +53,10 @@ class TokenData:
     content_digest: str
     n_docs_train: int
     n_docs_val: int
+
+    def __repr__(self):  # the default would print both memmaps
+        return (f"TokenData({self.source!r}, {self.tokenizer.name}, vocab {self.vocab_size}, {len(self.train):,} train / "
+                f"{len(self.val):,} val tokens, digest {self.digest[:12]})")
 
 
 @dataclass
@@ -451,10 +455,19 @@ def train_batch(data: TokenData, seed: int, step: int, batch_size: int, context:
 
 
 def describe(data: TokenData) -> dict:
+    """Identity and size of the data, for MLflow's dataset input and params. "path" (local sources
+    only) is where the files are, for the input's source URI."""
     tok = data.tokenizer.name if data.tokenizer.name == "byte" else f"bpe-{data.vocab_size}"
-    short = data.source if data.source == "stdlib" or data.source.startswith("hf:") else \
-        os.path.basename(data.source.rstrip("/")) or data.source
-    return {"name": f"{short}/{tok}", "digest": data.digest, "content_digest": data.content_digest,
+    info = {"name": "", "digest": data.digest, "content_digest": data.content_digest,
             "source": data.source, "tokenizer": data.tokenizer.name, "vocab_size": data.vocab_size,
             "train_tokens": len(data.train), "val_tokens": len(data.val),
             "n_docs_train": data.n_docs_train, "n_docs_val": data.n_docs_val}
+    if data.source == "stdlib":
+        info["path"], short = sysconfig.get_paths()["stdlib"], "stdlib"
+    elif data.source.startswith("hf:"):
+        short = data.source
+    else:
+        info["path"] = os.path.abspath(os.path.expanduser(data.source))
+        short = os.path.basename(data.source.rstrip("/")) or data.source
+    info["name"] = f"{short}/{tok}"
+    return info

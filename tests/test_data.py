@@ -61,6 +61,7 @@ def test_stdlib_deterministic_split_by_file(tmp_path):
     assert c.digest == a.digest and np.array_equal(c.val, a.val)
     info = describe(c)
     assert info["digest"] == a.digest and info["train_tokens"] == len(a.train) and info["vocab_size"] == 256
+    assert info["name"] == "stdlib/byte" and info["path"] == str(root)
 
 
 def test_stdlib_excludes_third_party(tmp_path):
@@ -126,7 +127,7 @@ def test_local_dir_and_glob(tmp_path):
     assert g.n_docs_train + g.n_docs_val == 120
     only_top = load_data(str(root / "doc*.txt"))
     assert only_top.n_docs_train + only_top.n_docs_val == 40
-    assert describe(d)["name"] == "corpus/byte"
+    assert describe(d)["name"] == "corpus/byte" and describe(d)["path"] == str(root)
 
 
 def test_local_jsonl_and_parquet(tmp_path):
