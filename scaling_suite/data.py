@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import sysconfig
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -404,13 +403,10 @@ def load_data(dataset: str = "stdlib", tokenizer: str = "byte", vocab_size: int 
             train, val, tok, meta = _open(dest, want)
             return _token_data(train, val, tok, meta, dataset)
         except ValueError as e:
-            warnings.warn(f"token cache {dest} is corrupt ({e}); rebuilding it", RuntimeWarning, stacklevel=2)
-            aside = dest.parent / f".corrupt-{digest}-{os.getpid()}"
-            try:  # out of the way first, so a crash mid-delete leaves no valid-looking dir
-                os.rename(dest, aside)
-            except OSError:
-                pass  # another process got there first
-            shutil.rmtree(aside, ignore_errors=True)
+            # Refuse rather than silently rebuild: a cache that rots on disk is worth knowing
+            # about, and deleting it is one command.
+            raise SuiteError(f"token cache {dest} is corrupt ({e}); delete it (rm -r {dest}) "
+                             "and run again to rebuild it") from None
     _build(corpus, dest, dict(want, source=dataset, name=corpus.short_name))
     try:
         train, val, tok, meta = _open(dest, want)

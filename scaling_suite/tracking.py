@@ -11,6 +11,7 @@ over HTTP (shared/PITFALLS.md). The MLflow ``step`` of every metric is the numbe
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import tempfile
@@ -72,6 +73,9 @@ def init_store(uri: str | None = None):
     import mlflow
     from mlflow import MlflowClient
 
+    # MLflow's INFO lines (table creation, system-metrics thread start/stop) drown the progress
+    # bar and the one-line errors; warnings and errors still show.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     try:

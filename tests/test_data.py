@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import shutil
+
 import pytest
 import torch
 
@@ -255,7 +257,7 @@ def test_empty_corpus_and_bad_records(tmp_path):
 # ------------------------------------------------------------------------------------ cache
 
 @pytest.mark.parametrize("damage", ["truncate", "meta", "no_meta", "token"])
-def test_corrupt_cache_is_rebuilt(tmp_path, cache, damage):
+def test_corrupt_cache_is_refused_then_rebuilt(tmp_path, cache, damage):
     root = corpus_dir(tmp_path)
     good = load_data(str(root))
     train, val = np.array(good.train), np.array(good.val)
@@ -273,10 +275,12 @@ def test_corrupt_cache_is_rebuilt(tmp_path, cache, damage):
         m[0] = 60000
         m.flush()
         del m
-    with pytest.warns(RuntimeWarning, match=r"token cache .* is corrupt .*rebuilding"):
-        again = load_data(str(root))
+    with pytest.raises(SuiteError, match=r"token cache .* is corrupt .*delete it") as e:
+        load_data(str(root))
+    assert "\n" not in str(e.value)
+    shutil.rmtree(d)  # what the message tells the user to do
+    again = load_data(str(root))
     assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
-    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # nothing left aside
 
 
 def test_failed_build_leaves_no_cache(tmp_path, cache, monkeypatch):

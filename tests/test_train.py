@@ -1,0 +1,75 @@
+"""The training loop: schedules, global-batch invariance, resume equivalence, NaN handling."""
+
+import math
+
+import pytest
+import torch
+
+from scaling_suite import data as data_lib
+from scaling_suite.config import make_config
+from scaling_suite.train import TrainingFailed, lr_at, train
+
+SMALL = dict(depth=1, context=32, batch_tokens=1024, D=16 * 1024, eval_tokens=2048, eval_every=4,
+             warmup_tokens=2048, precision="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def stdlib(token_cache):
+    return data_lib.load_data("stdlib")
+
+
+def test_schedules_shapes():
+    cfg = make_config(**{**SMALL, "D": 100 * 1024})
+    d = cfg.derived()
+    cos = [lr_at(s, cfg, d) for s in range(d.steps)]
+    assert cos[0] == pytest.approx(cfg.lr / d.warmup_steps)              # linear warmup
+    assert max(cos) == pytest.approx(cfg.lr, rel=1e-3)
+    assert cos[-1] == pytest.approx(0.1 * cfg.lr, rel=0.01)              # cosine to 10% of peak
+    wsd_cfg = cfg.replace(schedule="wsd")
+    wsd = [lr_at(s, wsd_cfg, d) for s in range(d.steps)]
+    assert wsd[d.warmup_steps:80] == [cfg.lr] * (80 - d.warmup_steps)     # stable phase
+    assert all(a > b for a, b in zip(wsd[80:], wsd[81:]))                # 20% cooldown, decreasing
+    assert wsd[-1] < 0.25 * cfg.lr
+    const = [lr_at(s, cfg.replace(schedule="constant"), d) for s in range(d.steps)]
+    assert const[-1] == cfg.lr
+
+
+def test_loss_goes_down_and_curve_is_logged(stdlib):
+    r = train(make_config(**SMALL), data=stdlib, progress=False)
+    assert r.status == "FINISHED" and r.steps == 16 and r.D == 16 * 1024
+    assert len(r.curve) == 5 and r.curve[-1][1] < r.curve[0][1]
+    assert r.final_val_loss == r.curve[-1][1]
+
+
+def test_global_batch_is_invariant_to_micro_batch(stdlib):
+    """Memory only changes how the global batch is split: same loss after k steps."""
+    losses = [train(make_config(**SMALL, micro_batch=m), data=stdlib, progress=False).final_val_loss
+              for m in (32, 8, 1)]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4)
+    assert losses[2] == pytest.approx(losses[0], abs=1e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_run(stdlib, tmp_path):
+    cfg = make_config(**SMALL, checkpoint_every=4)
+    straight = train(cfg, data=stdlib, progress=False)
+    part = train(cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path, halt_at_step=10)
+    assert part.status == "INTERRUPTED"
+    # The kill came at step 10; the last checkpoint is from step 8: resume retraces 8..16.
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 8
+    resumed = train(cfg, data=stdlib, progress=False, resume_from=tmp_path / "last.pt")
+    assert resumed.final_val_loss == pytest.approx(straight.final_val_loss, abs=1e-5)
+    assert [t for t, _ in resumed.curve] == [t for t, _ in straight.curve]
+
+
+def test_diverging_run_fails_with_reason(stdlib):
+    with pytest.raises(TrainingFailed, match="diverged"):
+        train(make_config(**{**SMALL, "lr": 1e6, "grad_clip": 0.0, "warmup_tokens": 0.0}), data=stdlib,
+              progress=False)
+
+
+def test_checkpoint_from_another_config_is_refused(stdlib, tmp_path):
+    cfg = make_config(**SMALL, checkpoint_every=4)
+    train(cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path, halt_at_step=5)
+    from scaling_suite.errors import SuiteError
+    with pytest.raises(SuiteError, match="different config"):
+        train(cfg.replace(lr=1e-3), data=stdlib, progress=False, resume_from=tmp_path / "last.pt")
