@@ -1,0 +1,253 @@
+"""Known answers for analysis.laws / optim / fit / extrapolate: published data, planted laws, bad input."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.optimize import minimize
+
+from analysis import extrapolate, laws, models, optim, synthetic
+from analysis.fit import (FitResult, fit_chinchilla, fit_kaplan, fit_loglinear, fit_power_law,
+                          holdout_largest, loo_errors)
+from scaling_suite.errors import SuiteError
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+FIG4 = REFERENCE / "chinchilla_fig4_epoch.csv"
+# Besiroglu et al. 2024 (arXiv 2404.10102), grid fit of the 240 points; see shared/reference/README.md.
+PUBLISHED = {"A": 477.8, "B": 2143.9, "E": 1.8172, "alpha": 0.3473, "beta": 0.3672}
+
+
+def published_points():
+    if not FIG4.exists():
+        pytest.skip(f"reference data not present at {FIG4}")
+    df = pd.read_csv(FIG4)
+    df = df[df["loss"] < sorted(df["loss"])[-5]]
+    N = df["Model Size"].to_numpy()
+    C = df["Training FLOP"].to_numpy()
+    return N, C / (6 * N), df["loss"].to_numpy()
+
+
+def planted_grid(params, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    N, D = np.meshgrid(np.logspace(7, 10, 8), np.logspace(8.5, 11.5, 8))
+    N, D = N.ravel(), D.ravel()
+    loss = laws.chinchilla(N, D, **params) * np.exp(noise * rng.standard_normal(N.size))
+    return N, D, loss
+
+
+# --- laws ------------------------------------------------------------------------------------------
+
+def test_hoffmann_compute_optimal_allocation():
+    # Hoffmann et al. 2022 Table A3: C = 2.21e19 -> N = 3.89e8, D = 9.47e9 (unrounded eq. 10 params).
+    N, D = laws.chinchilla_optimal(2.21e19, **laws.HOFFMANN_PARAMS)
+    assert N == pytest.approx(3.89e8, rel=0.01)
+    assert D == pytest.approx(9.47e9, rel=0.01)
+    assert 6 * N * D == pytest.approx(2.21e19, rel=1e-12)
+
+
+def test_closed_form_is_the_minimum_on_the_isoflop_line():
+    p = laws.HOFFMANN_PARAMS
+    C = 1e21
+    N_opt, _ = laws.chinchilla_optimal(C, **p)
+    Ns = N_opt * np.logspace(-0.5, 0.5, 2001)
+    losses = laws.chinchilla(Ns, C / (6 * Ns), **p)
+    assert Ns[np.argmin(losses)] == pytest.approx(N_opt, rel=2e-3)
+
+
+def test_law_shapes():
+    assert laws.power_law(100.0, 1.0, 10.0, 1.0) == pytest.approx(1.1)
+    assert laws.learning_curve(90.0, 1.0, 10.0, 1.0, t0=10.0) == pytest.approx(1.1)
+    # Kaplan eq. 1.5 reduces to (N_c/N)^alpha_N as D -> infinity.
+    assert laws.kaplan(1e9, 1e40, 6.4e13, 1.8e13, 0.076, 0.103) == pytest.approx((6.4e13 / 1e9) ** 0.076, rel=1e-9)
+    assert laws.chinchilla(np.ones(3), np.ones(3), 1, 2, 3, 0.5, 0.5).shape == (3,)
+
+
+# --- optimiser ---------------------------------------------------------------------------------------
+
+def test_batched_lbfgs_matches_scipy_on_independent_rosenbrocks():
+    shifts = np.array([0.5, 1.0, 2.0])
+
+    def fun(X, idx):
+        s = shifts[idx]
+        x, y = X[:, 0], X[:, 1]
+        f = (s - x) ** 2 + 100 * (y - x ** 2) ** 2
+        g = np.column_stack([-2 * (s - x) - 400 * x * (y - x ** 2), 200 * (y - x ** 2)])
+        return f, g
+    res = optim.batched_lbfgs(fun, np.zeros((3, 2)), ftol=1e-15, gtol=1e-10)
+    assert res.converged.all()
+    np.testing.assert_allclose(res.x, np.column_stack([shifts, shifts ** 2]), rtol=1e-5)
+    ref = minimize(lambda v: fun(v[None], np.array([1]))[0][0], np.zeros(2), method="L-BFGS-B")
+    assert res.f[1] <= ref.fun + 1e-12
+
+
+def test_model_gradients_match_finite_differences():
+    rng = np.random.default_rng(1)
+    N, D, loss = planted_grid(synthetic.PLANTED, noise=0.02)
+    cases = [(models.CHINCHILLA, np.array([[6.0, 7.5, 0.5, 0.3, 0.35]]), (N, D)),
+             (models.power_law_model(), np.array([[6.0, 0.5, 0.3]]), (N,)),
+             (models.power_law_model(0.0), np.array([[6.0, 0.3]]), (N,)),
+             (models.KAPLAN, np.array([[30.0, 30.0, 0.08, 0.1]]), (N, D))]
+    for model, X, inputs in cases:
+        w = rng.integers(0, 3, (1, N.size)).astype(float)
+        fun = optim.huber_objective(model, tuple(np.log(v) for v in inputs), np.log(loss), 0.01, w, np.array([0]))
+        f, g = fun(X, np.array([0]))
+        h = 1e-6
+        num = [(fun(X + h * e, np.array([0]))[0] - fun(X - h * e, np.array([0]))[0])[0] / (2 * h)
+               for e in np.eye(X.shape[1])]
+        np.testing.assert_allclose(g[0], num, rtol=1e-6, atol=1e-10, err_msg=model.name)
+
+
+# --- published data ----------------------------------------------------------------------------------
+
+def test_published_grid_fit_reproduces_besiroglu():
+    N, D, loss = published_points()
+    assert N.size == 240
+    res = fit_chinchilla(N, D, loss)                     # default: the 4,500-start published grid
+    assert res.extras["n_starts"] == 4500
+    for k, v in PUBLISHED.items():
+        assert res.params[k] == pytest.approx(v, rel=0.005), k
+    assert res.objective <= 1.0183e-3
+    assert res.converged
+    # The same objective, evaluated independently with scipy's Huber on the reported parameters.
+    from scipy.special import huber
+    pred = np.log(laws.chinchilla(N, D, **res.params))
+    assert np.sum(huber(1e-3, pred - np.log(loss))) == pytest.approx(res.objective, rel=1e-9)
+
+
+# --- planted laws ------------------------------------------------------------------------------------
+
+def test_noise_free_chinchilla_recovered():
+    N, D, loss = planted_grid(synthetic.PLANTED)
+    res = fit_chinchilla(N, D, loss, grid="coarse")
+    for k, v in synthetic.PLANTED.items():
+        assert res.params[k] == pytest.approx(v, rel=1e-3), k
+
+
+def test_noisy_chinchilla_truth_inside_bootstrap_intervals():
+    N, D, loss = planted_grid(synthetic.PLANTED, noise=0.01, seed=4)
+    res = fit_chinchilla(N, D, loss, grid="coarse", n_bootstrap=300, seed=1)
+    assert res.n_bootstrap == 300 and res.samples["A"].shape == (300,)
+    for k, v in synthetic.PLANTED.items():
+        lo, hi = res.intervals[k]
+        assert lo <= v <= hi, (k, lo, v, hi)
+        assert res.stderr[k] > 0
+
+
+def test_power_law_free_and_fixed_offset_recovered():
+    x = np.logspace(4, 8, 12)
+    res = fit_power_law(x, laws.power_law(x, 1.5, 30.0, 0.3), x_name="N")
+    for k, v in {"E": 1.5, "A": 30.0, "alpha": 0.3}.items():
+        assert res.params[k] == pytest.approx(v, rel=1e-3)
+    pure = fit_power_law(x, laws.power_law(x, 0.0, 30.0, 0.076), fixed_E=0.0)
+    assert pure.params["E"] == 0.0
+    assert pure.params["alpha"] == pytest.approx(0.076, rel=1e-6)
+    assert pure.params["A"] == pytest.approx(30.0, rel=1e-6)
+    assert "(fixed)" in pure.report()
+
+
+def test_learning_curve_prediction_of_final_loss():
+    t = np.linspace(1e6, 2e7, 60)
+    y = laws.learning_curve(t, 2.0, 200.0, 0.35)
+    ex = extrapolate.predict_final_loss(t, y, target_tokens=1e8, n_bootstrap=50)
+    assert ex.loss == pytest.approx(laws.learning_curve(1e8, 2.0, 200.0, 0.35), rel=1e-4)
+    assert ex.extrapolation_factor == pytest.approx(5.0)
+    assert ex.warning is None
+
+
+def test_kaplan_form_recovered():
+    N, D = np.meshgrid(np.logspace(6, 9, 7), np.logspace(7, 10, 7))
+    truth = {"N_c": 6.4e13, "D_c": 1.8e13, "alpha_N": 0.076, "alpha_D": 0.103}
+    loss = laws.kaplan(N.ravel(), D.ravel(), **truth)
+    res = fit_kaplan(N.ravel(), D.ravel(), loss)
+    for k, v in truth.items():
+        assert res.params[k] == pytest.approx(v, rel=1e-3), k
+
+
+def test_loglinear_slope_and_interval():
+    C = np.logspace(18, 22, 9)
+    rng = np.random.default_rng(0)
+    N = 0.1 * C ** 0.5 * np.exp(0.05 * rng.standard_normal(C.size))
+    res = fit_loglinear(C, N, x_name="C", y_name="N_opt")
+    lo, hi = res.intervals["s"]
+    assert lo < 0.5 < hi and hi - lo < 0.1
+    exact = fit_loglinear(C, 0.1 * C ** 0.5)
+    assert exact.params["s"] == pytest.approx(0.5, abs=1e-12)
+    assert exact.params["k"] == pytest.approx(0.1, rel=1e-9)
+
+
+# --- result object, validation helpers, extrapolation ---------------------------------------------
+
+def test_fit_result_is_frozen_reportable_and_json_safe():
+    N, D, loss = planted_grid(synthetic.PLANTED, noise=0.01)
+    res = fit_chinchilla(N, D, loss, grid="coarse", n_bootstrap=50)
+    assert isinstance(res, FitResult)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.objective = 0.0
+    text = res.report()
+    for k in ("E", "A", "B", "alpha", "beta", "95% interval"):
+        assert k in text
+    d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
+    assert set(d["params"]) == {"E", "A", "B", "alpha", "beta"}
+    assert d["n_bootstrap"] == 50 and len(d["intervals"]["E"]) == 2
+    lo, hi = res.predict_interval(np.array([1e9, 1e10]), np.array([2e10, 2e11]))
+    mid = res.predict(np.array([1e9, 1e10]), np.array([2e10, 2e11]))
+    assert np.all(lo <= mid) and np.all(mid <= hi)
+
+
+def test_loo_and_holdout_on_planted_law():
+    N, D, loss = planted_grid(synthetic.PLANTED, noise=0.005, seed=2)
+    res = fit_chinchilla(N, D, loss, grid="coarse")
+    err = loo_errors(res, N, D, loss=loss)
+    assert err.shape == (N.size,) and np.all(np.isfinite(err))
+    assert np.mean(np.abs(err)) < 0.01
+    hold = holdout_largest(res, N, D, loss=loss, by="N")
+    assert hold["n_heldout"] == 8 and hold["n_train"] == N.size - 8
+    assert hold["mean_abs_rel_error"] < 0.02
+    assert holdout_largest(res, N, D, loss=loss, by="C")["n_heldout"] >= 1
+
+
+def test_extrapolation_targets_and_warning():
+    N, D, loss = planted_grid(synthetic.PLANTED, noise=0.005)
+    res = fit_chinchilla(N, D, loss, grid="coarse", n_bootstrap=50)
+    assert extrapolate.at_C(res).value == laws.CHINCHILLA_C      # the default target
+    ex = extrapolate.at_C(res, C=1e25)              # 6 N D reaches 1.9e22 here: 500x beyond
+    assert ex.extrapolation_factor == pytest.approx(1e25 / (6 * N.max() * D.max()))
+    assert ex.extrapolation_factor > 100 and "decades" in ex.warning
+    lo, hi = ex.interval
+    assert lo <= ex.loss <= hi
+    exn = extrapolate.at_N(res, N=1.5e9)
+    assert exn.warning is None and exn.extrapolation_factor == pytest.approx(0.15)
+    assert exn.details["D"] > 0 and "WARNING" not in exn.report()
+    with pytest.raises(SuiteError):
+        extrapolate.at_N(fit_power_law(D, loss, x_name="D"))
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("N, D, loss, fragment", [
+    (None, [1.0, 2.0], [3.0, 3.0], "N is missing"),
+    ([], [], [], "N is empty"),
+    ([1e6, -1e6, 2e6, 3e6, 4e6], [1e8] * 5, [3.0] * 5, "N must be > 0"),
+    ([1e6, 2e6, 3e6, 4e6, 5e6], [1e8] * 5, [3.0, np.nan, 3.0, 3.0, 3.0], "NaN"),
+    ([1e6, 2e6, 3e6], [1e8] * 3, [3.0] * 3, "5 parameters but only 3"),
+    ([1e6, 2e6, 3e6, 4e6, 5e6], [1e8] * 4, [3.0] * 5, "has 4 values"),
+    ([1e6] * 5, [1e8] * 5, [0.0] * 5, "loss must be > 0"),
+])
+def test_bad_input_raises_one_line_suite_error(N, D, loss, fragment):
+    with pytest.raises(SuiteError) as err:
+        fit_chinchilla(N, D, loss, grid="coarse")
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_settings_raise_suite_error():
+    x = np.logspace(3, 6, 10)
+    y = laws.power_law(x, 1.0, 5.0, 0.3)
+    for kwargs in ({"grid": "published"}, {"delta": 0.0}, {"n_bootstrap": -1}, {"level": 1.5},
+                   {"fixed_E": -1.0}, {"grid": np.zeros((3, 7))}):
+        with pytest.raises(SuiteError):
+            fit_power_law(x, y, **kwargs)
+    with pytest.raises(SuiteError):
+        fit_loglinear([1.0], [2.0])
