@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
     tracking.init_store()                        # so does an unwritable store
     d = cfg.derived()
     data = data_lib.load_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size)
-    tracker = tracking.start_run(args.experiment, run_name=args.run_name or run_name(d.N, d.D),
+    tracker = tracking.start_run(args.experiment, run_name=args.run_name or tracking.run_name(d.N, d.D),
                                  run_id=args.resume)
     try:
         if args.resume:
@@ -91,17 +91,6 @@ def cmd_train(args) -> int:
     if args.json:
         print(json.dumps(out))
     return 0
-
-
-def run_name(N: float, D: float) -> str:
-    return f"N={_si(N)} D={_si(D)}"
-
-
-def _si(x: float) -> str:
-    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if x >= div:
-            return f"{x / div:.3g}{unit}"
-    return f"{x:.3g}"
 
 
 def cmd_doctor(args) -> int:
@@ -147,6 +136,39 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+STUDY_FLAGS = ("dataset", "tokenizer", "vocab_size", "schedule", "lr", "beta2", "seed", "device", "precision",
+               "early_stop")
+
+
+def cmd_sweep(args) -> int:
+    from . import plan as plan_lib
+    from . import sweep, tracking
+    from .device import pick_device
+
+    overrides = {k: getattr(args, k) for k in STUDY_FLAGS if getattr(args, k) not in (None, "")}
+    design = None if args.design in (None, "", "auto") else args.design
+    budget = None if args.budget in (None, "", "0", "none") else plan_lib.parse_duration(args.budget)
+    plan = plan_lib.make_plan(args.mode, design, overrides)       # validates mode, design, every config
+    pick_device(plan.points[0].config.device)
+    tracking.init_store()
+    if budget:
+        from . import data as data_lib
+        first = plan.points[0].config
+        data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
+        print(f"measuring this device's speed for a {args.budget} study ...", flush=True)
+        rates = sweep.probe_rates(plan, data)
+        plan = plan_lib.fit_to_time(args.mode, design, budget, rates, overrides)
+        print(f"planned {len(plan.points)} runs, {plan.total_flops():.3g} FLOPs, "
+              f"estimated {plan_lib.estimate_seconds(plan, rates):.0f}s of training", flush=True)
+    params = {"mode": args.mode, "design": args.design or "auto", "budget": args.budget or "0"}
+    study = sweep.run_study(plan, args.experiment, params=params, progress=not args.quiet,
+                            planned_seconds=budget, analyze=not args.no_analysis)
+    done = sum(c.status != "FAILED" for c in study.children)
+    print(f"study {study.parent_run_id}: {done}/{len(study.children)} runs finished "
+          f"({sum(c.status == 'SKIPPED' for c in study.children)} from earlier), {study.wall_seconds:.0f}s")
+    return 0 if done else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaling-suite", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -159,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="also print the result as JSON")
     t.set_defaults(fn=cmd_train)
+
+    w = sub.add_parser("sweep", help="run a planned scaling study (a parent run with a child per config)")
+    w.add_argument("--mode", default="quick", help="smoke | quick | dev | full")
+    w.add_argument("--design", default="auto", help="isoflop | n_sweep | d_sweep (auto: the mode's own)")
+    w.add_argument("--budget", default=None, help="wall-time budget, e.g. 30m: the largest study that fits")
+    w.add_argument("--experiment", default=None, help="MLflow experiment (default: scaling-suite)")
+    for k in STUDY_FLAGS:
+        w.add_argument(f"--{k}", default=None, help="applies to every run of the study")
+    w.add_argument("--no_analysis", action="store_true", help="train only; analyze later")
+    w.add_argument("--quiet", action="store_true", help="no progress bars")
+    w.set_defaults(fn=cmd_sweep)
 
     d = sub.add_parser("doctor", help="check device, precision, memory, store and a 20-step run")
     d.add_argument("--device", default=None)

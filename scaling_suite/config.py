@@ -51,6 +51,9 @@ class RunConfig:
     eval_every: int = 0              # steps between evaluations; 0: about 20 per run
     eval_tokens: int = 32768         # size of the fixed validation set
     checkpoint_every: int = 0        # steps between checkpoints; 0: about 5 per run
+    # early stop by learning-curve extrapolation (earlystop.py); predictions are logged either way
+    early_stop: bool = False         # stop once the predicted final loss is stable
+    predict_from: float = 0.25       # fraction of the run after which predictions start
     # hardware (never changes the optimization: micro_batch only splits the global batch)
     device: str = "auto"             # auto | cpu | cuda[:i] | mps
     precision: str = "auto"          # auto | fp32 | bf16
@@ -107,12 +110,17 @@ def _coerce(name, typ, value):
     if not isinstance(value, str):
         return value
     try:
+        if typ in ("bool", bool):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("true", "1", "yes")
         if typ in ("int", int):
             return int(float(value)) if float(value).is_integer() else int(value)
         if typ in ("float", float):
             return float(value)
     except ValueError:
-        raise SuiteError(f"{name} must be a {'number' if 'float' in str(typ) else 'whole number'}, got {value!r}") from None
+        kind = {"float": "number", "int": "whole number", "bool": "true or false"}.get(str(typ), str(typ))
+        raise SuiteError(f"{name} must be a {kind}, got {value!r}") from None
     return value
 
 
@@ -144,6 +152,7 @@ def validate(c: RunConfig) -> None:
     need(0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, "beta1 and beta2 must lie in [0, 1)")
     need(c.weight_decay >= 0 and c.grad_clip >= 0, "weight_decay and grad_clip must be non-negative")
     need(c.warmup_tokens == -1 or c.warmup_tokens >= 0, "warmup_tokens must be -1 (auto) or non-negative")
+    need(0 < c.predict_from < 1, f"predict_from must lie in (0, 1), got {c.predict_from}")
     need(0 <= c.warmup_max_frac < 1 and 0 < c.cooldown_frac < 1, "warmup_max_frac and cooldown_frac must lie in (0, 1)")
     need(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     need(c.precision in PRECISIONS, f"unknown precision {c.precision!r}; choose one of: {', '.join(PRECISIONS)}")

@@ -35,6 +35,7 @@ class NullTracker:
     def set_tags(self, tags: dict) -> None: ...
     def log_dataset(self, info: dict) -> None: ...
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
     def fetch_checkpoint(self, dst_dir: str | Path) -> Path | None: return None
     def flush(self) -> None: ...
     def finish(self, status: str = "FINISHED", reason: str = "") -> None: ...
@@ -180,6 +181,9 @@ class MlflowTracker(NullTracker):
     def log_artifact(self, local_path, artifact_path: str | None = None) -> None:
         self._timed(self.client.log_artifact, self.run_id, str(local_path), artifact_path)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._timed(self.client.log_text, self.run_id, text, artifact_file)
+
     def fetch_checkpoint(self, dst_dir) -> Path | None:
         folder = CHECKPOINT.rsplit("/", 1)[0]
         if not any(f.path == CHECKPOINT for f in self.client.list_artifacts(self.run_id, folder)):
@@ -226,23 +230,58 @@ def start_run(experiment: str | None = None, run_name: str | None = None, tags: 
         existing = run.data.tags
         tracker.set_tags({**{k: v for k, v in base_tags.items() if k not in existing}, **(tags or {})})
         return tracker
-    exp_id = experiment_id(client, experiment)
     all_tags = {**base_tags, **(tags or {})}
-    if parent_run_id:
+    if parent_run_id:  # a child lives in its parent's experiment, whatever the caller's default
+        try:
+            exp_id = client.get_run(parent_run_id).info.experiment_id
+        except MlflowException:
+            raise SuiteError(f"no MLflow parent run {parent_run_id!r} in {tracking_uri()}") from None
         all_tags["mlflow.parentRunId"] = parent_run_id
+    else:
+        exp_id = experiment_id(client, experiment)
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     return MlflowTracker(client, run.info.run_id, system_metrics)
 
 
-def find_finished(client, experiment: str | None, params: dict, parent_run_id: str | None = None):
-    """A FINISHED run with exactly these params (and parent), for idempotent sweeps; else None."""
+def find_runs(client, parent_run_id: str, tags: dict) -> list:
+    """Runs in the parent's experiment whose tags equal TAGS (newest first)."""
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return list(client.search_runs([exp_id], filt, max_results=5000, order_by=["attributes.start_time DESC"]))
+
+
+def adopt(client, run_id: str, parent_run_id: str) -> None:
+    """Nest an earlier attempt's child under the current parent, so one parent shows the study.
+
+    `mlflow run` makes a new parent run on every invocation; a re-run that reuses finished children
+    re-points them here (the old parent keeps a `superseded_by` tag).
+    """
+    run = client.get_run(run_id)
+    old = run.data.tags.get("mlflow.parentRunId")
+    if old != parent_run_id:
+        client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
+        if old:
+            client.set_tag(old, "superseded_by", parent_run_id)
+
+
+def find_study(client, experiment: str | None, study_key: str) -> str | None:
+    """The newest parent run of this study (same plan), to continue it after an interruption."""
     exp_id = experiment_id(client, experiment)
-    clauses = [f"params.{k} = '{v}'" for k, v in params.items()]
-    if parent_run_id:
-        clauses.append(f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    runs = client.search_runs([exp_id], " and ".join(clauses + ["attributes.status = 'FINISHED'"]),
-                              max_results=1)
-    return runs[0] if runs else None
+    runs = client.search_runs([exp_id], f"tags.role = 'study' and tags.study_key = '{study_key}'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def run_name(N: float, D: float) -> str:
+    """Children are named by their configuration, e.g. `N=1.2M D=24M`, in the MLflow UI."""
+    return f"N={_si(N)} D={_si(D)}"
+
+
+def _si(x: float) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
 
 
 def scratch_dir() -> Path:

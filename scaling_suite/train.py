@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
+import numpy as np
+
 from . import data as data_lib
+from . import earlystop
 from .config import Derived, RunConfig, make_config
 from .device import autocast, place, process_memory, release_memory
 from .errors import SuiteError
@@ -43,6 +46,8 @@ class RunResult:
     wall_seconds: float
     tokens_per_second: float
     curve: list[tuple[int, float]] = field(default_factory=list)  # (tokens, val_loss)
+    predicted: bool = False          # final_val_loss is an early-stop prediction, not a measurement
+    predictions: list = field(default_factory=list)  # earlystop.Prediction over the run
 
 
 def lr_at(step: int, cfg: RunConfig, d: Derived) -> float:
@@ -83,9 +88,10 @@ def evaluate(model: GPT, val: torch.Tensor, micro: int, device, precision: str) 
     return total / n
 
 
-def save_checkpoint(path: Path, model, opt, step: int, cfg: RunConfig, curve) -> None:
+def save_checkpoint(path: Path, model, opt, step: int, cfg: RunConfig, curve, train_losses) -> None:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-             "config": cfg.to_params(), "curve": curve, "torch_rng": torch.get_rng_state()}
+             "config": cfg.to_params(), "curve": curve, "train_losses": train_losses,
+             "torch_rng": torch.get_rng_state()}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: a kill mid-write never leaves a truncated checkpoint
@@ -104,7 +110,8 @@ def load_checkpoint(path: Path, cfg: RunConfig) -> dict:
 
 def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
           resume_from: Path | None = None, halt_at_step: int | None = None,
-          checkpoint_dir: Path | None = None, progress: bool = True, tags: dict | None = None) -> RunResult:
+          checkpoint_dir: Path | None = None, progress: bool = True, tags: dict | None = None,
+          bar_position: int = 0) -> RunResult:
     tracker = tracker or NullTracker()
     d = cfg.derived()
     pl = place(cfg.device, cfg.precision, cfg.micro_batch, d.shape, d.batch_size)
@@ -118,13 +125,15 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     model = GPT(d.shape).to(pl.device)
     opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=pl.device.type in ("cpu", "cuda"))
-    start, curve = 0, []
+    start, curve, train_losses, predictions = 0, [], [], []
+    lrs = np.array([lr_at(s, cfg, d) for s in range(d.steps)]) / cfg.lr   # for the predictor
     if resume_from is not None:
         state = load_checkpoint(Path(resume_from), cfg)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start, curve = state["step"], [tuple(p) for p in state["curve"]]
+        train_losses = list(state["train_losses"])
 
     # Everything about the run goes to the tracker before the first step, so a run that dies
     # early is still traceable: config as params, sizes as metrics, placement as tags.
@@ -140,7 +149,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     ckpt_path = ckpt_dir / "last.pt"
 
     def checkpoint(step):
-        save_checkpoint(ckpt_path, model, opt, step, cfg, curve)
+        save_checkpoint(ckpt_path, model, opt, step, cfg, curve, train_losses)
         tracker.flush()  # metrics up to this step are durable together with the checkpoint
         tracker.log_artifact(ckpt_path, "checkpoints")
 
@@ -151,15 +160,29 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         # tokens and flops at this step are logged by the training step that reached it.
         tracker.log_metrics({"val_loss": loss, "val_bpb": loss / math.log(2) / bpt,
                              "mem_gb": process_memory(pl.device) / 2**30}, step=tokens)
+        if step >= cfg.predict_from * d.steps and step < d.steps:
+            predict(step, loss)
         return loss
 
-    bar = _progress(d.steps, start, progress, cfg)
+    def predict(step, val_loss):
+        # The val-train gap at this point: val now minus the mean of the last few train losses.
+        recent = train_losses[-max(5, d.steps // 50):]
+        pred = earlystop.predict_final(train_losses, lrs, val_loss - sum(recent) / len(recent),
+                                       step * cfg.batch_tokens)
+        if pred is not None:
+            predictions.append(pred)
+            tracker.log_metrics({"predicted_final_loss": pred.final_loss, "predicted_final_loss_lo": pred.lo,
+                                 "predicted_final_loss_hi": pred.hi}, step=pred.tokens_seen)
+
+    bar = _progress(d.steps, start, progress, cfg, bar_position)
     t0, train_loss, tok_s = time.perf_counter(), float("nan"), 0.0
     t_window, step_window = time.perf_counter(), start
     micro_steps = pl.accumulation
     for step in range(start, d.steps):
         if step % d.eval_every == 0 and (not curve or curve[-1][0] != step * cfg.batch_tokens):
             eval_and_log(step)
+            if cfg.early_stop and earlystop.is_stable(predictions):
+                break
         if step == halt_at_step:
             break  # a simulated interruption, for tests: the last checkpoint stands
         lr = lr_at(step, cfg, d)
@@ -175,6 +198,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
             (loss / micro_steps).backward()
             loss_sum += loss.item()
         train_loss = loss_sum / micro_steps
+        train_losses.append(train_loss)
         if not math.isfinite(train_loss):
             _fail(tracker, f"training diverged: loss is {train_loss} at step {step}", pl.device)
         if cfg.grad_clip > 0:
@@ -203,10 +227,23 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         return RunResult(tracker.run_id, "INTERRUPTED", float("nan"), train_loss, float("nan"),
                          halt_at_step, d.D, d.C, d.N, wall, tok_s, curve)
 
-    final = eval_and_log(d.steps)
-    checkpoint(d.steps)
+    stopped = len(train_losses) < d.steps
+    if stopped:
+        # Early stop: the final loss is the stable prediction, tagged as such; the checkpoint is
+        # the model as it stands, so the run can still be continued to the end with --resume.
+        final = predictions[-1].final_loss
+        checkpoint(len(train_losses))
+        tracker.set_tags({"predicted": "true"})
+        tracker.log_metrics({"stopped_at_tokens": predictions[-1].tokens_seen,
+                             "early_stop_saving": 1 - predictions[-1].tokens_seen / d.D}, step=d.D)
+    else:
+        final = eval_and_log(d.steps)
+        checkpoint(d.steps)
+        tracker.log_metrics(prediction_errors(predictions, final, d.D), step=d.D)
+    steps_run = len(train_losses)
     result = RunResult(tracker.run_id, "FINISHED", final, train_loss, final / math.log(2) / bpt,
-                       d.steps, d.D, d.C, d.N, wall, (d.steps - start) * cfg.batch_tokens / wall, curve)
+                       steps_run, d.D, d.C, d.N, wall, (steps_run - start) * cfg.batch_tokens / wall, curve,
+                       predicted=stopped, predictions=predictions)
     tracker.log_metrics({"final_val_loss": final, "final_train_loss": train_loss, "val_bpb": result.val_bpb,
                          "wall_seconds": wall, **d.metrics()}, step=d.D)
     del model, opt
@@ -214,16 +251,37 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     return result
 
 
+def prediction_errors(predictions: list, actual: float, D: int) -> dict[str, float]:
+    """How good early stop would have been on this run (measured, since it ran to the end).
+
+    predict_error: relative error of the first prediction (made at predict_from of the run);
+    predict_error_stable: that of the prediction at which early stop would have stopped;
+    early_stop_saving: the fraction of the run's compute early stop would have saved.
+    """
+    if not predictions:
+        return {}
+    out = {"predict_error": (predictions[0].final_loss - actual) / actual,
+           "predict_covered": float(predictions[0].lo <= actual <= predictions[0].hi)}
+    for i in range(len(predictions)):
+        if earlystop.is_stable(predictions[:i + 1]):
+            out["predict_error_stable"] = (predictions[i].final_loss - actual) / actual
+            out["early_stop_saving"] = 1 - predictions[i].tokens_seen / D
+            break
+    else:
+        out["early_stop_saving"] = 0.0
+    return out
+
+
 def _fail(tracker, reason: str, device) -> None:
     release_memory(device)
     raise TrainingFailed(reason)
 
 
-def _progress(total: int, initial: int, enabled: bool, cfg: RunConfig):
+def _progress(total: int, initial: int, enabled: bool, cfg: RunConfig, position: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", leave=False,
-                desc=f"depth={cfg.depth}", dynamic_ncols=True)
+                desc=f"depth={cfg.depth}", dynamic_ncols=True, position=position)
 
 
 def config_from_params(params: dict) -> RunConfig:

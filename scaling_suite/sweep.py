@@ -1,0 +1,166 @@
+"""Run a plan as one MLflow parent run with a nested child per configuration.
+
+Idempotent and crash-safe: a child already FINISHED with the same params and code version is
+skipped; an interrupted child (left RUNNING by a kill, or KILLED) resumes from its checkpoint
+artifact; a child that fails (NaN, out of memory) is recorded FAILED with the reason and the study
+goes on. Nothing finished is ever trained twice, and nothing is lost when the process dies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import data as data_lib
+from . import tracking
+from .config import RunConfig
+from .device import release_memory
+from .errors import SuiteError
+from .plan import Plan
+from .train import TrainingFailed, train
+
+INTERRUPTED = ("RUNNING", "KILLED", "SCHEDULED")
+
+
+@dataclass
+class ChildOutcome:
+    status: str                 # FINISHED (trained now), SKIPPED (finished earlier), FAILED
+    run_id: str
+    final_val_loss: float
+    C: float
+    wall_seconds: float = 0.0
+    resumed: bool = False
+    reason: str = ""
+
+
+def code_version() -> str:
+    return tracking.git_commit()
+
+
+def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
+              data: data_lib.TokenData | None = None, progress: bool = True,
+              resume_running: bool = True, study_key: str | None = None, bar_position: int = 0) -> ChildOutcome:
+    """Train CFG as a child of PARENT_RUN_ID unless an identical child already finished.
+
+    A child matches when its params equal CFG's and its code_version tag equals this code's. It is
+    looked up by study_key (so a re-run of the study under a new parent, as `mlflow run` makes,
+    still finds it and adopts it) or else among PARENT_RUN_ID's children. resume_running=False
+    is for distributed workers, where a RUNNING child may be alive on another machine.
+    """
+    client = tracking.init_store()
+    params, code = cfg.to_params(), code_version()
+    scope = {"study_key": study_key} if study_key else {"mlflow.parentRunId": parent_run_id}
+    same = [r for r in tracking.find_runs(client, parent_run_id, {**scope, "code_version": code})
+            if r.data.params == params]
+    d = cfg.derived()
+    done = [r for r in same if r.info.status == "FINISHED"]
+    if done:
+        run = done[0]
+        tracking.adopt(client, run.info.run_id, parent_run_id)
+        return ChildOutcome("SKIPPED", run.info.run_id, run.data.metrics.get("final_val_loss", math.nan), d.C)
+    failed = [r for r in same if r.info.status == "FAILED"]
+    if failed:  # deterministic failures (divergence) would fail again: report, do not retrain
+        run = failed[0]
+        tracking.adopt(client, run.info.run_id, parent_run_id)
+        return ChildOutcome("FAILED", run.info.run_id, math.nan, d.C,
+                            reason=run.data.tags.get("failure_reason", "failed earlier"))
+
+    resume_id = next((r.info.run_id for r in same if r.info.status in INTERRUPTED), None) if resume_running else None
+    child_tags = {"code_version": code, "study_key": study_key or "", **(tags or {})}
+    tracker = tracking.start_run(run_name=tracking.run_name(d.N, d.D), tags=child_tags, parent_run_id=parent_run_id,
+                                 run_id=resume_id)
+    if resume_id:
+        tracking.adopt(client, resume_id, parent_run_id)
+    ckpt = tracker.fetch_checkpoint(tracking.scratch_dir()) if resume_id else None
+    try:
+        result = train(cfg, tracker, data=data, resume_from=ckpt, progress=progress, bar_position=bar_position)
+    except (TrainingFailed, SuiteError, RuntimeError) as e:
+        # RuntimeError covers out-of-memory from torch; the study goes on without this point.
+        reason = str(e) if isinstance(e, SuiteError) else f"{type(e).__name__}: {e}"
+        tracker.finish("FAILED", reason)
+        release_memory(__import__("torch").device("cpu"))
+        return ChildOutcome("FAILED", tracker.run_id, math.nan, d.C, reason=reason)
+    except BaseException:
+        tracker.finish("KILLED", "interrupted")
+        raise
+    tracker.finish("FINISHED")
+    return ChildOutcome("FINISHED", tracker.run_id, result.final_val_loss, d.C, result.wall_seconds,
+                        resumed=ckpt is not None)
+
+
+@dataclass
+class StudyOutcome:
+    parent_run_id: str
+    children: list[ChildOutcome]
+    wall_seconds: float
+    report: dict = field(default_factory=dict)
+
+
+def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.MlflowTracker:
+    """Attach to `mlflow run`'s run, else reuse this study's earlier parent, else create one."""
+    client = tracking.init_store()
+    tags = {"role": "study", "study_key": plan.key, "mode": plan.mode, "design": plan.design}
+    if os.environ.get("MLFLOW_RUN_ID"):
+        tracker = tracking.start_run(tags=tags)
+    else:
+        earlier = tracking.find_study(client, experiment, plan.key)
+        tracker = tracking.start_run(experiment, run_name=f"{plan.mode} {plan.design} study", tags=tags,
+                                     run_id=earlier)
+    tracker.log_params(params)
+    return tracker
+
+
+def run_study(plan: Plan, experiment: str | None = None, params: dict | None = None, progress: bool = True,
+              planned_seconds: float | None = None, analyze: bool = True) -> StudyOutcome:
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    first = plan.points[0].config
+    # The corpus is loaded (and validated: an empty corpus fails here) before any run starts.
+    data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
+    parent = open_parent(plan, experiment, params or {"mode": plan.mode, "design": plan.design})
+    parent.log_text(json.dumps(plan.describe(), indent=1), "plan.json")
+    total = plan.total_flops()
+    bar = tqdm(total=total, unit="FLOP", unit_scale=True, disable=not progress, position=0,
+               desc=f"{plan.mode} study", dynamic_ncols=True)
+    outcomes = []
+    try:
+        for i, p in enumerate(plan.points):
+            out = run_child(p.config, parent.run_id, {**p.tags, "mode": plan.mode, "role": "train"}, data=data,
+                            progress=progress, study_key=plan.key, bar_position=1)
+            outcomes.append(out)
+            bar.update(out.C)
+            bar.set_postfix(runs=f"{i + 1}/{len(plan.points)}", last=f"{out.status} {out.final_val_loss:.3f}")
+            parent.log_metrics({"runs_done": i + 1, "flops_done": bar.n}, step=i + 1)
+    except BaseException:
+        bar.close()
+        parent.finish("KILLED", "interrupted")
+        raise
+    bar.close()
+    wall = time.perf_counter() - t0
+    study = StudyOutcome(parent.run_id, outcomes, wall)
+    parent.log_metrics({"wall_seconds": wall, "runs_finished": sum(o.status != "FAILED" for o in outcomes),
+                        "runs_failed": sum(o.status == "FAILED" for o in outcomes),
+                        "total_flops": total, **({"planned_seconds": planned_seconds} if planned_seconds else {})},
+                       step=0)
+    if analyze:
+        from .study_report import analyze_study
+        study.report = analyze_study(study, plan, parent, planned_seconds)
+    parent.finish("FINISHED")
+    return study
+
+
+def probe_rates(plan: Plan, data: data_lib.TokenData, steps: int = 12) -> dict[int, float]:
+    """Measured training FLOP/s of this device for each depth in PLAN (a short run of each)."""
+    rates = {}
+    for depth in sorted({p.config.depth for p in plan.points}):
+        cfg = next(p.config for p in plan.points if p.config.depth == depth)
+        probe = cfg.replace(C=0.0, tokens_per_param=0.0, D=float(steps * cfg.batch_tokens), eval_every=10**6,
+                            checkpoint_every=10**6)
+        # Conservative: the loop's wall time includes the first evaluation and the first, slower
+        # steps, so the plan under-promises rather than overruns.
+        rates[depth] = probe.derived().C / train(probe, data=data, progress=False).wall_seconds
+    return rates

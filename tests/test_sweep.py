@@ -1,0 +1,103 @@
+"""The study runner: a parent with nested children, idempotent re-runs, resume after SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from scaling_suite import plan as plan_lib
+from scaling_suite.errors import SuiteError
+from scaling_suite.sweep import run_study
+
+
+def children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def test_smoke_plan_is_small_and_log_spaced():
+    p = plan_lib.make_plan("smoke")
+    assert 2 <= len(p.points) <= 4 and p.design == "n_sweep"
+    Ns = [pt.config.derived().N for pt in p.points]
+    assert Ns == sorted(Ns) and Ns[-1] / Ns[0] > 10
+
+
+def test_quick_plan_meets_its_spec():
+    p = plan_lib.make_plan("quick")
+    Ns = [pt.config.derived().N for pt in p.points]
+    assert len(p.points) >= 8 and len({pt.tags["C_budget"] for pt in p.points}) >= 3
+    assert max(Ns) / min(Ns) >= 10 ** 1.5
+
+
+@pytest.mark.parametrize("mode,design,match", [("huge", None, "unknown mode"), ("quick", "grid", "unknown design")])
+def test_bad_mode_or_design(mode, design, match):
+    with pytest.raises(SuiteError, match=match):
+        plan_lib.make_plan(mode, design)
+
+
+def test_durations():
+    assert plan_lib.parse_duration("10m") == 600 and plan_lib.parse_duration("1h30m") == 5400
+    assert plan_lib.parse_duration("90") == 90
+    with pytest.raises(SuiteError, match="cannot read the duration"):
+        plan_lib.parse_duration("ten minutes")
+
+
+def test_time_budget_scales_the_plan():
+    rate = {k: 5e10 for k in range(1, 10)}
+    small = plan_lib.fit_to_time("quick", None, 300, rate)
+    big = plan_lib.fit_to_time("quick", None, 1200, rate)
+    assert len(small.points) == len(big.points) == len(plan_lib.make_plan("quick").points)
+    assert plan_lib.estimate_seconds(small, rate) <= 300 - 40 < plan_lib.estimate_seconds(big, rate)
+    with pytest.raises(SuiteError, match="too small"):
+        plan_lib.fit_to_time("quick", None, 30, rate)
+
+
+def test_study_is_idempotent(mlflow_store, token_cache):
+    plan = plan_lib.make_plan("smoke")
+    first = run_study(plan, "s", progress=False, analyze=False)
+    assert [c.status for c in first.children] == ["FINISHED"] * len(plan.points)
+    again = run_study(plan, "s", progress=False, analyze=False)
+    assert [c.status for c in again.children] == ["SKIPPED"] * len(plan.points)
+    assert again.parent_run_id == first.parent_run_id
+    client = mlflow.MlflowClient(mlflow_store)
+    kids = children(client, first.parent_run_id)
+    assert len(kids) == len(plan.points) and all(k.info.status == "FINISHED" for k in kids)
+    assert sorted(k.info.run_name for k in kids)[0].startswith("N=")
+
+
+def test_sigkill_mid_study_then_rerun_resumes(mlflow_store, token_cache, tmp_path):
+    """Kill the study process mid-child; the re-run finishes it with no duplicate FINISHED child."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    # checkpoint often so the kill lands after a checkpoint of the running child
+    cmd = [sys.executable, "-m", "scaling_suite.cli", "sweep", "--mode", "smoke", "--experiment", "k",
+           "--quiet", "--no_analysis"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client = mlflow.MlflowClient(mlflow_store)
+    deadline = time.time() + 120
+    killed_run = None
+    while time.time() < deadline and proc.poll() is None:
+        exp = client.get_experiment_by_name("k")
+        if exp:
+            for r in client.search_runs([exp.experiment_id], "tags.role = 'train' and attributes.status = 'RUNNING'"):
+                if any(a.path == "checkpoints/last.pt" for a in client.list_artifacts(r.info.run_id, "checkpoints")):
+                    killed_run = r.info.run_id
+            if killed_run:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.2)
+    proc.wait()
+    assert killed_run, "the study finished before a checkpoint could be interrupted"
+    assert client.get_run(killed_run).info.status == "RUNNING"     # left behind by the kill
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    exp = client.get_experiment_by_name("k").experiment_id
+    train_runs = client.search_runs([exp], "tags.role = 'train'")
+    finished = [r for r in train_runs if r.info.status == "FINISHED"]
+    assert len(finished) == len(plan_lib.make_plan("smoke").points) == len(train_runs)
+    assert client.get_run(killed_run).info.status == "FINISHED"     # the same run, resumed
+    hist = client.get_metric_history(killed_run, "tokens")
+    assert hist[-1].step == client.get_run(killed_run).data.metrics["D"]
