@@ -1,0 +1,257 @@
+"""Compute-optimal allocation: Hoffmann et al. 2022's three approaches to N_opt(C), D_opt(C).
+
+1. `envelope`: the lower envelope of all training curves in (FLOPs, loss); the run on the envelope
+   at each FLOP value gives N_opt(C) (§3.1).
+2. `isoflop`: at each fixed budget, a parabola in log N through final losses; its minimum is
+   N*(C) (§3.2).
+3. `from_parametric`: closed form from the fitted L(N, D) = E + A/N^alpha + B/D^beta (§3.3 eq. 4).
+Each fits N_opt ∝ C^a and D_opt ∝ C^b (Table 2: a ≈ 0.50, b ≈ 0.50; Kaplan et al. 2020 §6: 0.73).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from scaling_suite.errors import SuiteError
+
+from . import laws
+from .fit import FitResult, fit_loglinear, jsonable
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """N_opt ∝ C^a, D_opt ∝ C^b from one approach, with the per-C table it came from."""
+    approach: str
+    a: float
+    b: float
+    a_interval: tuple = (float("nan"), float("nan"))
+    b_interval: tuple = (float("nan"), float("nan"))
+    table: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False, compare=False)
+    N_fit: FitResult | None = None
+    D_fit: FitResult | None = None
+    level: float = 0.95
+    skipped: dict = field(default_factory=dict)      # budget -> reason it was left out
+    extras: dict = field(default_factory=dict)
+
+    def N_opt(self, C):
+        return self._closed_form(C)[0] if self.approach == "parametric" else self.N_fit.predict(C)
+
+    def D_opt(self, C):
+        return self._closed_form(C)[1] if self.approach == "parametric" else self.D_fit.predict(C)
+
+    def _closed_form(self, C):
+        return laws.chinchilla_optimal(C, **self.extras["params"],
+                                       flops_per_token_factor=self.extras["flops_per_token_factor"])
+
+    def report(self) -> str:
+        pct = f"{100 * self.level:g}%"
+        lines = [f"allocation ({self.approach}): N_opt ∝ C^a with a = {self.a:.4f} "
+                 f"[{_fmt(self.a_interval[0])}, {_fmt(self.a_interval[1])}] ({pct}); "
+                 f"D_opt ∝ C^b with b = {self.b:.4f} [{_fmt(self.b_interval[0])}, {_fmt(self.b_interval[1])}]"]
+        if len(self.table):
+            cols = [c for c in ("C", "N_opt", "N_lo", "N_hi", "D_opt", "tokens_per_param", "loss_opt")
+                    if c in self.table]
+            t = self.table
+            if len(t) > 12:   # envelope tables have one row per FLOP bucket: show a spread of rows
+                t = t.iloc[np.unique(np.linspace(0, len(t) - 1, 12).round().astype(int))]
+            lines.append(t[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        for k, why in self.skipped.items():
+            lines.append(f"  skipped {k}: {why}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return jsonable({
+            "approach": self.approach, "a": self.a, "a_interval": self.a_interval, "b": self.b,
+            "b_interval": self.b_interval, "level": self.level,
+            "table": self.table.to_dict(orient="records"), "skipped": self.skipped,
+            "N_fit": self.N_fit.to_dict() if self.N_fit else None,
+            "D_fit": self.D_fit.to_dict() if self.D_fit else None,
+            "extras": {k: v for k, v in self.extras.items()}})
+
+
+def _fmt(v):
+    return "nan" if not np.isfinite(v) else f"{v:.4f}"
+
+
+def _exponents(C, N_opt, D_opt, level, approach, table, skipped, extras) -> Allocation:
+    N_fit = fit_loglinear(C, N_opt, level=level, x_name="C", y_name="N_opt")
+    D_fit = fit_loglinear(C, D_opt, level=level, x_name="C", y_name="D_opt")
+    nan2 = (float("nan"), float("nan"))
+    return Allocation(approach=approach, a=N_fit.params["s"], b=D_fit.params["s"],
+                      a_interval=N_fit.intervals.get("s", nan2), b_interval=D_fit.intervals.get("s", nan2),
+                      table=table, N_fit=N_fit, D_fit=D_fit, level=level, skipped=skipped, extras=extras)
+
+
+def _need_columns(df, cols, what):
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise SuiteError(f"{what} needs column(s) {', '.join(missing)}; got {', '.join(map(str, df.columns))}")
+
+
+# --- Approach 1 ----------------------------------------------------------------------------------
+
+def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buckets: int = 100,
+             loss_col: str = "val_loss", level: float = 0.95) -> Allocation:
+    """Hoffmann et al. 2022 §3.1: at each of n_buckets log-spaced FLOP values (they used 1,500),
+    interpolate every run's loss (linear in log FLOPs) and take the run with the lowest loss; its N
+    (and the tokens it had seen there) is N_opt (D_opt) at that C. Only FLOP values reached by at
+    least two runs count. N per run comes from curves_df["N"] or from runs_df (run_id, N)."""
+    if curves_df is None or len(curves_df) == 0:
+        raise SuiteError("envelope needs learning curves; none were given")
+    df = curves_df
+    if "N" not in df.columns:
+        if runs_df is None or "N" not in runs_df.columns:
+            raise SuiteError("envelope needs N per run: a column N in the curves or runs_df with run_id, N")
+        df = df.merge(runs_df[["run_id", "N"]], on="run_id", how="left")
+    _need_columns(df, ["run_id", "flops", loss_col, "N"], "envelope")
+    df = df[np.isfinite(df[loss_col]) & (df["flops"] > 0) & (df[loss_col] > 0) & (df["N"] > 0)]
+    runs = []
+    for run_id, g in df.sort_values("flops").groupby("run_id", sort=False):
+        if len(g) >= 2:
+            tok = g["tokens"].to_numpy(float) if "tokens" in g else g["flops"].to_numpy(float) / (6 * g["N"].to_numpy(float))
+            runs.append((run_id, float(g["N"].iloc[0]), np.log(g["flops"].to_numpy(float)),
+                         g[loss_col].to_numpy(float), tok))
+    if len(runs) < 2:
+        raise SuiteError(f"envelope needs curves (>= 2 points each) from at least 2 runs, got {len(runs)}")
+    lo = min(r[2][0] for r in runs)
+    hi = max(r[2][-1] for r in runs)
+    rows = []
+    for lc in np.linspace(lo, hi, n_buckets):
+        best = None
+        n_cover = 0
+        for run_id, N, lf, loss, tok in runs:
+            if lf[0] <= lc <= lf[-1]:
+                n_cover += 1
+                L = float(np.interp(lc, lf, loss))
+                if best is None or L < best[2]:
+                    best = (run_id, N, L, float(np.exp(np.interp(lc, lf, np.log(tok)))))
+        if n_cover >= 2:
+            rows.append({"C": float(np.exp(lc)), "N_opt": best[1], "D_opt": best[3], "loss_opt": best[2],
+                         "run_id": best[0], "n_runs": n_cover})
+    table = pd.DataFrame(rows)
+    if len(table) < 2 or table["N_opt"].nunique() < 2:
+        raise SuiteError("envelope: one run is lowest at every FLOP value reached by two or more runs; "
+                         "need overlapping curves from more model sizes")
+    table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
+    return _exponents(table["C"], table["N_opt"], table["D_opt"], level, "envelope", table, {},
+                      {"n_runs": len(runs), "n_buckets": int(len(table)), "loss_col": loss_col})
+
+
+# --- Approach 2 ----------------------------------------------------------------------------------
+
+def budget_groups(runs_df: pd.DataFrame, gap_decades: float = 0.02) -> pd.Series:
+    """The compute budget each run belongs to: C_budget where given; otherwise measured C values
+    are clustered (sorted in log10, a new budget starts after a gap > gap_decades, i.e. ~5%) and
+    each cluster is named by its median, since runs planned for one budget land within a few %."""
+    if "C_budget" in runs_df.columns and runs_df["C_budget"].notna().any():
+        key = runs_df["C_budget"].astype(float)
+        if "C" in runs_df.columns:
+            key = key.fillna(runs_df["C"].astype(float))
+        return key
+    _need_columns(runs_df, ["C"], "grouping by compute budget")
+    lc = np.log10(runs_df["C"].astype(float).to_numpy())
+    order = np.argsort(lc)
+    cluster = np.empty(lc.size, dtype=int)
+    cluster[order] = np.concatenate([[0], np.cumsum(np.diff(lc[order]) > gap_decades)])
+    med = pd.Series(lc).groupby(cluster).transform("median").to_numpy()
+    return pd.Series(10 ** med, index=runs_df.index)
+
+
+def isoflop(runs_df: pd.DataFrame, loss_col: str | None = None, level: float = 0.95) -> Allocation:
+    """Hoffmann et al. 2022 §3.2: per budget, fit loss = c0 + c1 x + c2 x^2 with x = log N; the
+    minimum x* = -c1 / (2 c2) gives N*. Its interval is the delta method on the OLS covariance of
+    (c1, c2) with a t quantile (n - 3 dof; none with exactly 3 sizes). D* = C / (k N*), k the
+    budget's median C / (N D) (6 when D is absent). Budgets without a bracketed convex minimum are
+    skipped with the reason. Then N_opt ∝ C^a and D_opt ∝ C^b over the budgets."""
+    loss_col = loss_col or next((c for c in ("final_val_loss", "loss") if c in runs_df.columns), "loss")
+    _need_columns(runs_df, ["N", loss_col], "isoflop")
+    df = runs_df.assign(_C=budget_groups(runs_df))
+    df = df[np.isfinite(df[loss_col].astype(float)) & (df["N"] > 0) & (df[loss_col] > 0)]
+    rows, skipped = [], {}
+    for C, g in df.groupby("_C"):
+        name = f"C={C:.3g}"
+        x = np.log(g["N"].to_numpy(float))
+        y = g[loss_col].to_numpy(float)
+        if np.unique(np.round(x, 6)).size < 3:
+            skipped[name] = f"{np.unique(np.round(x, 6)).size} distinct N; a parabola needs 3"
+            continue
+        xm = x.mean()
+        X = np.column_stack([np.ones_like(x), x - xm, (x - xm) ** 2])
+        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+        c0, c1, c2 = coef
+        if c2 <= 0:
+            skipped[name] = "loss is not convex in log N here (no minimum)"
+            continue
+        xs = -c1 / (2 * c2)
+        if not (x.min() - xm <= xs <= x.max() - xm):
+            skipped[name] = f"minimum at N={np.exp(xs + xm):.3g} lies outside the sizes tried (not bracketed)"
+            continue
+        dof = x.size - 3
+        lo = hi = float("nan")
+        if dof > 0:
+            resid = y - X @ coef
+            cov = (resid @ resid / dof) * np.linalg.inv(X.T @ X)
+            grad = np.array([-1 / (2 * c2), c1 / (2 * c2 ** 2)])
+            se = float(np.sqrt(max(grad @ cov[1:, 1:] @ grad, 0.0)))
+            t = float(stats.t.ppf(0.5 + level / 2, dof))
+            lo, hi = float(np.exp(xs + xm - t * se)), float(np.exp(xs + xm + t * se))
+        k = 6.0
+        if "D" in g.columns and g["D"].notna().all() and (g["D"] > 0).all():
+            cg = g["C"].to_numpy(float) if "C" in g.columns and g["C"].notna().all() else np.full(len(g), C)
+            k = float(np.median(cg / (g["N"].to_numpy(float) * g["D"].to_numpy(float))))
+        N_star = float(np.exp(xs + xm))
+        rows.append({"C": float(C), "n_runs": int(len(g)), "N_opt": N_star, "N_lo": lo, "N_hi": hi,
+                     "D_opt": C / (k * N_star), "D_lo": C / (k * hi) if np.isfinite(hi) else float("nan"),
+                     "D_hi": C / (k * lo) if np.isfinite(lo) else float("nan"),
+                     "loss_opt": float(c0 - c1 ** 2 / (4 * c2)), "flops_per_token_factor": k,
+                     "curvature": float(c2)})
+    table = pd.DataFrame(rows)
+    if len(table) < 2:
+        why = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no budgets"
+        raise SuiteError(f"isoflop needs a bracketed minimum at >= 2 budgets, got {len(table)} ({why})")
+    table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
+    return _exponents(table["C"], table["N_opt"], table["D_opt"], level, "isoflop", table, skipped,
+                      {"loss_col": loss_col, "interval_method": "delta method on the parabola, t quantile"})
+
+
+# --- Approach 3 ----------------------------------------------------------------------------------
+
+def from_parametric(fit: FitResult, C=None, level: float | None = None,
+                    flops_per_token_factor: float = 6.0) -> Allocation:
+    """Hoffmann et al. 2022 §3.3 eq. (4): a = beta/(alpha+beta), b = alpha/(alpha+beta) and the
+    closed-form N_opt(C), D_opt(C) from a Chinchilla fit. Intervals are percentiles over the fit's
+    bootstrap draws (each draw's own closed form), when it carries them."""
+    if fit.model != "chinchilla":
+        raise SuiteError(f"from_parametric needs a chinchilla fit, got {fit.model}")
+    level = fit.level if level is None else level
+    p = fit.params
+    if C is None:
+        lo, hi = fit.extras.get("data_range", {}).get("C", (1e18, 1e22))
+        C = np.logspace(np.log10(lo), np.log10(hi), 9)
+    C = np.atleast_1d(np.asarray(C, dtype=float))
+    a, b = (float(v) for v in laws.chinchilla_optimal_exponents(p["alpha"], p["beta"]))
+    N_opt, D_opt = laws.chinchilla_optimal(C, **p, flops_per_token_factor=flops_per_token_factor)
+    table = pd.DataFrame({"C": C, "N_opt": N_opt, "D_opt": D_opt,
+                          "loss_opt": laws.chinchilla(N_opt, D_opt, **p)})
+    nan2 = (float("nan"), float("nan"))
+    a_iv = b_iv = nan2
+    if fit.samples:
+        s = fit.samples
+        q = 100 * (1 - level) / 2
+        sa, sb = laws.chinchilla_optimal_exponents(s["alpha"], s["beta"])
+        a_iv = (float(np.percentile(sa, q)), float(np.percentile(sa, 100 - q)))
+        b_iv = (float(np.percentile(sb, q)), float(np.percentile(sb, 100 - q)))
+        draws = {k: np.asarray(v)[:, None] for k, v in s.items()}
+        Nd, Dd = laws.chinchilla_optimal(C[None, :], **draws, flops_per_token_factor=flops_per_token_factor)
+        table["N_lo"], table["N_hi"] = np.percentile(Nd, q, axis=0), np.percentile(Nd, 100 - q, axis=0)
+        table["D_lo"], table["D_hi"] = np.percentile(Dd, q, axis=0), np.percentile(Dd, 100 - q, axis=0)
+    table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
+    G = (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1 / (p["alpha"] + p["beta"]))
+    return Allocation(approach="parametric", a=a, b=b, a_interval=a_iv, b_interval=b_iv, table=table,
+                      level=level, extras={"params": dict(p), "G": float(G),
+                                           "flops_per_token_factor": flops_per_token_factor,
+                                           "interval_method": "bootstrap draws" if fit.samples else "none"})

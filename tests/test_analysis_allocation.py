@@ -1,0 +1,124 @@
+"""Known answers for analysis.allocation: planted IsoFLOP optima, closed forms, envelopes, bad input."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import allocation, laws, synthetic
+from analysis.fit import fit_chinchilla
+from scaling_suite.errors import SuiteError
+
+
+def test_isoflop_recovers_planted_parabola_minimum_exactly():
+    df = synthetic.parabola_runs(a=0.5, G=0.1)
+    res = allocation.isoflop(df)
+    np.testing.assert_allclose(res.table["N_opt"], 0.1 * res.table["C"] ** 0.5, rtol=1e-8)
+    assert res.a == pytest.approx(0.5, abs=1e-8)
+    assert res.b == pytest.approx(0.5, abs=1e-8)
+    # D* = C / (6 N*): tokens per parameter at each budget follows from the same numbers.
+    np.testing.assert_allclose(res.table["tokens_per_param"],
+                               res.table["C"] / (6 * res.table["N_opt"] ** 2), rtol=1e-8)
+    assert res.N_opt(1e22) == pytest.approx(0.1 * 1e22 ** 0.5, rel=1e-6)
+
+
+def test_isoflop_on_planted_chinchilla_law_recovers_exponent_and_optimum():
+    p = synthetic.PLANTED
+    res = allocation.isoflop(synthetic.isoflop_runs(p, n_per_budget=9, width=0.6))
+    a_true, b_true = laws.chinchilla_optimal_exponents(p["alpha"], p["beta"])
+    assert res.a == pytest.approx(a_true, abs=0.005)
+    assert res.b == pytest.approx(b_true, abs=0.005)
+    n_true, _ = laws.chinchilla_optimal(res.table["C"].to_numpy(), **p)
+    np.testing.assert_allclose(res.table["N_opt"], n_true, rtol=0.03)
+
+
+def test_isoflop_intervals_cover_planted_optimum_with_noise():
+    p = synthetic.PLANTED
+    df = synthetic.isoflop_runs(p, n_per_budget=9, width=0.6, noise=0.003, seed=5)
+    res = allocation.isoflop(df)
+    n_true, _ = laws.chinchilla_optimal(res.table["C"].to_numpy(), **p)
+    assert np.all(res.table["N_lo"] < n_true * 1.03) and np.all(n_true < res.table["N_hi"] * 1.03)
+    lo, hi = res.a_interval
+    assert lo < laws.chinchilla_optimal_exponents(p["alpha"], p["beta"])[0] < hi
+    assert "isoflop" in res.report()
+    json.dumps(res.to_dict(), allow_nan=False)
+
+
+def test_isoflop_groups_by_rounded_C_and_skips_unbracketed_budgets():
+    df = synthetic.parabola_runs(budgets=(1e18, 1e19, 1e20))
+    df = df.drop(columns="C_budget")
+    df["C"] *= 1 + 0.01 * (np.arange(len(df)) % 3)        # measured C jitters 0-2% around the budget
+    extra = synthetic.parabola_runs(budgets=(1e21,))
+    extra = extra[extra["N"] > extra["N"].median()].drop(columns="C_budget")   # minimum not bracketed
+    both = pd.concat([df, extra], ignore_index=True)
+    assert allocation.budget_groups(both).nunique() == 4
+    res = allocation.isoflop(both)
+    assert len(res.table) == 3
+    assert any("not bracketed" in why for why in res.skipped.values())
+
+
+def test_isoflop_needs_two_budgets():
+    df = synthetic.parabola_runs(budgets=(1e18,))
+    with pytest.raises(SuiteError, match="2 budgets"):
+        allocation.isoflop(df)
+    with pytest.raises(SuiteError, match="N"):
+        allocation.isoflop(df.drop(columns="N"))
+
+
+def test_parametric_allocation_matches_closed_form_and_carries_intervals():
+    df = synthetic.isoflop_runs(noise=0.005, seed=1)
+    fit = fit_chinchilla(df["N"], df["D"], df["loss"], grid="coarse", n_bootstrap=100)
+    res = allocation.from_parametric(fit, C=[1e19, 1e21])
+    p = fit.params
+    assert res.a == pytest.approx(p["beta"] / (p["alpha"] + p["beta"]))
+    assert res.a + res.b == pytest.approx(1.0)
+    N, D = laws.chinchilla_optimal(np.array([1e19, 1e21]), **p)
+    np.testing.assert_allclose(res.table["N_opt"], N)
+    np.testing.assert_allclose(res.table["D_opt"], D)
+    assert np.all(res.table["N_lo"] <= N) and np.all(N <= res.table["N_hi"])
+    assert res.a_interval[0] <= res.a <= res.a_interval[1]
+    assert res.N_opt(1e19) == pytest.approx(N[0])
+    with pytest.raises(SuiteError):
+        allocation.from_parametric(allocation.isoflop(df).N_fit)
+
+
+def test_hoffmann_parametric_allocation_reproduces_table_a3():
+    fit_like = fit_chinchilla(*_hoffmann_points(), grid="coarse")
+    res = allocation.from_parametric(fit_like, C=[2.21e19])
+    assert res.table["N_opt"].iloc[0] == pytest.approx(3.89e8, rel=0.01)
+    assert res.table["D_opt"].iloc[0] == pytest.approx(9.47e9, rel=0.01)
+
+
+def _hoffmann_points():
+    """Noise-free points from Hoffmann's unrounded law, so the fit returns those parameters."""
+    N, D = np.meshgrid(np.logspace(7.5, 10.5, 7), np.logspace(9, 12, 7))
+    return N.ravel(), D.ravel(), laws.chinchilla(N.ravel(), D.ravel(), **laws.HOFFMANN_PARAMS)
+
+
+def test_envelope_picks_lowest_curve_per_flop_value():
+    curves = synthetic.learning_curves(sizes=(1e5, 2e5, 4e5, 8e5, 1.6e6), tokens_per_param=100)
+    res = allocation.envelope(curves)
+    # At every tabulated C the chosen run really is the lowest among the curves reaching that C.
+    for _, row in res.table.iterrows():
+        losses = []
+        for _, g in curves.groupby("run_id"):
+            lf = np.log(g["flops"].to_numpy())
+            if lf[0] <= np.log(row["C"]) <= lf[-1]:
+                losses.append(np.interp(np.log(row["C"]), lf, g["val_loss"].to_numpy()))
+        assert row["loss_opt"] == pytest.approx(min(losses))
+    assert res.table["N_opt"].is_monotonic_increasing
+    assert 0 < res.a < 1 and res.a + res.b == pytest.approx(1.0, abs=0.05)
+
+
+def test_envelope_takes_N_from_runs_and_rejects_bad_input():
+    curves = synthetic.learning_curves(sizes=(1e5, 4e5, 1.6e6), tokens_per_param=100)
+    runs = curves.groupby("run_id", as_index=False)["N"].first()
+    res = allocation.envelope(curves.drop(columns="N"), runs_df=runs)
+    assert res.table["N_opt"].nunique() >= 2
+    with pytest.raises(SuiteError, match="N per run"):
+        allocation.envelope(curves.drop(columns="N"))
+    with pytest.raises(SuiteError, match="at least 2 runs"):
+        allocation.envelope(curves[curves["run_id"] == "run0"])
+    with pytest.raises(SuiteError):
+        allocation.envelope(pd.DataFrame())
