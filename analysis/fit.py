@@ -9,7 +9,7 @@ same, with 4,000 resamples). `optim.py` does the minimising; `models.py` holds t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import stats
@@ -179,25 +179,48 @@ def _fit(model, inputs: dict, loss, *, grid, delta, n_bootstrap, seed, level, bo
     if names == ["N", "D"]:
         C = 6.0 * data["N"] * data["D"]
         ex["data_range"]["C"] = [float(C.min()), float(C.max())]
-    samples, intervals = None, {}
+    stderr = _asymptotic_stderr(model, best, logs, logy)
+    ex["stderr_method"] = "asymptotic (Gauss-Newton on log residuals)"
+    res = FitResult(model=model.name, params=params, objective=float(f[0]), n_points=int(y.size),
+                    stderr=stderr, converged=bool(conv[0]), level=level, extras=ex)
     if n_bootstrap:
-        rng = np.random.default_rng(seed)
-        counts = rng.multinomial(y.size, np.full(y.size, 1.0 / y.size), size=int(n_bootstrap)).astype(float)
-        bx, _, bconv = optim.grouped_refits(
-            lambda w, g: optim.huber_objective(model, logs, logy, delta, w, g), counts, X[:bootstrap_starts],
-            f_floor=floor)
-        samples = model.natural(bx)
-        q = 100 * (1 - level) / 2
-        intervals = {k: (float(np.percentile(samples[k], q)), float(np.percentile(samples[k], 100 - q)))
-                     for k in params if k not in model.fixed}
-        stderr = {k: float(np.std(samples[k], ddof=1)) for k in intervals}
-        ex.update(stderr_method="bootstrap", bootstrap_converged=float(bconv.mean()), seed=seed)
-    else:
-        stderr = _asymptotic_stderr(model, best, logs, logy)
-        ex["stderr_method"] = "asymptotic (Gauss-Newton on log residuals)"
-    return FitResult(model=model.name, params=params, objective=float(f[0]), n_points=int(y.size),
-                     intervals=intervals, stderr=stderr, n_bootstrap=int(n_bootstrap),
-                     converged=bool(conv[0]), level=level, extras=ex, samples=samples)
+        res = _bootstrap(res, model, logs, logy, int(n_bootstrap), seed, bootstrap_starts)
+    return res
+
+
+def _bootstrap(fit: FitResult, model, logs, logy, n_bootstrap, seed, n_starts) -> FitResult:
+    rng = np.random.default_rng(seed)
+    n = logy.size
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap).astype(float)
+    delta = fit.extras["delta"]
+    starts = np.asarray(fit.extras["local_optima"], dtype=float)[:n_starts]
+    bx, _, bconv = optim.grouped_refits(
+        lambda w, g: optim.huber_objective(model, logs, logy, delta, w, g), counts, starts,
+        f_floor=optim.exact_fit_floor(n))
+    samples = model.natural(bx)
+    q = 100 * (1 - fit.level) / 2
+    intervals = {k: (float(np.percentile(samples[k], q)), float(np.percentile(samples[k], 100 - q)))
+                 for k in fit.params if k not in model.fixed}
+    stderr = {k: float(np.std(samples[k], ddof=1)) for k in intervals}
+    ex = dict(fit.extras, stderr_method="bootstrap", bootstrap_converged=float(bconv.mean()),
+              seed=seed, bootstrap_starts=int(starts.shape[0]))
+    return replace(fit, intervals=intervals, stderr=stderr, n_bootstrap=n_bootstrap, extras=ex,
+                   samples=samples)
+
+
+def bootstrap(fit: FitResult, *inputs, loss, n_bootstrap: int = 1000, seed: int = 0,
+              n_starts: int = 4) -> FitResult:
+    """A copy of `fit` with percentile bootstrap intervals (at fit.level), bootstrap s.d. as stderr
+    and the draws in `samples`: points resampled with replacement n_bootstrap times (Besiroglu et
+    al. 2024 §3). A resample is the same Huber problem with multinomial point weights, so all of
+    them are refitted in one batch, each from the full-data optimum and the next n_starts - 1
+    distinct local optima the grid found (a resample moves the optimum only slightly, and rerunning
+    the whole grid per resample would cost B times the grid fit)."""
+    if int(n_bootstrap) < 1:
+        raise SuiteError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    model, arrs, y = _inputs_for(fit, inputs, loss)
+    return _bootstrap(fit, model, tuple(np.log(a) for a in arrs), np.log(y), int(n_bootstrap), seed,
+                      n_starts)
 
 
 def _param_order(model):
