@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # TEMP during development
         pass
     a.set_defaults(fn=cmd_analyze)
+
+    from . import optimize
+    optimize.register(sub)  # optimize, worker
     return p
 
 
