@@ -59,8 +59,11 @@ class Allocation:
             if len(t) > 12:   # envelope tables have one row per FLOP bucket: show a spread of rows
                 t = t.iloc[np.unique(np.linspace(0, len(t) - 1, 12).round().astype(int))]
             lines.append(t[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        for k, why in self.skipped.items():
+        items = list(self.skipped.items())
+        for k, why in items[:6]:
             lines.append(f"  skipped {k}: {why}")
+        if len(items) > 6:
+            lines.append(f"  ... and {len(items) - 6} more skipped (all listed in to_dict()['skipped'])")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

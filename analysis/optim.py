@@ -76,9 +76,10 @@ def batched_lbfgs(fun: Objective, x0: np.ndarray, *, m: int = 10, max_iter: int 
             gamma[active[bad]] = 0.0
             d[bad] = -ga[bad]
             gd[bad] = -np.einsum("ij,ij->i", ga[bad], ga[bad])
-        # First step of a fresh problem has no curvature information: move one unit in parameter
-        # space (scipy's L-BFGS-B uses 1/||d|| the same way); afterwards the unit step is right.
-        t = np.where(gamma[active] > 0, 1.0, 1.0 / np.maximum(np.linalg.norm(d, axis=1), 1e-300))
+        # First step of a fresh problem has no curvature information: move at most one unit in
+        # any coordinate (scipy's L-BFGS-B uses 1/||d|| the same way); afterwards the unit step
+        # is right. The max-norm cannot overflow where a huge gradient would overflow ||d||.
+        t = np.where(gamma[active] > 0, 1.0, 1.0 / np.maximum(np.abs(d).max(axis=1), 1e-300))
         x_new, f_new, g_new, ok = _backtrack(fun, active, xa, fa, gd, d, t, c1, max_ls)
         # A failed line search means no progress is possible at machine precision: stop there.
         # It counts as converged when the gradient is already small relative to the objective.

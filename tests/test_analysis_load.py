@@ -1,5 +1,7 @@
 """analysis.load against a real temporary SQLite MLflow store, written the way the training code does."""
 
+import argparse
+import json
 import math
 import os
 
@@ -11,7 +13,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 mlflow = pytest.importorskip("mlflow")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
-from analysis import load  # noqa: E402
+from analysis import laws, load, synthetic  # noqa: E402
+from analysis.__main__ import cli  # noqa: E402
+from analysis.report import add_arguments, main  # noqa: E402
 from scaling_suite.errors import SuiteError  # noqa: E402
 
 
@@ -59,8 +63,27 @@ def store(tmp_path_factory):
     client.log_batch(trial, metrics=[Metric("final_val_loss", 3.0, 0, 0), Metric("N", 2e5, 0, 0)])
     client.set_terminated(trial, "FINISHED")
     client.create_run(other, run_name="x", tags={"role": "train"})
-    yield {"client": client, "study": study, "ids": ids, "opt": opt, "trial": trial}
+    iso_parent = _log_isoflop_study(client, tmp)
+    yield {"client": client, "study": study, "ids": ids, "opt": opt, "trial": trial, "iso_parent": iso_parent,
+           "uri": f"sqlite:///{tmp}/m.db"}
     mlflow.set_tracking_uri(old)
+
+
+def _log_isoflop_study(client, tmp):
+    """A planted-law IsoFLOP study (3 budgets x 4 sizes, with val-loss curves) in experiment "iso"."""
+    exp = client.create_experiment("iso", artifact_location=str(tmp / "artifacts3"))
+    parent = client.create_run(exp, run_name="iso-study", tags={"role": "study"}).info.run_id
+    runs = synthetic.isoflop_runs(budgets=(1e17, 1e18, 1e19), n_per_budget=4, width=0.6, noise=0.002, seed=3)
+    for _, r in runs.iterrows():
+        rid = client.create_run(exp, tags={"role": "train", "design": "isoflop", "mlflow.parentRunId": parent}).info.run_id
+        fpt = 6 * r["N"]
+        metrics = [Metric(k, float(v), 0, 0) for k, v in (("N", r["N"]), ("D", r["D"]), ("C", r["C"]),
+                                                         ("flops_per_token", fpt), ("final_val_loss", r["loss"]))]
+        for t in np.logspace(np.log10(r["D"]) - 1.5, np.log10(r["D"]), 8).round():
+            metrics.append(Metric("val_loss", float(laws.chinchilla(r["N"], t, **synthetic.PLANTED)), 0, int(t)))
+        client.log_batch(rid, metrics=metrics, params=[Param("C", str(r["C_budget"]))])
+        client.set_terminated(rid, "FINISHED")
+    return parent
 
 
 def test_load_runs_columns_types_and_collisions(store):
@@ -90,7 +113,7 @@ def test_parent_filter_follows_nested_children(store):
     assert sorted(df["run_name"]) == ["a", "b", "c", "opt", "trial0"]
     only_opt = load.load_runs(experiment_names="scaling", parent_run_id=store["opt"])
     assert list(only_opt["run_name"]) == ["trial0"]
-    assert len(load.load_runs()) == 7                     # every experiment when nothing is named
+    assert len(load.load_runs(["scaling", "other"])) == 7
 
 
 def test_load_curves_joins_histories_on_step(store):
@@ -122,3 +145,24 @@ def test_empty_experiment_gives_empty_frame(store):
     df = load.load_runs("empty")
     assert df.empty and list(df.columns) == list(load.BASE_COLUMNS)
     assert load.fitting_runs(df).empty
+
+
+def test_analyze_command_reads_an_mlflow_study(store, tmp_path, capsys, monkeypatch):
+    """`analyze --parent-run ID` end to end: runs and curves from MLflow into every section."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    assert cli(["--parent-run", store["iso_parent"], "--grid", "coarse", "--bootstrap", "0", "--no-plots",
+                "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert res["data"]["n_runs"] == 12 and res["data"]["loss_col"] == "final_val_loss"
+    for key in ("chinchilla", "allocation_isoflop", "allocation_envelope", "allocation_parametric"):
+        assert key in res["sections"], (key, res["skipped"])
+    assert len(res["sections"]["allocation_isoflop"]["table"]) == 3
+    assert "Chinchilla fit" in capsys.readouterr().out
+
+
+def test_analyze_command_errors_on_unknown_or_empty_experiment(store, tmp_path, capsys):
+    assert cli(["--experiment", "no-such", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown MLflow experiment 'no-such'") and err.count("\n") == 1
+    with pytest.raises(SuiteError, match="no FINISHED train/trial runs"):
+        main(add_arguments(argparse.ArgumentParser()).parse_args(["--experiment", "other", "--out", str(tmp_path / "o")]))

@@ -1,0 +1,264 @@
+"""Everything applicable to one set of runs: fits, allocation, validation, extrapolation, figures,
+written as report.md + report.json (+ PNGs), and the `scaling-suite analyze` / `python -m analysis`
+command line around it.
+
+Sections that the data cannot support are skipped with the reason (stated in the report), never
+crash the whole report: a quick study with four runs still gets the L(N) fit and its plot.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scaling_suite.errors import SuiteError
+
+from . import allocation, extrapolate, plots
+from .fit import (fit_chinchilla, fit_kaplan, fit_power_law, holdout_largest, jsonable, loo_errors)
+from .inputs import add_arguments, load_inputs  # noqa: F401  (CLI plumbing lives in inputs.py)
+
+SKIPPABLE = (SuiteError, ValueError, ArithmeticError, np.linalg.LinAlgError)
+
+
+class _Report:
+    """Collects sections, figures and skip reasons while build_report runs."""
+
+    def __init__(self, out_dir: Path, make_plots: bool):
+        self.out = out_dir
+        self.plots = make_plots
+        self.sections: dict = {}
+        self.text: list[tuple[str, str]] = []
+        self.skipped: dict = {}
+        self.extrapolations: list = []
+        self.files: list[str] = []
+        self.metrics: dict = {}
+
+    def run(self, name, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except SKIPPABLE as exc:
+            self.skipped[name] = str(exc)
+            return None
+
+    def add(self, name, obj, text=None):
+        self.sections[name] = obj.to_dict() if hasattr(obj, "to_dict") else jsonable(obj)
+        self.text.append((name, text if text is not None else obj.report()))
+
+    def figure(self, name, fn, *args, **kw):
+        if self.plots:
+            path = self.out / f"{name}.png"
+            if self.run(f"plot {name}", fn, *args, path=path, **kw) is not None:
+                self.files.append(str(path))
+
+    def extrapolation(self, key, fn, fit, target):
+        ex = self.run(f"extrapolation {key}", fn, fit, target)
+        if ex is not None:
+            self.extrapolations.append(ex)
+            self.metrics[f"pred_loss_{key}"] = ex.loss
+
+
+def _distinct(x, rel=0.01) -> int:
+    return int(np.unique(np.round(np.log(np.asarray(x, dtype=float)) / np.log1p(rel))).size)
+
+
+def _design_groups(df) -> dict:
+    """design -> rows. Runs carry a design tag from the planner; data without one (a CSV) is
+    classified by shape: constant D = n_sweep, constant N = d_sweep; IsoFLOP budgets are found
+    from C_budget / clustered C in any case."""
+    if "design" in df and df["design"].notna().any():
+        return {d: g for d, g in df.groupby("design") if d in ("n_sweep", "d_sweep")}
+    if _distinct(df["D"], 0.05) == 1 and _distinct(df["N"]) >= 3:
+        return {"n_sweep": df}
+    if _distinct(df["N"], 0.05) == 1 and _distinct(df["D"]) >= 3:
+        return {"d_sweep": df}
+    return {}
+
+
+def _frontier(df, loss_col):
+    """Final losses that beat every run with less compute: the data's compute-efficient frontier."""
+    d = df.sort_values("C")
+    best = d[loss_col].cummin()
+    return d[d[loss_col] <= best + 1e-12].drop_duplicates("C")
+
+
+def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, out_dir="out/analysis",
+                 target_N: float = extrapolate.DEFAULT_TARGET_N, target_C: float = extrapolate.DEFAULT_TARGET_C,
+                 loss_col: str = "loss", grid="published", n_bootstrap: int = 1000, seed: int = 0,
+                 notes=(), make_plots: bool = True, source: str = "") -> dict:
+    """Run every applicable analysis on runs_df (columns N, D, C, loss_col; optional design,
+    C_budget) and optional curves (analysis.load.load_curves format); write report.md, report.json
+    and figures into out_dir; return the JSON dict (with a `files` list)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    missing = [c for c in ("N", "D", "C", loss_col) if c not in runs_df]
+    if missing:
+        raise SuiteError(f"runs need column(s) {', '.join(missing)}")
+    df = runs_df[np.isfinite(runs_df[loss_col].astype(float))].reset_index(drop=True)
+    if df.empty:
+        raise SuiteError("no runs with a finite loss to analyze")
+    R = _Report(out, make_plots)
+    N, D, C, y = (df[c].to_numpy(float) for c in ("N", "D", "C", loss_col))
+    data = {"source": source, "n_runs": int(len(df)), "loss_col": loss_col,
+            "N_range": [N.min(), N.max()], "D_range": [D.min(), D.max()], "C_range": [C.min(), C.max()],
+            "designs": sorted(map(str, df["design"].dropna().unique())) if "design" in df else [],
+            "predicted_final_losses": int(df["predicted"].sum()) if "predicted" in df else 0,
+            "notes": list(notes)}
+    boot = dict(n_bootstrap=n_bootstrap, seed=seed)
+
+    # Parametric L(N, D) (Hoffmann et al. 2022 §3.3) with its validation and allocation.
+    chin = par = None
+    if len(df) >= 10 and _distinct(N) >= 3 and _distinct(D) >= 3:
+        chin = R.run("chinchilla", fit_chinchilla, N, D, y, grid=grid, **boot)
+    else:
+        R.skipped["chinchilla"] = (f"needs >= 10 runs with >= 3 distinct N and D; have {len(df)} runs, "
+                                   f"{_distinct(N)} N, {_distinct(D)} D")
+    if chin is not None:
+        R.add("chinchilla", chin)
+        R.metrics.update({f"chinchilla_{k}": v for k, v in chin.params.items()})
+        loo = R.run("chinchilla LOO", loo_errors, chin, N, D, loss=y)
+        if loo is not None:
+            summary = {"mean_abs_rel_error": float(np.mean(np.abs(loo))), "max_abs_rel_error": float(np.max(np.abs(loo)))}
+            R.add("chinchilla_loo", summary, "leave-one-out: mean |rel. error| {mean_abs_rel_error:.4f}, "
+                  "max {max_abs_rel_error:.4f}".format(**summary))
+            R.metrics["chinchilla_loo_mean_abs_rel_error"] = summary["mean_abs_rel_error"]
+        for by in ("N", "C"):
+            h = R.run(f"chinchilla holdout {by}", holdout_largest, chin, N, D, loss=y, by=by, C=C)
+            if h is not None:
+                R.add(f"chinchilla_holdout_{by}", h, f"held out the largest {by} ({h['n_heldout']} runs, "
+                      f"trained on {by} <= {h['max_train']:.3g}): mean |rel. error| {h['mean_abs_rel_error']:.4f}")
+                R.metrics[f"chinchilla_holdout_{by}_mean_abs_rel_error"] = h["mean_abs_rel_error"]
+        kap = R.run("kaplan", fit_kaplan, N, D, y)
+        if kap is not None:
+            R.add("kaplan", kap)
+        par = R.run("allocation parametric", allocation.from_parametric, chin)
+        if par is not None:
+            R.add("allocation_parametric", par)
+            R.metrics["alloc_a_parametric"] = par.a
+        R.extrapolation("N_chinchilla", extrapolate.at_N, chin, target_N)
+        R.extrapolation("C_chinchilla", extrapolate.at_C, chin, target_C)
+        R.figure("residuals_chinchilla", plots.residuals, chin, N, D, loss=y)
+
+    # One-variable laws per design (Kaplan et al. 2020 §1.2 forms with an offset).
+    lN = lD = None
+    for design, g in _design_groups(df).items():
+        x_name = "N" if design == "n_sweep" else "D"
+        f = R.run(f"L({x_name}) {design}", fit_power_law, g[x_name], g[loss_col], x_name=x_name, **boot)
+        if f is None:
+            continue
+        R.add(f"L_{x_name}_{design}", f)
+        R.metrics[f"L_{x_name}_alpha"] = f.params["alpha"]
+        h = R.run(f"L({x_name}) holdout", holdout_largest, f, g[x_name], loss=g[loss_col])
+        if h is not None:
+            R.add(f"L_{x_name}_holdout", h, f"L({x_name}) held out the largest {x_name} ({h['n_heldout']} runs): "
+                  f"mean |rel. error| {h['mean_abs_rel_error']:.4f}")
+        if x_name == "N":
+            lN = f
+            R.extrapolation("N_L_N", extrapolate.at_N, f, target_N)
+        else:
+            lD = f
+    if not _design_groups(df):
+        R.skipped["L(N), L(D)"] = "no n_sweep/d_sweep runs (and D or N is not constant across the runs)"
+
+    # Compute-optimal allocation, approaches 2 and 1 (Hoffmann et al. 2022 §3.2, §3.1).
+    iso = R.run("allocation isoflop", allocation.isoflop, df, loss_col=loss_col)
+    if iso is not None:
+        R.add("allocation_isoflop", iso)
+        R.metrics["alloc_a_isoflop"] = iso.a
+        R.figure("isoflop", plots.isoflop_curves, df, iso, loss_col=loss_col)
+    env = None
+    if curves_df is not None and len(curves_df):
+        env = R.run("allocation envelope", allocation.envelope, curves_df, df if "run_id" in df else None)
+        if env is not None:
+            R.add("allocation_envelope", env)
+            R.metrics["alloc_a_envelope"] = env.a
+    # L(C) on the lower envelope: of the curves when there are any, else of the final losses.
+    pts = env.table if env is not None else _frontier(df, loss_col).rename(columns={loss_col: "loss_opt"})
+    lC = None
+    if len(pts) >= 4:
+        lC = R.run("L(C) envelope", fit_power_law, pts["C"], pts["loss_opt"], x_name="C", **boot)
+    else:
+        R.skipped["L(C) envelope"] = f"{len(pts)} envelope points; a fit of E + A C^-alpha needs >= 4"
+    if lC is not None:
+        R.add("L_C_envelope", lC)
+        R.metrics["L_C_alpha"] = lC.params["alpha"]
+        R.extrapolation("C_L_C", extrapolate.at_C, lC, target_C)
+    allocs = [a for a in (iso, env, par) if a is not None]
+
+    # Figures.
+    R.figure("loss_vs_N", plots.loss_vs_N, df, fit=lN or chin, target_N=target_N, loss_col=loss_col)
+    R.figure("loss_vs_D", plots.loss_vs_D, df, fit=lD, loss_col=loss_col)
+    R.figure("loss_vs_C", plots.loss_vs_C, df, curves_df, env, lC, loss_col=loss_col)
+    if allocs:
+        R.figure("allocation", plots.optimal_allocation, allocs)
+    if curves_df is not None and len(curves_df):
+        R.figure("learning_curves", plots.learning_curves, curves_df, df if "run_id" in df else None)
+    return _write(R, data)
+
+
+def _write(R: _Report, data: dict) -> dict:
+    result = {"data": data, "sections": R.sections,
+              "extrapolations": [e.to_dict() for e in R.extrapolations],
+              "skipped": R.skipped, "metrics": R.metrics}
+    md = ["# Scaling-law analysis", "", f"Source: {data['source'] or 'DataFrame'}; {data['n_runs']} runs; "
+          f"loss column `{data['loss_col']}` (nats/token).", ""]
+    md += [f"- {n}" for n in data["notes"]]
+    md += ["", f"N {data['N_range'][0]:.3g}–{data['N_range'][1]:.3g}, D {data['D_range'][0]:.3g}–"
+           f"{data['D_range'][1]:.3g}, C {data['C_range'][0]:.3g}–{data['C_range'][1]:.3g}.", ""]
+    for name, text in R.text:
+        md += [f"## {name}", "", "```", text, "```", ""]
+    if R.extrapolations:
+        md += ["## Extrapolation", ""] + [f"- {e.report()}" for e in R.extrapolations] + [""]
+    if R.skipped:
+        md += ["## Skipped", ""] + [f"- **{k}**: {v}" for k, v in R.skipped.items()] + [""]
+    md += [f"![{Path(f).stem}]({Path(f).name})" for f in R.files]
+    md_path, json_path = R.out / "report.md", R.out / "report.json"
+    md_path.write_text("\n".join(md) + "\n")
+    files = R.files + [str(md_path), str(json_path)]
+    result["files"] = files
+    result = jsonable(result)
+    json_path.write_text(json.dumps(result, indent=1, allow_nan=False))
+    return result
+
+
+def summary(result: dict) -> str:
+    """The few lines worth printing on a terminal."""
+    s = result["sections"]
+    lines = [f"{result['data']['n_runs']} runs from {result['data']['source'] or 'data'}"]
+    if "chinchilla" in s:
+        p, iv = s["chinchilla"]["params"], s["chinchilla"]["intervals"]
+        lines.append("Chinchilla fit: " + ", ".join(
+            f"{k} {v:.4g}" + (f" [{iv[k][0]:.4g}, {iv[k][1]:.4g}]" if k in iv and iv[k][0] is not None else "")
+            for k, v in p.items()) + f"; objective {s['chinchilla']['objective']:.5e}")
+    for key in ("allocation_parametric", "allocation_isoflop", "allocation_envelope"):
+        if key in s:
+            lines.append(f"{key.replace('_', ' ')}: N_opt ∝ C^{s[key]['a']:.3f}, D_opt ∝ C^{s[key]['b']:.3f}")
+    for e in result["extrapolations"]:
+        iv = e["interval"]
+        lines.append(f"loss at {e['target']} = {e['value']:.3g}: {e['loss']:.4f}"
+                     + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "") + f" ({e['via']})"
+                     + (f" WARNING: {e['warning']}" if e["warning"] else ""))
+    if result["skipped"]:
+        lines.append(f"skipped: {', '.join(result['skipped'])} (reasons in report.md)")
+    lines.append(f"report: {next((f for f in result['files'] if f.endswith('report.md')), '')}")
+    return "\n".join(lines)
+
+
+def main(args, logger=None) -> int:
+    """`scaling-suite analyze` / `python -m analysis`: load, build the report, print a summary, and
+    hand report files and key numbers to `logger` (log_artifact / log_metrics / log_params) if given."""
+    runs, curves, loss_col, notes, source = load_inputs(args)
+    result = build_report(runs, curves, out_dir=args.out, target_N=args.target_N, target_C=args.target_C,
+                          loss_col=loss_col, grid=args.grid, n_bootstrap=args.bootstrap, seed=args.seed,
+                          notes=notes, make_plots=not args.no_plots, source=source)
+    print(summary(result))
+    if logger is not None:
+        logger.log_params({"source": source, "grid": args.grid, "bootstrap": args.bootstrap,
+                           "drop_highest": args.drop_highest, "target_N": args.target_N,
+                           "target_C": args.target_C, "loss_col": loss_col, "n_runs": result["data"]["n_runs"]})
+        logger.log_metrics({k: v for k, v in result["metrics"].items() if v is not None}, step=0)
+        for f in result["files"]:
+            logger.log_artifact(f, artifact_path="analysis")
+    return 0

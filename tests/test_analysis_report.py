@@ -1,0 +1,155 @@
+"""analysis.report / inputs / __main__: whole reports from DataFrames, CSV files and MLflow; the CLI."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import laws, synthetic
+from analysis.__main__ import cli
+from analysis.report import add_arguments, build_report, main
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+REPO = Path(__file__).resolve().parents[1]
+FIG4 = REPO.parent / "shared" / "reference" / "chinchilla_fig4_epoch.csv"
+PUBLISHED = {"A": 477.8, "B": 2143.9, "E": 1.8172, "alpha": 0.3473, "beta": 0.3672}
+
+
+class FakeLogger:
+    def __init__(self):
+        self.artifacts, self.metrics, self.params = [], {}, {}
+
+    def log_artifact(self, local_path, artifact_path=None):
+        self.artifacts.append((str(local_path), artifact_path))
+
+    def log_metrics(self, metrics, step=0):
+        self.metrics.update(metrics)
+
+    def log_params(self, params):
+        self.params.update(params)
+
+
+def parse(argv):
+    return add_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def isoflop_study():
+    runs = synthetic.isoflop_runs(budgets=(1e17, 1e18, 1e19), n_per_budget=6, width=0.7, noise=0.003, seed=2)
+    runs["run_id"] = [f"r{i}" for i in range(len(runs))]
+    runs["design"] = "isoflop"
+    curves = []
+    for rid, N, D in zip(runs["run_id"], runs["N"], runs["D"]):
+        t = np.logspace(np.log10(D) - 1.5, np.log10(D), 12)
+        curves.append(pd.DataFrame({"run_id": rid, "step": t.astype(int), "tokens": t, "flops": 6 * N * t,
+                                    "val_loss": laws.chinchilla(N, t, **synthetic.PLANTED),
+                                    "train_loss": np.nan, "lr": 1e-3}))
+    return runs, pd.concat(curves, ignore_index=True)
+
+
+def test_full_report_from_dataframes(tmp_path):
+    runs, curves = isoflop_study()
+    res = build_report(runs, curves, out_dir=tmp_path, grid="coarse", n_bootstrap=40)
+    s = res["sections"]
+    for key in ("chinchilla", "chinchilla_loo", "chinchilla_holdout_N", "chinchilla_holdout_C", "kaplan",
+                "allocation_parametric", "allocation_isoflop", "allocation_envelope", "L_C_envelope"):
+        assert key in s, (key, res["skipped"])
+    a_true = laws.chinchilla_optimal_exponents(synthetic.PLANTED["alpha"], synthetic.PLANTED["beta"])[0]
+    assert s["allocation_isoflop"]["a"] == pytest.approx(a_true, abs=0.05)
+    assert s["allocation_parametric"]["a"] == pytest.approx(a_true, abs=0.05)
+    assert {e["target"] for e in res["extrapolations"]} == {"N", "C"}
+    big = [e for e in res["extrapolations"] if e["target"] == "C"]
+    assert all(e["extrapolation_factor"] > 100 and "decades" in e["warning"] for e in big)
+    names = {Path(f).name for f in res["files"]}
+    for f in ("report.md", "report.json", "loss_vs_N.png", "loss_vs_C.png", "isoflop.png",
+              "allocation.png", "learning_curves.png", "residuals_chinchilla.png"):
+        assert f in names and (tmp_path / f).stat().st_size > 0, f
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["sections"]["chinchilla"]["params"] == res["sections"]["chinchilla"]["params"]
+    md = (tmp_path / "report.md").read_text()
+    assert "## chinchilla" in md and "WARNING" in md and "![isoflop](isoflop.png)" in md
+
+
+def test_small_study_degrades_with_reasons(tmp_path):
+    N = np.array([1e5, 3e5, 1e6, 3e6])
+    runs = pd.DataFrame({"N": N, "D": 2e7, "C": 6 * N * 2e7, "loss": laws.power_law(N, 1.5, 40.0, 0.3)})
+    res = build_report(runs, None, out_dir=tmp_path, n_bootstrap=30, make_plots=False)
+    assert "L_N_n_sweep" in res["sections"]
+    assert res["sections"]["L_N_n_sweep"]["params"]["alpha"] == pytest.approx(0.3, rel=1e-3)
+    assert "needs >= 10 runs" in res["skipped"]["chinchilla"]
+    assert "a parabola needs 3" in res["skipped"]["allocation isoflop"]
+    assert [e["via"] for e in res["extrapolations"]] == ["L(N) power law", "L(C) power law"]
+    assert "## Skipped" in (tmp_path / "report.md").read_text()
+    assert not any(f.endswith(".png") for f in res["files"])
+
+
+def test_main_with_csv_and_logger(tmp_path, capsys):
+    runs, _ = isoflop_study()
+    csv = tmp_path / "runs.csv"
+    runs.drop(columns=["D"]).rename(columns={"N": "params", "loss": "val"}).to_csv(csv, index=False)
+    logger = FakeLogger()
+    args = parse(["--csv", str(csv), "--N-col", "params", "--loss-col", "val", "--grid", "coarse",
+                  "--bootstrap", "20", "--out", str(tmp_path / "out"), "--no-plots"])
+    assert main(args, logger=logger) == 0
+    out = capsys.readouterr().out
+    assert "Chinchilla fit" in out and "report:" in out
+    res = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert any("D derived as C / (6 N)" in n for n in res["data"]["notes"])
+    assert {Path(p).name for p, _ in logger.artifacts} == {"report.md", "report.json"}
+    assert all(a == "analysis" for _, a in logger.artifacts)
+    assert logger.metrics["chinchilla_alpha"] == res["sections"]["chinchilla"]["params"]["alpha"]
+    assert "alloc_a_isoflop" in logger.metrics and logger.params["grid"] == "coarse"
+
+
+@pytest.mark.slow   # ~15 s: the 4,500-start grid three times (fit, two held-out refits); same numbers
+def test_cli_reproduces_published_fit(tmp_path):  # are asserted in test_analysis_fit in ~3 s
+    if not FIG4.exists():
+        pytest.skip(f"reference data not present at {FIG4}")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis", "--csv", str(FIG4), "--N-col", "Model Size", "--C-col", "Training FLOP",
+         "--drop-highest", "5", "--bootstrap", "0", "--no-plots", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "report.json").read_text())
+    fit = res["sections"]["chinchilla"]
+    assert fit["n_points"] == 240 and fit["extras"]["n_starts"] == 4500
+    for k, v in PUBLISHED.items():
+        assert fit["params"][k] == pytest.approx(v, rel=0.005), k
+    assert fit["objective"] <= 1.0183e-3
+    assert "Chinchilla fit: E 1.817" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--csv", "missing.csv"], "CSV file not found"),
+    (["--csv", "{csv}", "--N-col", "size"], "column 'size' not in"),
+    (["--csv", "{nan}"], "column 'loss' has 1 NaN"),
+    (["--csv", "{neg}"], "column 'N' must be > 0"),
+    (["--csv", "{noD}"], "needs a tokens column"),
+    (["--csv", "{csv}", "--experiment", "x"], "either --csv or --experiment"),
+    (["--csv", "{csv}", "--drop-highest", "99"], "would drop all"),
+    (["--csv", "{csv}", "--bootstrap", "-1"], "--bootstrap must be >= 0"),
+])
+def test_cli_bad_input_is_one_error_line(tmp_path, capsys, argv, fragment):
+    good = pd.DataFrame({"N": [1e5, 2e5, 4e5], "D": 1e7, "loss": [3.0, 2.9, 2.8]})
+    paths = {"csv": good, "nan": good.assign(loss=[3.0, np.nan, 2.8]), "neg": good.assign(N=[1e5, -2e5, 4e5]),
+             "noD": good.drop(columns="D")}
+    for name, frame in paths.items():
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+    argv = [a.format(**{k: tmp_path / f"{k}.csv" for k in paths}) for a in argv]
+    assert cli(argv + ["--out", str(tmp_path / "out"), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+
+
+def test_cli_subprocess_exit_code_and_single_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "analysis", "--csv", str(tmp_path / "nope.csv")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: CSV file not found") and proc.stderr.count("\n") == 1
