@@ -14,6 +14,14 @@ def cli(argv=None) -> int:
         prog="python -m analysis", description="Fit scaling laws to runs in a CSV file or MLflow."))
     args = parser.parse_args(argv)
     try:
+        if not args.csv:
+            # As the top-level caller, point MLflow at the project's store (MLFLOW_TRACKING_URI
+            # when set, else sqlite:///mlruns/mlflow.db), as `scaling-suite` does; analysis.load
+            # itself reads whatever mlflow.get_tracking_uri() gives.
+            import mlflow
+
+            from scaling_suite.tracking import tracking_uri
+            mlflow.set_tracking_uri(tracking_uri())
         return main(args)
     except SuiteError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,7 +19,8 @@ from scipy import stats
 from scaling_suite.errors import SuiteError
 
 from . import laws
-from .fit import FitResult, fit_loglinear, jsonable
+from .common import jsonable, percentile_interval
+from .fit import FitResult, fit_loglinear
 
 
 @dataclass(frozen=True)
@@ -244,16 +245,15 @@ def from_parametric(fit: FitResult, C=None, level: float | None = None,
     a_iv = b_iv = nan2
     if fit.samples:
         s = fit.samples
-        q = 100 * (1 - level) / 2
         sa, sb = laws.chinchilla_optimal_exponents(s["alpha"], s["beta"])
-        a_iv = (float(np.percentile(sa, q)), float(np.percentile(sa, 100 - q)))
-        b_iv = (float(np.percentile(sb, q)), float(np.percentile(sb, 100 - q)))
+        a_iv = tuple(float(v) for v in percentile_interval(sa, level))
+        b_iv = tuple(float(v) for v in percentile_interval(sb, level))
         draws = {k: np.asarray(v)[:, None] for k, v in s.items()}
         Nd, Dd = laws.chinchilla_optimal(C[None, :], **draws, flops_per_token_factor=flops_per_token_factor)
-        table["N_lo"], table["N_hi"] = np.percentile(Nd, q, axis=0), np.percentile(Nd, 100 - q, axis=0)
-        table["D_lo"], table["D_hi"] = np.percentile(Dd, q, axis=0), np.percentile(Dd, 100 - q, axis=0)
+        table["N_lo"], table["N_hi"] = percentile_interval(Nd, level)
+        table["D_lo"], table["D_hi"] = percentile_interval(Dd, level)
     table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
-    G = (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1 / (p["alpha"] + p["beta"]))
+    G = laws.chinchilla_G(p["A"], p["B"], p["alpha"], p["beta"])
     return Allocation(approach="parametric", a=a, b=b, a_interval=a_iv, b_interval=b_iv, table=table,
                       level=level, extras={"params": dict(p), "G": float(G),
                                            "flops_per_token_factor": flops_per_token_factor,

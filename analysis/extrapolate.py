@@ -15,7 +15,8 @@ import numpy as np
 from scaling_suite.errors import SuiteError
 
 from . import laws
-from .fit import FitResult, fit_power_law, jsonable
+from .common import jsonable, percentile_interval
+from .fit import FitResult, fit_power_law
 
 DEFAULT_TARGET_N = 1.5e9        # parameters (GPT-2 XL scale)
 DEFAULT_TARGET_C = laws.CHINCHILLA_C
@@ -56,10 +57,15 @@ def _factor_and_warning(name, value, data_max):
 
 
 def _band(draws, level):
-    q = 100 * (1 - level) / 2
+    """Percentile interval of scalar predictions over bootstrap draws; None without usable draws."""
     draws = np.asarray(draws, dtype=float)
-    draws = draws[np.isfinite(draws)]
-    return None if draws.size == 0 else (float(np.percentile(draws, q)), float(np.percentile(draws, 100 - q)))
+    if not np.isfinite(draws).any():
+        return None
+    return tuple(float(v) for v in percentile_interval(np.where(np.isfinite(draws), draws, np.nan), level))
+
+
+def _pair(band):
+    return None if band is None else (float(band[0]), float(band[1]))
 
 
 def _data_max(fit: FitResult, name: str) -> float:
@@ -73,7 +79,7 @@ def _optimal_D_for_N(N, p):
     """D on the compute-optimal frontier for model size N (Hoffmann et al. 2022 §3.3 eq. 4 inverted:
     N = G (C/6)^a gives C/6 = (N/G)^(1/a), and D = (C/6)/N)."""
     a, _ = laws.chinchilla_optimal_exponents(p["alpha"], p["beta"])
-    G = (p["alpha"] * p["A"] / (p["beta"] * p["B"])) ** (1.0 / (p["alpha"] + p["beta"]))
+    G = laws.chinchilla_G(p["A"], p["B"], p["alpha"], p["beta"])
     return (N / G) ** (1.0 / a) / N
 
 
@@ -83,8 +89,7 @@ def at_N(fit: FitResult, N: float = DEFAULT_TARGET_N, level: float | None = None
     level = fit.level if level is None else level
     if fit.model == "power_law" and fit.extras.get("x_name") == "N":
         loss = float(fit.predict(N))
-        band = fit.predict_interval(N, level=level)
-        iv = None if band is None else (float(band[0]), float(band[1]))
+        iv = _pair(fit.predict_interval(N, level=level))
         via, details = "L(N) power law", {}
     elif fit.model == "chinchilla":
         D = float(_optimal_D_for_N(N, fit.params))
@@ -116,8 +121,7 @@ def at_C(fit: FitResult, C: float = DEFAULT_TARGET_C, level: float | None = None
         via, details = "Chinchilla L(N, D) at compute-optimal (N, D)", {"N": N, "D": D}
     elif fit.model == "power_law" and fit.extras.get("x_name") == "C":
         loss = float(fit.predict(C))
-        band = fit.predict_interval(C, level=level)
-        iv = None if band is None else (float(band[0]), float(band[1]))
+        iv = _pair(fit.predict_interval(C, level=level))
         via, details = "L(C) power law", {}
     else:
         raise SuiteError(f"at_C needs an L(C) power law or a chinchilla fit, got {fit.model} "
@@ -139,10 +143,9 @@ def predict_final_loss(tokens, loss, target_tokens: float, min_fraction: float =
         raise SuiteError("the learning curve is empty")
     keep = np.isfinite(t) & np.isfinite(y) & (t >= min_fraction * np.nanmax(t))
     fit = fit_power_law(t[keep], y[keep], x_name="tokens", n_bootstrap=n_bootstrap, seed=seed, level=level)
-    band = fit.predict_interval(target_tokens) if n_bootstrap else None
     factor, warning = _factor_and_warning("tokens", target_tokens, _data_max(fit, "tokens"))
     return Extrapolation("tokens", float(target_tokens), float(fit.predict(target_tokens)),
-                         None if band is None else (float(band[0]), float(band[1])),
-                         "learning-curve power law", factor, warning, level,
+                         _pair(fit.predict_interval(target_tokens)), "learning-curve power law",
+                         factor, warning, level,
                          {"E": fit.params["E"], "A": fit.params["A"], "alpha": fit.params["alpha"],
                           "n_points": float(keep.sum())})

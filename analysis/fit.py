@@ -17,6 +17,7 @@ from scipy import stats
 from scaling_suite.errors import SuiteError
 
 from . import laws, models, optim
+from .common import check_positive, jsonable, percentile_interval
 
 LAWS = {"chinchilla": laws.chinchilla, "power_law": laws.power_law, "kaplan": laws.kaplan,
         "loglinear": laws.loglinear}
@@ -49,9 +50,7 @@ class FitResult:
         cols = [np.asarray(x, dtype=float)[None, ...] for x in inputs]
         shape = (-1,) + (1,) * np.ndim(inputs[0])      # draws down axis 0, inputs after it
         draws = {k: np.asarray(v).reshape(shape) for k, v in self.samples.items()}
-        pred = LAWS[self.model](*cols, **draws)
-        q = 100 * (1 - level) / 2
-        return np.nanpercentile(pred, q, axis=0), np.nanpercentile(pred, 100 - q, axis=0)
+        return percentile_interval(LAWS[self.model](*cols, **draws), level)
 
     def report(self) -> str:
         ex = self.extras
@@ -84,46 +83,7 @@ class FitResult:
             "level": self.level, "extras": self.extras})
 
 
-def jsonable(obj):
-    """Recursively convert numpy scalars/arrays and tuples to JSON types; non-finite floats -> None."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    return obj
-
-
 # --- input checks: every problem is a one-line SuiteError ----------------------------------------
-
-def check_positive(name: str, values, n: int | None = None) -> np.ndarray:
-    """A 1-D float array of finite, strictly positive values (log-space fits need > 0)."""
-    if values is None:
-        raise SuiteError(f"{name} is missing")
-    try:
-        arr = np.asarray(values, dtype=float).ravel()
-    except (TypeError, ValueError):
-        raise SuiteError(f"{name} must be numeric") from None
-    if arr.size == 0:
-        raise SuiteError(f"{name} is empty")
-    if n is not None and arr.size != n:
-        raise SuiteError(f"{name} has {arr.size} values but the first input has {n}")
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        raise SuiteError(f"{name} has {int(bad.sum())} NaN/inf value(s) (first at index {int(np.argmax(bad))})")
-    nonpos = arr <= 0
-    if nonpos.any():
-        i = int(np.argmax(nonpos))
-        raise SuiteError(f"{name} must be > 0: {int(nonpos.sum())} value(s) <= 0 (index {i}: {arr[i]:g})")
-    return arr
-
 
 def _check_fit_args(n_points, n_params, model, delta, n_bootstrap, level):
     if n_points < n_params:
@@ -179,13 +139,12 @@ def _fit(model, inputs: dict, loss, *, grid, delta, n_bootstrap, seed, level, bo
     if names == ["N", "D"]:
         C = 6.0 * data["N"] * data["D"]
         ex["data_range"]["C"] = [float(C.min()), float(C.max())]
-    stderr = _asymptotic_stderr(model, best, logs, logy)
-    ex["stderr_method"] = "asymptotic (Gauss-Newton on log residuals)"
     res = FitResult(model=model.name, params=params, objective=float(f[0]), n_points=int(y.size),
-                    stderr=stderr, converged=bool(conv[0]), level=level, extras=ex)
+                    converged=bool(conv[0]), level=level, extras=ex)
     if n_bootstrap:
-        res = _bootstrap(res, model, logs, logy, int(n_bootstrap), seed, bootstrap_starts)
-    return res
+        return _bootstrap(res, model, logs, logy, int(n_bootstrap), seed, bootstrap_starts)
+    ex["stderr_method"] = "asymptotic (Gauss-Newton on log residuals)"
+    return replace(res, stderr=_asymptotic_stderr(model, best, logs, logy))
 
 
 def _bootstrap(fit: FitResult, model, logs, logy, n_bootstrap, seed, n_starts) -> FitResult:
@@ -198,8 +157,7 @@ def _bootstrap(fit: FitResult, model, logs, logy, n_bootstrap, seed, n_starts) -
         lambda w, g: optim.huber_objective(model, logs, logy, delta, w, g), counts, starts,
         f_floor=optim.exact_fit_floor(n))
     samples = model.natural(bx)
-    q = 100 * (1 - fit.level) / 2
-    intervals = {k: (float(np.percentile(samples[k], q)), float(np.percentile(samples[k], 100 - q)))
+    intervals = {k: tuple(float(v) for v in percentile_interval(samples[k], fit.level))
                  for k in fit.params if k not in model.fixed}
     stderr = {k: float(np.std(samples[k], ddof=1)) for k in intervals}
     ex = dict(fit.extras, stderr_method="bootstrap", bootstrap_converged=float(bconv.mean()),

@@ -15,7 +15,7 @@ import pandas as pd
 from scaling_suite.errors import SuiteError
 
 from . import extrapolate
-from .fit import check_positive
+from .common import check_positive
 
 PASSTHROUGH = ("design", "C_budget", "run_id", "run_name", "predicted")
 
@@ -25,7 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--csv", metavar="FILE", help="one row per run")
     src.add_argument("--experiment", action="append", metavar="NAME", help="MLflow experiment (repeatable)")
     src.add_argument("--parent-run", metavar="ID", help="MLflow parent run: analyze its (nested) children")
-    src.add_argument("--tracking-uri", metavar="URI", help="MLflow store (default: MLFLOW_TRACKING_URI / MLflow's default)")
     col = parser.add_argument_group("columns")
     col.add_argument("--N-col", default="N", help="parameters column (MLflow: N, N_nonembed or N_total)")
     col.add_argument("--D-col", default="D", help="tokens column; if absent D = C / (6 N)")
@@ -117,9 +116,6 @@ def read_csv_runs(path, N_col="N", D_col="D", C_col="C", loss_col="loss", drop_h
 
 def _from_mlflow(args):
     from . import load
-    if args.tracking_uri:
-        import mlflow
-        mlflow.set_tracking_uri(args.tracking_uri)
     loss_col = args.loss_col or "final_val_loss"
     where = (f"experiment(s) {', '.join(args.experiment)}" if args.experiment else "all experiments")
     if args.parent_run:
@@ -144,4 +140,4 @@ def _from_mlflow(args):
     if runs["predicted"].any():
         notes.append(f"{int(runs['predicted'].sum())} final loss(es) are early-stop predictions")
     curves = load.load_curves(runs["run_id"])
-    return runs, curves, loss_col, notes, f"MLflow {load._uri(None)}: {where}"
+    return runs, curves, loss_col, notes, f"MLflow {load.store_uri()}: {where}"

@@ -81,12 +81,17 @@ def chinchilla_optimal(C, E, A, B, alpha, beta, flops_per_token_factor=6.0):
     dict can be splatted in.
     """
     C = np.asarray(C, dtype=float)
+    a, b = chinchilla_optimal_exponents(alpha, beta)
+    G = chinchilla_G(A, B, alpha, beta)
+    base = C / flops_per_token_factor
+    return G * base ** a, base ** b / G
+
+
+def chinchilla_G(A, B, alpha, beta):
+    """G = (alpha A / (beta B))^(1/(alpha+beta)) of Hoffmann et al. 2022 §3.3 eq. (4)."""
     alpha = np.asarray(alpha, dtype=float)
     beta = np.asarray(beta, dtype=float)
-    s = alpha + beta
-    G = (alpha * A / (beta * B)) ** (1.0 / s)
-    base = C / flops_per_token_factor
-    return G * base ** (beta / s), base ** (alpha / s) / G
+    return (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
 
 
 def chinchilla_optimal_exponents(alpha, beta):

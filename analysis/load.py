@@ -36,7 +36,7 @@ def _client(client):
 
 
 def _store_error(client, exc) -> SuiteError:
-    return SuiteError(f"MLflow store {_uri(client)} could not be read: {exc}")
+    return SuiteError(f"MLflow store {store_uri(client)} could not be read: {exc}")
 
 
 def _experiment_ids(client, names) -> list[str]:
@@ -47,13 +47,14 @@ def _experiment_ids(client, names) -> list[str]:
         exp = client.get_experiment_by_name(name)
         if exp is None:
             known = sorted(e.name for e in client.search_experiments())
-            raise SuiteError(f"unknown MLflow experiment {name!r} at {_uri(client)} "
+            raise SuiteError(f"unknown MLflow experiment {name!r} at {store_uri(client)} "
                              f"(known: {', '.join(known) or 'none'})")
         ids.append(exp.experiment_id)
     return ids
 
 
-def _uri(client) -> str:
+def store_uri(client=None) -> str:
+    """The URI of the store `client` (or a default client) reads."""
     import mlflow
     return getattr(getattr(client, "_tracking_client", None), "tracking_uri", None) or mlflow.get_tracking_uri()
 
@@ -148,7 +149,7 @@ def _get_run(client, run_id):
     try:
         return client.get_run(run_id)
     except MlflowException:
-        raise SuiteError(f"unknown MLflow run {run_id!r} at {_uri(client)}") from None
+        raise SuiteError(f"unknown MLflow run {run_id!r} at {store_uri(client)}") from None
 
 
 def fitting_runs(runs_df: pd.DataFrame, loss_col: str = "final_val_loss") -> pd.DataFrame:

@@ -17,7 +17,8 @@ import pandas as pd
 from scaling_suite.errors import SuiteError
 
 from . import allocation, extrapolate, plots
-from .fit import (fit_chinchilla, fit_kaplan, fit_power_law, holdout_largest, jsonable, loo_errors)
+from .common import jsonable
+from .fit import fit_chinchilla, fit_kaplan, fit_power_law, holdout_largest, loo_errors
 from .inputs import add_arguments, load_inputs  # noqa: F401  (CLI plumbing lives in inputs.py)
 
 SKIPPABLE = (SuiteError, ValueError, ArithmeticError, np.linalg.LinAlgError)
@@ -143,7 +144,8 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
 
     # One-variable laws per design (Kaplan et al. 2020 §1.2 forms with an offset).
     lN = lD = None
-    for design, g in _design_groups(df).items():
+    groups = _design_groups(df)
+    for design, g in groups.items():
         x_name = "N" if design == "n_sweep" else "D"
         f = R.run(f"L({x_name}) {design}", fit_power_law, g[x_name], g[loss_col], x_name=x_name, **boot)
         if f is None:
@@ -159,15 +161,20 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
             R.extrapolation("N_L_N", extrapolate.at_N, f, target_N)
         else:
             lD = f
-    if not _design_groups(df):
+    if not groups:
         R.skipped["L(N), L(D)"] = "no n_sweep/d_sweep runs (and D or N is not constant across the runs)"
 
     # Compute-optimal allocation, approaches 2 and 1 (Hoffmann et al. 2022 §3.2, §3.1).
-    iso = R.run("allocation isoflop", allocation.isoflop, df, loss_col=loss_col)
+    # Tagged n_sweep/d_sweep runs are not IsoFLOP profiles; untagged ones (optimizer trials at one
+    # budget, CSV rows) may be, and budgets with too few sizes are skipped with the reason anyway.
+    iso_df = df
+    if "design" in df and df["design"].notna().any():
+        iso_df = df[df["design"].isna() | (df["design"] == "isoflop")]
+    iso = R.run("allocation isoflop", allocation.isoflop, iso_df, loss_col=loss_col)
     if iso is not None:
         R.add("allocation_isoflop", iso)
         R.metrics["alloc_a_isoflop"] = iso.a
-        R.figure("isoflop", plots.isoflop_curves, df, iso, loss_col=loss_col)
+        R.figure("isoflop", plots.isoflop_curves, iso_df, iso, loss_col=loss_col)
     env = None
     if curves_df is not None and len(curves_df):
         env = R.run("allocation envelope", allocation.envelope, curves_df, df if "run_id" in df else None)

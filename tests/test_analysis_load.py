@@ -160,7 +160,8 @@ def test_analyze_command_reads_an_mlflow_study(store, tmp_path, capsys, monkeypa
     assert "Chinchilla fit" in capsys.readouterr().out
 
 
-def test_analyze_command_errors_on_unknown_or_empty_experiment(store, tmp_path, capsys):
+def test_analyze_command_errors_on_unknown_or_empty_experiment(store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
     assert cli(["--experiment", "no-such", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown MLflow experiment 'no-such'") and err.count("\n") == 1

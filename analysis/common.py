@@ -1,0 +1,54 @@
+"""Small helpers shared by the analysis modules: input checks, JSON conversion, bootstrap bands."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scaling_suite.errors import SuiteError
+
+
+def check_positive(name: str, values, n: int | None = None) -> np.ndarray:
+    """A 1-D float array of finite, strictly positive values (log-space fits need > 0)."""
+    if values is None:
+        raise SuiteError(f"{name} is missing")
+    try:
+        arr = np.asarray(values, dtype=float).ravel()
+    except (TypeError, ValueError):
+        raise SuiteError(f"{name} must be numeric") from None
+    if arr.size == 0:
+        raise SuiteError(f"{name} is empty")
+    if n is not None and arr.size != n:
+        raise SuiteError(f"{name} has {arr.size} values but the first input has {n}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise SuiteError(f"{name} has {int(bad.sum())} NaN/inf value(s) (first at index {int(np.argmax(bad))})")
+    nonpos = arr <= 0
+    if nonpos.any():
+        i = int(np.argmax(nonpos))
+        raise SuiteError(f"{name} must be > 0: {int(nonpos.sum())} value(s) <= 0 (index {i}: {arr[i]:g})")
+    return arr
+
+
+def percentile_interval(draws, level: float, axis=0):
+    """Central `level` percentile interval (lo, hi) of bootstrap draws along `axis`, NaNs ignored
+    (a draw can leave a law's domain, e.g. an overflowing extrapolation)."""
+    q = 100 * (1 - level) / 2
+    draws = np.asarray(draws, dtype=float)
+    return np.nanpercentile(draws, q, axis=axis), np.nanpercentile(draws, 100 - q, axis=axis)
+
+
+def jsonable(obj):
+    """Recursively convert numpy scalars/arrays and tuples to JSON types; non-finite floats -> None."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
