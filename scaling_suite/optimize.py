@@ -1,0 +1,617 @@
+"""Compute-optimal allocation by Optuna: at each budget C, search the model size N that minimises
+the final validation loss, with D = C / flops_per_token (RunConfig(C=...) derives it).
+
+    scaling-suite optimize --flops 1e12 3e12 1e13 --trials 12
+    mlflow run . -e optimize -P flops=1e13 -P trials=12 --env-manager local
+
+One study per budget in an RDB (default sqlite:///mlruns/optuna.db), loaded if it exists, so an
+interrupted search resumes. Each trial is a nested MLflow run of the budget's search run (trial user
+attr `mlflow_run_id` <-> run tag `optuna_trial`); the search run gets N_opt, D_opt and the loss at
+the optimum with 95% intervals from a parabola in log N through the trials (Hoffmann et al. 2022
+§3.2, approach 2), and a plot. Over several budgets, N_opt ∝ C^a and D_opt ∝ C^b are fitted
+(analysis.fit.fit_loglinear) on the top run. Trials are trained by worker.py, in this process or in
+`scaling-suite worker` processes on other machines.
+
+The search dial: a trial suggests log10 N (continuous) and trains the nearest shape of a table of
+(depth, aspect) shapes, aspect within a factor `spread` of the base aspect. The depth dial alone is
+too coarse (depth 1 -> 2 -> 3 is N 22k -> 35k -> 96k ... at aspect 32); letting aspect vary gives a
+size every few percent. Searching log N with D derived from C is the parametrisation that found the
+exact optimum of a synthetic law in shared/PITFALLS.md. Optionally --tune lr beta2 adds the peak
+learning rate (log-uniform within 4x of the base) and beta2, since per-size tuning moves the
+optimum (Porian et al. 2024 §4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from bisect import bisect_left
+from dataclasses import dataclass, fields
+
+from .config import RunConfig, derive, make_config, validate
+from .errors import SuiteError
+from .model import ModelShape, count_params
+
+SAMPLERS = ("gp", "grid+gp", "tpe", "grid+tpe", "random", "grid")
+DEFAULT_SAMPLER = "grid+gp"   # chosen by measurement: benchmarks/optimize_vs_grid.py --samplers
+TUNABLE = ("lr", "beta2")
+SEARCHED = ("depth", "aspect", "D", "C", "tokens_per_param")   # set per trial, never by the user
+
+
+# --- the search space --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shape:
+    N: int
+    depth: int
+    aspect: int
+    d_model: int
+
+
+def shape_table(base: RunConfig, spread: float, max_N: float) -> list[Shape]:
+    """Shapes of N <= max_N, sorted by N: each (depth, width) once, at the aspect nearest the base's.
+
+    Shapes within 2% of a smaller kept one are dropped unless their aspect is nearer the base's.
+    """
+    lo, hi = max(1, math.floor(base.aspect / spread)), math.ceil(base.aspect * spread)
+    best: dict[tuple, tuple] = {}
+    depth = 0
+    while True:
+        depth += 1
+        smallest = None
+        for a in range(lo, hi + 1):
+            s = ModelShape.from_dial(depth, a, base.head_dim, base.vocab_size, base.context)
+            n = count_params(s)["N"]
+            smallest = n if smallest is None else min(smallest, n)
+            far = abs(math.log(a / base.aspect))
+            if n <= max_N and ((depth, s.d_model) not in best or far < best[(depth, s.d_model)][0]):
+                best[(depth, s.d_model)] = (far, Shape(n, depth, a, s.d_model))
+        if smallest > max_N or depth > 256:
+            break
+    kept: list[tuple] = []
+    for far, shape in sorted(best.values(), key=lambda v: v[1].N):
+        if kept and shape.N < 1.02 * kept[-1][1].N:
+            if far < kept[-1][0]:
+                kept[-1] = (far, shape)
+            continue
+        kept.append((far, shape))
+    return [s for _, s in kept]
+
+
+class Space:
+    """The sizes one budget's search may train, and how a trial picks one."""
+
+    def __init__(self, base: RunConfig, C: float, spread: float = 2.0, min_tpp: float = 1.0,
+                 max_tpp: float = 1e4, min_steps: int = 20, tune: tuple = ()):
+        if not (math.isfinite(C) and C > 0):
+            raise SuiteError(f"--flops must be positive numbers, got {C}")
+        if spread < 1:
+            raise SuiteError(f"--spread must be at least 1 (1 = the depth dial alone), got {spread}")
+        self.base, self.C, self.spread = base, float(C), float(spread)
+        self.min_tpp, self.max_tpp, self.min_steps, self.tune = float(min_tpp), float(max_tpp), int(min_steps), tuple(tune)
+        bad = set(self.tune) - set(TUNABLE)
+        if bad:
+            raise SuiteError(f"--tune takes {', '.join(TUNABLE)}, got {', '.join(sorted(bad))}")
+        # D/N >= min_tpp and C ≈ 6 N D bound N above by sqrt(C / (6 min_tpp)).
+        table = shape_table(base, spread, math.sqrt(C / 6 / self.min_tpp) * 1.1)
+        self.shapes = []
+        for s in table:
+            d = self._derive(s)
+            if d is not None and d.steps >= self.min_steps and self.min_tpp <= d.D / d.N <= self.max_tpp:
+                self.shapes.append(s)
+        if len(self.shapes) < 2:
+            smallest = table[0] if table else Shape(0, 1, base.aspect, 0)
+            d = self._derive(smallest) if table else None
+            got = f"{d.D:,} tokens ({d.steps} steps)" if d else "less than one batch"
+            raise SuiteError(f"budget C={C:.3g} FLOPs is too small for this search: the smallest model "
+                             f"(N={smallest.N:,}, depth {smallest.depth}) would train on {got}; it needs at least "
+                             f"{self.min_steps} steps of {base.batch_tokens} tokens and D/N >= {self.min_tpp:g} for "
+                             "two sizes; raise --flops, or lower batch_tokens, --min_steps or --min_tpp")
+        self.logN = [math.log10(s.N) for s in self.shapes]
+        self.lo, self.hi = self.logN[0], self.logN[-1]
+
+    def _derive(self, s: Shape):
+        try:
+            return derive(self.base.replace(depth=s.depth, aspect=s.aspect, C=self.C, D=0.0, tokens_per_param=0.0))
+        except SuiteError:
+            return None
+
+    def config(self, s: Shape, **extra) -> RunConfig:
+        cfg = self.base.replace(depth=s.depth, aspect=s.aspect, C=self.C, D=0.0, tokens_per_param=0.0, **extra)
+        validate(cfg)
+        return cfg
+
+    def suggest(self, trial) -> tuple[float, dict]:
+        x = trial.suggest_float("log10_N", self.lo, self.hi)
+        extra = {}
+        if "lr" in self.tune:
+            extra["lr"] = trial.suggest_float("lr", self.base.lr / 4, self.base.lr * 4, log=True)
+        if "beta2" in self.tune:
+            extra["beta2"] = trial.suggest_float("beta2", 0.9, 0.999)
+        return x, extra
+
+    def nearest(self, x: float) -> list[Shape]:
+        """All shapes, nearest to log10 N = x first."""
+        return [s for _, s in sorted(zip((abs(v - x) for v in self.logN), self.shapes), key=lambda p: p[0])]
+
+    def grid(self, k: int) -> list[Shape]:
+        """k distinct shapes evenly spaced in log N across the range (a coarse pass brackets the minimum)."""
+        if k <= 0:
+            return []
+        k = min(k, len(self.shapes))
+        targets = [self.lo + (self.hi - self.lo) * i / max(1, k - 1) for i in range(k)] if k > 1 else [(self.lo + self.hi) / 2]
+        out: list[Shape] = []
+        for x in targets:
+            out.append(next(s for s in self.nearest(x) if s not in out))
+        return sorted(out, key=lambda s: s.N)
+
+    def to_spec(self) -> dict:
+        return {"C": self.C, "base": self.base.to_params(), "spread": self.spread, "min_tpp": self.min_tpp,
+                "max_tpp": self.max_tpp, "min_steps": self.min_steps, "tune": list(self.tune)}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Space":
+        return cls(make_config(**spec["base"]), spec["C"], spec["spread"], spec["min_tpp"], spec["max_tpp"],
+                   spec["min_steps"], tuple(spec["tune"]))
+
+
+def make_sampler(name: str, seed: int | None = None, n_startup: int = 4):
+    """The sampler for one worker. For grid+X the coarse grid is queued at study creation."""
+    import optuna
+
+    kind = name.split("+")[-1]
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(1, n_startup))
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, n_startup), constant_liar=True)
+    if kind in ("random", "grid"):
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise SuiteError(f"unknown --sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+
+
+# --- the optimum -------------------------------------------------------------------------------------
+
+def fit_parabola(N, loss, window: float = 0.5, level: float = 0.95) -> dict:
+    """Minimum of a parabola in log10 N through the points within WINDOW decades of the best one.
+
+    An IsoFLOP curve is a parabola in log N only near its minimum, so far points are left out (at
+    least the 3 nearest distinct sizes are kept). The interval is the delta method on the vertex
+    with a t quantile (n - 3 degrees of freedom); with 3 points there is none.
+    """
+    import numpy as np
+    from scipy import stats
+
+    x, y = np.log10(np.asarray(N, float)), np.asarray(loss, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    out = {"status": "too_few", "n_points": int(len(x)), "window": window, "level": level}
+    if len(x) == 0:
+        return out
+    xb = x[np.argmin(y)]
+    out.update(N_opt=float(10 ** xb), loss_opt=float(y.min()), N_lo=math.nan, N_hi=math.nan,
+               loss_lo=math.nan, loss_hi=math.nan, best_N=float(10 ** xb), best_loss=float(y.min()))
+    sel = np.abs(x - xb) <= window
+    distinct = np.unique(x)
+    if len(np.unique(x[sel])) < 3:
+        near = distinct[np.argsort(np.abs(distinct - xb))[:3]]
+        sel = np.isin(x, near)
+    xs, ys = x[sel] - xb, y[sel]
+    out["n_points"] = int(sel.sum())
+    if len(np.unique(xs)) < 3:
+        return out
+    X = np.column_stack([np.ones_like(xs), xs, xs ** 2])
+    coef, *_ = np.linalg.lstsq(X, ys, rcond=None)
+    a, b, c = coef
+    if c <= 0:
+        out["status"] = "no_minimum"   # concave or flat: the best trial stands, with no interval
+        return out
+    v = -b / (2 * c)
+    out.update(N_opt=float(10 ** (xb + v)), loss_opt=float(a - b * b / (4 * c)), coef=[float(a), float(b), float(c)],
+               x_center=float(xb), x_range=[float(xs.min() + xb), float(xs.max() + xb)])
+    out["status"] = "ok" if xs.min() <= v <= xs.max() else "extrapolated"
+    dof = len(xs) - 3
+    if dof > 0:
+        resid = ys - X @ coef
+        cov = float(resid @ resid) / dof * np.linalg.pinv(X.T @ X)
+        gx = np.array([0.0, -1 / (2 * c), b / (2 * c * c)])
+        gl = np.array([1.0, -b / (2 * c), b * b / (4 * c * c)])
+        t = float(stats.t.ppf(0.5 + level / 2, dof))
+        sx, sl = math.sqrt(max(0.0, gx @ cov @ gx)), math.sqrt(max(0.0, gl @ cov @ gl))
+        out.update(N_lo=float(10 ** (xb + v - t * sx)), N_hi=float(10 ** (xb + v + t * sx)),
+                   loss_lo=out["loss_opt"] - t * sl, loss_hi=out["loss_opt"] + t * sl)
+    return out
+
+
+def trial_table(study) -> list[dict]:
+    from optuna.trial import TrialState
+
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.value is not None and math.isfinite(t.value) and "N" in t.user_attrs:
+            u = t.user_attrs
+            rows.append({"trial": t.number, "N": u["N"], "D": u["D"], "C": u["C"], "depth": u["config"]["depth"],
+                         "aspect": u["config"]["aspect"], "lr": u["config"]["lr"], "beta2": u["config"]["beta2"],
+                         "final_val_loss": t.value, "mlflow_run_id": u.get("mlflow_run_id")})
+    return sorted(rows, key=lambda r: r["N"])
+
+
+def summarize(study, space: Space, tracker=None, window: float = 0.5) -> dict:
+    """Fit the optimum of one budget's trials; log metrics, a table and a plot to the search run."""
+    rows = trial_table(study)
+    fit = fit_parabola([r["N"] for r in rows], [r["final_val_loss"] for r in rows], window)
+    out = {"C": space.C, "study": study.study_name, "n_trials": len(rows), "fit": fit, "trials": rows}
+    if "N_opt" in fit:
+        # D follows from C through the FLOPs per token of the trained size nearest N_opt.
+        near = min(rows, key=lambda r: abs(math.log(r["N"] / fit["N_opt"])))
+        fpt_per_N = near["C"] / near["D"] / near["N"]
+        D_of = lambda n: space.C / (fpt_per_N * n) if math.isfinite(n) else math.nan  # noqa: E731
+        out.update(N_opt=fit["N_opt"], D_opt=D_of(fit["N_opt"]), D_lo=D_of(fit["N_hi"]), D_hi=D_of(fit["N_lo"]))
+    if tracker is not None and rows:
+        m = {k: fit[k] for k in ("N_opt", "N_lo", "N_hi", "loss_opt", "loss_lo", "loss_hi", "best_N", "best_loss")
+             if k in fit and math.isfinite(fit[k])}
+        m.update({k: out[k] for k in ("D_opt", "D_lo", "D_hi") if k in out and math.isfinite(out[k])})
+        if "N_opt" in out:
+            m["tokens_per_param_opt"] = out["D_opt"] / out["N_opt"]
+        tracker.log_metrics({**m, "trials_complete": len(rows)}, step=0)
+        tracker.set_tags({"fit_status": fit["status"], "fit": f"parabola in log10 N, window {window} decades"})
+        tracker.log_text(json.dumps(out, indent=1, default=str), "optimum.json")
+        path = _plot_trials(rows, fit, space, study.study_name)
+        tracker.log_artifact(path, "plots")
+    return out
+
+
+def _plot_trials(rows, fit, space: Space, name: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .tracking import scratch_dir
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sc = ax.scatter([r["N"] for r in rows], [r["final_val_loss"] for r in rows], c=[r["trial"] for r in rows],
+                    cmap="viridis", zorder=3)
+    fig.colorbar(sc, ax=ax, label="trial")
+    if "coef" in fit:
+        a, b, c = fit["coef"]
+        lo, hi = fit["x_range"]
+        xs = np.linspace(lo - 0.1, hi + 0.1, 100)
+        ax.plot(10 ** xs, a + b * (xs - fit["x_center"]) + c * (xs - fit["x_center"]) ** 2, "k-", lw=1,
+                label="parabola in log N")
+    if "N_opt" in fit:
+        ax.axvline(fit["N_opt"], color="C3", lw=1, label=f"N_opt = {fit['N_opt']:,.0f}")
+        if math.isfinite(fit["N_lo"]):
+            ax.axvspan(fit["N_lo"], fit["N_hi"], color="C3", alpha=0.12, label=f"{100 * fit['level']:g}% interval")
+    ax.set_xscale("log")
+    ax.set_xlabel("N (parameters, non-embedding + head)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(f"{name}: C = {space.C:.3g} FLOPs, {len(rows)} trials", fontsize=10)
+    ax.legend(fontsize=8)
+    path = scratch_dir() / "loss_vs_N.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fit_allocation(summaries: list[dict], tracker=None) -> dict:
+    """N_opt ∝ C^a and D_opt ∝ C^b over the budgets (OLS in log space, analysis.fit)."""
+    from analysis.fit import fit_loglinear
+
+    pts = [s for s in summaries if s.get("fit", {}).get("status") in ("ok", "extrapolated")]
+    if len(pts) < 2:
+        return {}
+    C = [s["C"] for s in pts]
+    fa = fit_loglinear(C, [s["N_opt"] for s in pts], x_name="C", y_name="N_opt")
+    fb = fit_loglinear(C, [s["D_opt"] for s in pts], x_name="C", y_name="D_opt")
+    out = {"a": fa.params["s"], "a_interval": fa.intervals.get("s"), "b": fb.params["s"],
+           "b_interval": fb.intervals.get("s"), "n_budgets": len(pts), "budgets": C}
+    if tracker is not None:
+        m = {"a": out["a"], "b": out["b"]}
+        for k in ("a", "b"):
+            if out[f"{k}_interval"]:
+                m[f"{k}_lo"], m[f"{k}_hi"] = out[f"{k}_interval"]
+        tracker.log_metrics(m, step=0)
+        tracker.log_text(json.dumps({"a": fa.to_dict(), "b": fb.to_dict(), "budgets": pts}, indent=1, default=str),
+                         "allocation.json")
+        tracker.log_artifact(_plot_allocation(pts, fa, fb), "plots")
+    return out
+
+
+def _plot_allocation(pts, fa, fb):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .tracking import scratch_dir
+
+    C = np.array([p["C"] for p in pts])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, f, lab in (("N_opt", fa, "a"), ("D_opt", fb, "b")):
+        y = np.array([p[key] for p in pts])
+        lo = np.array([p["fit"]["N_lo"] if key == "N_opt" else p["D_lo"] for p in pts])
+        hi = np.array([p["fit"]["N_hi"] if key == "N_opt" else p["D_hi"] for p in pts])
+        err = np.where(np.isfinite(lo), [y - lo, hi - y], 0)
+        ax.errorbar(C, y, yerr=err, fmt="o", capsize=3, label=f"{key} ∝ C^{f.params['s']:.3f} ({lab})")
+        ax.plot(C, f.params["k"] * C ** f.params["s"], "-", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("C (training FLOPs)")
+    ax.set_title("compute-optimal allocation from Optuna searches", fontsize=10)
+    ax.legend(fontsize=8)
+    path = scratch_dir() / "allocation.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- studies -----------------------------------------------------------------------------------------
+
+def study_name(prefix: str, C: float) -> str:
+    return f"{prefix}-C={C:.3g}"
+
+
+def open_search(storage, name: str, space: Space, n_trials: int, sampler: str, init: int, seed: int | None,
+                top_run_id: str | None, experiment: str | None, heartbeat: int, grace: int):
+    """Create the study (and its MLflow search run) or load it to resume. Returns (study, search run tracker)."""
+    import optuna
+
+    from . import tracking, worker
+
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
+    spec = study.user_attrs.get(worker.ATTR)
+    want = space.to_spec()
+    if spec is None:
+        worker.ensure_claims(storage)
+        spec = {"kind": "allocation", **want, "sampler": sampler, "n_startup": init, "seed": seed,
+                "study_key": f"optuna:{name}", "heartbeat": heartbeat, "grace": grace,
+                "tracking_uri": worker.safe_url(tracking.tracking_uri()), "mlflow_parent_run_id": None}
+        for s in (space.grid(init) if sampler.startswith("grid") else []):
+            cfg = space.config(s)
+            d = cfg.derived()
+            params = {"log10_N": math.log10(d.N), **{k: getattr(cfg, k) for k in space.tune}}
+            study.enqueue_trial(params, user_attrs={"config": cfg.to_params(), "config_key": worker.config_key(cfg),
+                                                    "N": d.N, "D": d.D, "C": d.C, "depth": s.depth, "aspect": s.aspect,
+                                                    "log10_N_trained": math.log10(d.N), "grid_point": True})
+    else:
+        if spec.get("kind") != "allocation":
+            raise SuiteError(f"study {name!r} is a {spec.get('kind')} study, not an allocation search; use another --study")
+        diff = [k for k in want if json.dumps(want[k], sort_keys=True) != json.dumps(spec.get(k), sort_keys=True)]
+        if diff:
+            raise SuiteError(f"study {name!r} exists with other settings ({', '.join(diff)}); resume it with the same "
+                             "settings or choose another --study")
+    spec["n_trials"] = n_trials
+    client = tracking.init_store()
+    run_id = spec.get("mlflow_parent_run_id")
+    try:
+        client.get_run(run_id) if run_id else None
+    except Exception:  # noqa: BLE001 — the study outlived its MLflow store: start a new search run
+        run_id = None
+    tags = {"role": "optuna_search", "optuna_study": name, "optuna_storage": worker.safe_url(storage.url)}
+    tracker = tracking.start_run(experiment, run_name=f"optuna {name}", tags=tags, parent_run_id=top_run_id,
+                                 run_id=run_id, system_metrics=False)
+    if run_id and top_run_id:
+        tracking.adopt(client, run_id, top_run_id)
+    tracker.log_params({"C": space.C, "sampler": spec["sampler"], "study": name, "spread": space.spread,
+                        "tune": ",".join(space.tune) or "-", "N_range": f"{space.shapes[0].N}-{space.shapes[-1].N}"})
+    if not run_id:
+        tracker.log_text(json.dumps(space.base.to_params(), indent=1), "base_config.json")
+    spec["mlflow_parent_run_id"] = tracker.run_id
+    study.set_user_attr(worker.ATTR, spec)
+    requeue_interrupted(study)
+    return study, tracker
+
+
+def requeue_interrupted(study) -> int:
+    """Queue again the trials a Ctrl-C or SIGTERM ended (heartbeats handle silent deaths)."""
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    n = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in trials:
+            if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
+                optuna.storages.RetryHeartbeatStaleTrialCallback()(study, t)
+                n += 1
+    return n
+
+
+def wait_done(study, poll: float = 5.0, say=print) -> None:
+    """Wait for workers elsewhere to complete the study; fail (and so retry) silent trials meanwhile."""
+    from .worker import ATTR, counts, fail_stale
+
+    said = False
+    while True:
+        fail_stale(study)
+        if counts(study)["COMPLETE"] >= int(study.user_attrs[ATTR]["n_trials"]):
+            return
+        if not said:
+            say(f"[{study.study_name}] waiting for workers to complete {study.user_attrs[ATTR]['n_trials']} trials")
+            said = True
+        time.sleep(poll)
+
+
+# --- the commands ------------------------------------------------------------------------------------
+
+def parse_flops(values: list[str]) -> list[float]:
+    """`--flops 1e12 3e12`, also `-P flops="1e12 3e12"` or "1e12,3e12" from MLproject."""
+    out = []
+    for v in values:
+        for item in v.replace(",", " ").split():
+            try:
+                c = float(item)
+            except ValueError:
+                raise SuiteError(f"--flops takes numbers like 1e13, got {item!r}") from None
+            if not (math.isfinite(c) and c > 0):
+                raise SuiteError(f"--flops must be positive, got {item!r}")
+            out.append(c)
+    if not out:
+        raise SuiteError("give at least one budget: --flops 1e13")
+    return sorted(set(out))
+
+
+def base_config(args) -> RunConfig:
+    from .config import PRESETS
+
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig)
+             if f.name != "preset" and getattr(args, f.name, None) not in (None, "")}
+    fixed = sorted(set(given) & (set(SEARCHED) - {"aspect"}))
+    if fixed:
+        raise SuiteError(f"optimize sets {', '.join(fixed)} itself (the size per trial, D from --flops); drop --{fixed[0]}")
+    base = {}
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise SuiteError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+        base = {k: v for k, v in PRESETS[args.preset].items() if k not in SEARCHED}
+        base["preset"] = args.preset
+    return make_config(**{**base, **given, "C": 1e18})   # a placeholder budget; each search sets its own
+
+
+def _int(value, name: str, lo: int = 1) -> int:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SuiteError(f"{name} must be a whole number, got {value!r}") from None
+    if not v.is_integer() or v < lo:
+        raise SuiteError(f"{name} must be a whole number >= {lo}, got {value!r}")
+    return int(v)
+
+
+def cmd_optimize(args) -> int:
+    from . import tracking, worker
+
+    flops = parse_flops(args.flops)
+    n_trials = _int(args.trials, "--trials")
+    workers = _int(args.workers, "--workers", 0)
+    init = _int(args.init, "--init", 0)
+    if args.sampler not in SAMPLERS:
+        raise SuiteError(f"unknown --sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if args.sampler == "grid":
+        init = n_trials
+    base = base_config(args)
+    spaces = [Space(base, C, args.spread, args.min_tpp, args.max_tpp, args.min_steps, tuple(args.tune or ()))
+              for C in flops]  # every budget is checked before anything starts
+    storage = worker.open_storage(args.storage, args.heartbeat, args.grace)
+    tracking.init_store()
+    top = tracking.start_run(args.experiment, run_name=f"optimize C={' '.join(f'{c:.3g}' for c in flops)}",
+                             tags={"role": "optimize", "optuna_storage": worker.safe_url(args.storage)},
+                             system_metrics=False)
+    summaries = []
+    try:
+        top.log_params({"flops": " ".join(args.flops), "trials": args.trials, "sampler": args.sampler})
+        for space in spaces:
+            name = study_name(args.study, space.C)
+            study, search = open_search(storage, name, space, n_trials, args.sampler, init, args.sampler_seed,
+                                        top.run_id, args.experiment, args.heartbeat, args.grace)
+            print(f"[{name}] C={space.C:.3g} FLOPs: {len(space.shapes)} sizes, N {space.shapes[0].N:,}..{space.shapes[-1].N:,}; "
+                  f"{n_trials} trials ({args.sampler}); MLflow search run {search.run_id}")
+            if args.create_only:
+                print(f"  workers: MLFLOW_TRACKING_URI={tracking.tracking_uri()} scaling-suite worker "
+                      f"--storage {worker.safe_url(args.storage)} --study '{name}'")
+                continue
+            if workers == 1:
+                worker.work(args.storage, name, args.heartbeat, args.grace, progress=not args.quiet,
+                            seed=args.sampler_seed, storage=storage)
+            elif workers > 1:
+                procs = worker.spawn_workers(args.storage, name, workers, quiet=args.quiet)
+                codes = [p.wait() for p in procs]
+                if any(codes):
+                    print(f"[{name}] {sum(1 for c in codes if c)} of {workers} workers exited with an error",
+                          file=sys.stderr)
+            wait_done(study)
+            s = summarize(study, space, search, args.window)
+            summaries.append(s)
+            search.finish("FINISHED")
+            _print_summary(s)
+        if len(summaries) >= 2:
+            alloc = fit_allocation(summaries, top)
+            if alloc:
+                iv = lambda i: f" [{i[0]:.3f}, {i[1]:.3f}]" if i else ""  # noqa: E731
+                print(f"N_opt ∝ C^{alloc['a']:.3f}{iv(alloc['a_interval'])}   "
+                      f"D_opt ∝ C^{alloc['b']:.3f}{iv(alloc['b_interval'])}   ({alloc['n_budgets']} budgets)")
+    except KeyboardInterrupt:
+        top.finish("KILLED", "interrupted by the user")
+        raise
+    except BaseException as e:
+        top.finish("FAILED", f"{type(e).__name__}: {e}")
+        raise
+    top.finish("FINISHED")
+    if args.json:
+        print(json.dumps(summaries, default=str))
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    f = s["fit"]
+    if "N_opt" not in s:
+        print(f"[{s['study']}] no completed trials")
+        return
+    iv = f" [{f['N_lo']:,.0f}, {f['N_hi']:,.0f}]" if math.isfinite(f["N_lo"]) else ""
+    liv = f" [{f['loss_lo']:.4f}, {f['loss_hi']:.4f}]" if math.isfinite(f["loss_lo"]) else ""
+    print(f"[{s['study']}] N_opt = {s['N_opt']:,.0f}{iv}  D_opt = {s['D_opt']:,.0f}  loss = {f['loss_opt']:.4f}{liv}  "
+          f"({f['status']}, {f['n_points']} of {s['n_trials']} trials in the fit)")
+
+
+def cmd_worker(args) -> int:
+    from . import worker
+
+    n = worker.work(args.storage, args.study, args.heartbeat, args.grace, parent_run_id=args.parent_run_id,
+                    max_trials=_int(args.max_trials, "--max_trials") if args.max_trials else None,
+                    progress=not args.quiet, seed=args.sampler_seed)
+    print(f"[{args.study}] worker done: ran {n} trial(s)")
+    return 0
+
+
+def register(sub) -> None:
+    """Add `optimize` and `worker` to the CLI (called by cli.build_parser)."""
+    from .cli import add_config_flags
+    from .worker import DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE
+
+    def storage_flags(p):
+        p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna RDB URL (default {DEFAULT_STORAGE}; "
+                       "postgresql://user:pw@host/db for many machines)")
+        p.add_argument("--heartbeat", type=int, default=None,
+                       help=f"seconds between trial heartbeats (default: the study's, {DEFAULT_HEARTBEAT})")
+        p.add_argument("--grace", type=int, default=None,
+                       help=f"a trial silent this long is failed and retried (default: the study's, {DEFAULT_GRACE})")
+        p.add_argument("--sampler_seed", type=int, default=None, help="seed of this process's sampler")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    o = sub.add_parser("optimize", help="Optuna search of the compute-optimal model size per FLOP budget")
+    o.add_argument("--flops", nargs="+", required=True, metavar="C", help="training budgets in FLOPs, e.g. 1e12 3e12 1e13")
+    o.add_argument("--trials", default="12", help="completed trials per budget (default 12)")
+    o.add_argument("--study", default="allocation", help="study name prefix; budget C's study is PREFIX-C=<C>")
+    o.add_argument("--sampler", default=DEFAULT_SAMPLER, help=f"{', '.join(SAMPLERS)} (default {DEFAULT_SAMPLER})")
+    o.add_argument("--init", default="4", help="coarse-grid (grid+X) or random startup trials before the model (default 4)")
+    o.add_argument("--tune", nargs="*", default=None, choices=TUNABLE, help="also tune these per trial")
+    o.add_argument("--workers", default="1", help="local worker processes (1: this one; 0: only wait for remote workers)")
+    o.add_argument("--create_only", action="store_true", help="create the studies and search runs, print the worker command")
+    o.add_argument("--spread", type=float, default=2.0, help="aspect may vary within this factor of --aspect (1: depth only)")
+    o.add_argument("--min_tpp", type=float, default=1.0, help="smallest D/N searched (bounds N above; default 1)")
+    o.add_argument("--max_tpp", type=float, default=1e4, help="largest D/N searched (bounds N below; default 1e4)")
+    o.add_argument("--min_steps", type=int, default=20, help="fewest optimizer steps a searched size may get")
+    o.add_argument("--window", type=float, default=0.5, help="parabola fit: decades of N around the best trial")
+    o.add_argument("--experiment", default=None, help="MLflow experiment (default: scaling-suite)")
+    o.add_argument("--json", action="store_true", help="also print the summaries as JSON")
+    storage_flags(o)
+    add_config_flags(o)
+    o.set_defaults(fn=cmd_optimize, heartbeat=DEFAULT_HEARTBEAT, grace=DEFAULT_GRACE)
+
+    w = sub.add_parser("worker", help="train trials of an Optuna study (any number of machines)")
+    w.add_argument("--study", required=True, help="the study name `optimize` printed")
+    w.add_argument("--parent_run_id", default=None, help="MLflow parent run (default: the study's)")
+    w.add_argument("--max_trials", default=None, help="stop after this many trials")
+    storage_flags(w)
+    w.set_defaults(fn=cmd_worker)

@@ -1,0 +1,423 @@
+"""Workers that pull trials from one Optuna study in an RDB, on any number of machines.
+
+    scaling-suite worker --storage URL --study NAME
+
+A study is either an allocation search (optimize.py: the sampler suggests log10 N at one budget C)
+or a queue of planned configurations (`enqueue_configs`: a sweep split across machines). Every
+trial trains one configuration through `sweep.run_child`, as a nested MLflow run of the study's
+parent run, so trials get the sweep's idempotence (a finished configuration is never retrained)
+and resume (an interrupted child continues from its checkpoint artifact).
+
+Dead workers: each trial heartbeats into the storage; any worker that finds a trial silent for
+longer than the grace period fails it, and `RetryHeartbeatStaleTrialCallback` queues a copy (same
+params and user attrs, so the same configuration), which the next free worker resumes.
+
+No configuration is trained twice, even when two workers' samplers suggest the same size at the
+same moment: a trial owns its configuration through a row in a small claims table next to
+Optuna's own (primary key = study + configuration digest). An INSERT, or an UPDATE that names the
+previous owner, is atomic in SQLite and PostgreSQL alike, so exactly one trial wins. The same
+table hands out the allocation study's `n_trials` slots, so two workers starting the last trial
+at once do not overshoot the trial count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import logging
+import os
+import socket
+import sys
+import time
+import warnings
+
+from .config import RunConfig, make_config
+from .errors import SuiteError
+
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+DEFAULT_HEARTBEAT = 20     # seconds between a running trial's heartbeats
+DEFAULT_GRACE = 90         # a trial silent this long is failed and retried
+MAX_RETRY = 3              # retries of one trial after its worker died
+ATTR = "scaling_suite"     # study user attr holding the study's spec (kind, budget, base config, ...)
+CLAIMS = "scaling_suite_claims"
+
+
+def config_key(cfg: RunConfig) -> str:
+    """Digest of every setting: two trials with the same key would train the same run."""
+    return hashlib.sha256(json.dumps(cfg.to_params(), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password masked, for tags and messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return url
+
+
+# --- storage ---------------------------------------------------------------------------------------
+
+def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT, grace: int | None = DEFAULT_GRACE,
+                 max_retry: int = MAX_RETRY):
+    """An Optuna RDBStorage with heartbeats and retry of dead workers' trials, or one clear error."""
+    import optuna
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise SuiteError(f"--storage {url!r} is not a database URL; use e.g. {DEFAULT_STORAGE} or "
+                         "postgresql://user:password@host:5432/optuna") from None
+    if heartbeat is not None and (heartbeat < 1 or grace is None or grace <= heartbeat):
+        raise SuiteError(f"the heartbeat interval ({heartbeat}s) must be at least 1 s and shorter than "
+                         f"the grace period ({grace}s)")
+    kwargs: dict = {}
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        if db and db != ":memory:":
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
+            except OSError as e:
+                raise SuiteError(f"cannot create the folder of {url}: {e.strerror or e}") from None
+        # Several processes write heartbeats and trials; wait for the lock rather than fail.
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeat_interval is "experimental" in Optuna 5
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat, grace_period=grace if heartbeat else None,
+                heartbeat_stale_trial_callback=(optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry)
+                                                if heartbeat else None), **kwargs)
+        except ModuleNotFoundError as e:
+            hint = (" (pip install 'scaling-suite[postgres]')" if parsed.get_backend_name() == "postgresql" else "")
+            raise SuiteError(f"the storage {safe_url(url)} needs the Python driver {e.name!r}{hint}") from None
+        except (SQLAlchemyError, ValueError, OSError) as e:
+            raise SuiteError(f"cannot open the Optuna storage {safe_url(url)}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}") from None
+
+
+def load_study(storage, name: str, sampler=None):
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        there = f"studies there: {', '.join(names)}" if names else "it holds no study"
+        raise SuiteError(f"no study {name!r} in {safe_url(storage.url)} ({there}); create it first with "
+                         "`scaling-suite optimize ... --create_only` or enqueue_configs") from None
+
+
+def study_spec(study) -> dict:
+    spec = study.user_attrs.get(ATTR)
+    if not spec:
+        raise SuiteError(f"study {study.study_name!r} was not made by scaling-suite (no {ATTR!r} attribute)")
+    return spec
+
+
+def _claims_table():
+    import sqlalchemy as sa
+
+    meta = sa.MetaData()
+    return sa.Table(CLAIMS, meta, sa.Column("study", sa.String(512), primary_key=True),
+                    sa.Column("key", sa.String(128), primary_key=True),
+                    sa.Column("trial", sa.Integer, nullable=False))
+
+
+def ensure_claims(storage) -> None:
+    """Create the claims table (once, in the process that creates the study)."""
+    _claims_table().metadata.create_all(storage.engine)
+
+
+def claim(storage, study, key: str, trial_number: int, may_take=lambda owner: False) -> int | None:
+    """Make TRIAL_NUMBER the owner of KEY in STUDY. Returns None when it is, else the owner.
+
+    may_take(owner_trial) says whether an existing owner may be replaced (a dead trial's retry);
+    the replacement names the old owner in its WHERE clause, so two takers cannot both win.
+    """
+    import sqlalchemy as sa
+    from sqlalchemy.exc import IntegrityError
+
+    t = _claims_table()
+    for _ in range(5):
+        try:
+            with storage.engine.begin() as conn:
+                conn.execute(t.insert().values(study=study.study_name, key=key, trial=trial_number))
+            return None
+        except IntegrityError:
+            pass
+        with storage.engine.begin() as conn:
+            owner = conn.execute(sa.select(t.c.trial).where(t.c.study == study.study_name, t.c.key == key)).scalar()
+        if owner is None:
+            continue  # released in between: try the insert again
+        if owner == trial_number:
+            return None
+        if not may_take(owner):
+            return owner
+        with storage.engine.begin() as conn:
+            won = conn.execute(t.update().where(t.c.study == study.study_name, t.c.key == key, t.c.trial == owner)
+                               .values(trial=trial_number)).rowcount
+        if won == 1:
+            return None
+    return owner
+
+
+# --- the queue ---------------------------------------------------------------------------------------
+
+def enqueue_configs(storage, study_name: str, configs: list[RunConfig], parent_run_id: str,
+                    tags: list[dict] | None = None, study_key: str | None = None,
+                    heartbeat: int = DEFAULT_HEARTBEAT, grace: int = DEFAULT_GRACE) -> int:
+    """Queue planned configurations as trials, for workers anywhere to train. Returns how many were new.
+
+    STORAGE is a URL or an RDBStorage. The study is created here if missing (in this one process,
+    before any worker starts: concurrent creation crashes on SQLite). A configuration already in
+    the study (waiting, running or done) is not queued again, so calling this twice is harmless.
+    """
+    import optuna
+
+    if isinstance(storage, str):
+        storage = open_storage(storage, heartbeat, grace)
+    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True)
+    spec = study.user_attrs.get(ATTR)
+    if spec is None:
+        ensure_claims(storage)
+        study.set_user_attr(ATTR, {"kind": "queue", "mlflow_parent_run_id": parent_run_id,
+                                   "study_key": study_key or f"optuna:{study_name}",
+                                   "heartbeat": heartbeat, "grace": grace})
+    elif spec.get("kind") != "queue":
+        raise SuiteError(f"study {study_name!r} is a {spec.get('kind')} study, not a queue; choose another name")
+    known = {t.user_attrs.get("config_key") for t in study.get_trials(deepcopy=False)
+             if t.state != optuna.trial.TrialState.PRUNED}
+    new = 0
+    for i, cfg in enumerate(configs):
+        key = config_key(cfg)
+        if key in known:
+            continue
+        known.add(key)
+        d = cfg.derived()
+        study.enqueue_trial({}, user_attrs={"config": cfg.to_params(), "config_key": key, "queued": True,
+                                            "parent_run_id": parent_run_id, "N": d.N, "D": d.D, "C": d.C,
+                                            "tags": (tags[i] if tags else {})})
+        new += 1
+    return new
+
+
+# --- one trial ---------------------------------------------------------------------------------------
+
+class Objective:
+    """Trains one configuration per trial and returns its final validation loss (nats/token)."""
+
+    def __init__(self, storage, study, parent_run_id: str, progress: bool = True):
+        from . import optimize
+
+        self.storage, self.study, self.spec = storage, study, study_spec(study)
+        self.parent_run_id = parent_run_id
+        self.progress = progress
+        self.space = optimize.Space.from_spec(self.spec) if self.spec["kind"] == "allocation" else None
+        self.exhausted = False
+        self.failures: list[str] = []
+        self._data: dict = {}
+
+    def data(self, cfg: RunConfig):
+        from . import data as data_lib
+
+        k = (cfg.dataset, cfg.tokenizer, cfg.vocab_size)
+        if k not in self._data:
+            self._data[k] = data_lib.load_data(*k)
+        return self._data[k]
+
+    def _dead(self, owner: int) -> bool:
+        """A claim owner that no longer trains: failed, pruned, or waiting as a queued copy."""
+        from optuna.trial import TrialState
+
+        try:
+            t = self.study._storage.get_trial(self.study._storage.get_trial_id_from_study_id_trial_number(
+                self.study._study_id, owner))
+        except KeyError:
+            return True
+        return t.state in (TrialState.FAIL, TrialState.PRUNED)
+
+    def _slot(self, trial) -> bool:
+        """One of the study's n_trials slots, or False: the study already has enough trials."""
+        n = int(self.study.user_attrs[ATTR]["n_trials"])  # re-read: a resumed search may raise it
+        return any(claim(self.storage, self.study, f"slot:{i}", trial.number, self._dead) is None for i in range(n))
+
+    def _choose(self, trial) -> RunConfig | None:
+        """The configuration this trial trains: its queued one, else the free size nearest the suggestion."""
+        fixed = trial.user_attrs.get("config")
+        if fixed:  # queued by enqueue_configs / an initial grid point, or a dead worker's trial retried
+            if self.space is not None:
+                self.space.suggest(trial)  # records the queued log10_N (and lr, beta2) for the sampler's model
+            cfg = make_config(**fixed)
+            owner = claim(self.storage, self.study, config_key(cfg), trial.number, self._dead_or_done)
+            if owner is not None:
+                trial.set_user_attr("skipped", f"configuration is being trained by trial {owner}")
+                return None
+            return cfg
+        x, extra = self.space.suggest(trial)
+        for shape in self.space.nearest(x):
+            cfg = self.space.config(shape, **extra)
+            if claim(self.storage, self.study, config_key(cfg), trial.number) is None:
+                break
+        else:
+            self.exhausted = True
+            trial.set_user_attr("skipped", "every size in the search range is already trained")
+            return None
+        d = cfg.derived()
+        for k, v in {"config": cfg.to_params(), "config_key": config_key(cfg), "N": d.N, "D": d.D, "C": d.C,
+                     "depth": cfg.depth, "aspect": cfg.aspect, "log10_N_trained": math.log10(d.N)}.items():
+            trial.set_user_attr(k, v)
+        return cfg
+
+    def _dead_or_done(self, owner: int) -> bool:
+        # A finished owner may be replaced too: sweep.run_child then finds its FINISHED run and skips.
+        from optuna.trial import TrialState
+
+        if self._dead(owner):
+            return True
+        t = self.study._storage.get_trial(self.study._storage.get_trial_id_from_study_id_trial_number(
+            self.study._study_id, owner))
+        return t.state == TrialState.COMPLETE
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        from .sweep import run_child
+
+        if self.spec["kind"] == "allocation" and not self._slot(trial):
+            trial.set_user_attr("skipped", "surplus: the study already has its trials")
+            raise optuna.TrialPruned("surplus trial")
+        if self.spec["kind"] == "queue" and not trial.user_attrs.get("config"):
+            trial.set_user_attr("skipped", "nothing left in the queue")
+            raise optuna.TrialPruned("nothing queued")
+        cfg = self._choose(trial)
+        if cfg is None:
+            raise optuna.TrialPruned(trial.user_attrs.get("skipped", ""))
+        parent = trial.user_attrs.get("parent_run_id") or self.parent_run_id
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        tags = {**trial.user_attrs.get("tags", {}), "optuna_trial": trial.number,
+                "optuna_study": self.study.study_name, "role": "train", "search": self.spec["kind"]}
+        try:
+            out = run_child(cfg, parent, tags=tags, data=self.data(cfg), progress=self.progress,
+                            resume_running=True, study_key=self.spec.get("study_key"))
+        except BaseException:
+            # Ctrl-C / SIGTERM: Optuna marks the trial FAIL; `optimize` queues it again on restart.
+            trial.set_user_attr("interrupted", True)
+            raise
+        trial.set_user_attr("mlflow_run_id", out.run_id)
+        trial.set_user_attr("run_status", out.status)
+        trial.set_user_attr("resumed", bool(out.resumed))
+        if out.status == "FAILED":
+            trial.set_user_attr("failure_reason", out.reason[:1000])
+            self.failures.append(out.reason)
+            return math.nan  # Optuna records a FAIL trial; its configuration stays claimed
+        self.failures.clear()
+        return float(out.final_val_loss)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+def fail_stale(study) -> None:
+    """Fail trials whose worker went silent (their retry callback queues them again)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" since Optuna 2.9
+        optuna.storages.fail_stale_trials(study)
+
+
+def counts(study) -> dict[str, int]:
+    from collections import Counter
+
+    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
+
+
+def work(storage_url: str, study_name: str, heartbeat: int | None = None, grace: int | None = None,
+         parent_run_id: str | None = None, max_trials: int | None = None, progress: bool = True,
+         seed: int | None = None, poll: float = 2.0, storage=None, say=print) -> int:
+    """Pull and train trials until the study is done. Returns how many trials this worker ran."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from . import optimize, tracking
+
+    # mlflow#15713: with MLFLOW_RUN_ID set, a "child" would resume the parent. The parent id comes
+    # from the study (or --parent_run_id), never from the environment.
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.get_logger("optuna").addFilter(_quiet_greenlet)
+    probe = storage or open_storage(storage_url, None, None)
+    spec = study_spec(load_study(probe, study_name))
+    if storage is None:
+        storage = open_storage(storage_url, heartbeat or spec.get("heartbeat", DEFAULT_HEARTBEAT),
+                               grace or spec.get("grace", DEFAULT_GRACE))
+    sampler = optimize.make_sampler(spec.get("sampler", "gp"), seed, spec.get("n_startup", 0)) \
+        if spec["kind"] == "allocation" else optuna.samplers.RandomSampler()
+    study = load_study(storage, study_name, sampler)
+    parent = parent_run_id or spec["mlflow_parent_run_id"]
+    client = tracking.init_store()
+    try:
+        client.get_run(parent)
+    except Exception:  # noqa: BLE001
+        raise SuiteError(f"the study's parent MLflow run {parent} is not in {tracking.tracking_uri()}; point "
+                         f"MLFLOW_TRACKING_URI at the study's tracking server ({spec.get('tracking_uri', '?')})") from None
+    objective = Objective(storage, study, parent, progress)
+    ran, said_wait = 0, False
+    while max_trials is None or ran < max_trials:
+        fail_stale(study)
+        c = counts(study)
+        done, running, waiting = c[TrialState.COMPLETE.name], c[TrialState.RUNNING.name], c[TrialState.WAITING.name]
+        if spec["kind"] == "allocation":
+            n = int(study.user_attrs[ATTR]["n_trials"])
+            if done >= n or objective.exhausted:
+                break
+            busy = waiting == 0 and done + running >= n
+        else:
+            if waiting == 0 and running == 0:
+                break
+            busy = waiting == 0
+        if busy:  # the rest is running elsewhere: wait, and retry it here if its worker dies
+            if not said_wait:
+                say(f"[{study_name}] {running} trial(s) running elsewhere; waiting for them (a silent one is "
+                    f"retried here after {storage.grace_period}s)")
+                said_wait = True
+            time.sleep(poll)
+            continue
+        said_wait = False
+        study.optimize(objective, n_trials=1, gc_after_trial=False,
+                       callbacks=[lambda s, t: _report(say, study_name, t)] if progress else None)
+        ran += 1
+        if len(objective.failures) >= 3:
+            raise SuiteError(f"3 trials in a row failed in study {study_name!r}; the last: {objective.failures[-1]}")
+    return ran
+
+
+def _quiet_greenlet(record: logging.LogRecord) -> bool:
+    # GPSampler's note that it optimises its acquisition sequentially without `greenlet`: harmless.
+    return "greenlet" not in record.getMessage()
+
+
+def _report(say, study_name: str, t) -> None:
+    u = t.user_attrs
+    if t.state.name == "COMPLETE":
+        say(f"[{study_name}] trial {t.number}: N={u.get('N', 0):,} D={u.get('D', 0):,} loss={t.value:.4f} "
+            f"({u.get('run_status', '').lower()} run {u.get('mlflow_run_id', '-')})")
+    else:
+        say(f"[{study_name}] trial {t.number}: {t.state.name.lower()}: "
+            f"{u.get('skipped') or u.get('failure_reason') or ''}")
+
+
+def spawn_workers(storage_url: str, study_name: str, k: int, quiet: bool = True) -> list:
+    """K local worker processes, with MLFLOW_RUN_ID removed from their environment (mlflow#15713)."""
+    import subprocess
+
+    from . import tracking
+
+    env = {k_: v for k_, v in os.environ.items() if k_ != "MLFLOW_RUN_ID"}
+    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    cmd = [sys.executable, "-m", "scaling_suite.cli", "worker", "--storage", storage_url, "--study", study_name]
+    return [subprocess.Popen(cmd + (["--quiet"] if quiet else []), env=env) for _ in range(k)]

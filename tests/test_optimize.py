@@ -1,0 +1,218 @@
+"""Optuna allocation search and its workers: two workers on one study, a worker killed mid-trial,
+PostgreSQL, a resumed search, the parabola fit, and one-line errors for bad input."""
+
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from scaling_suite import worker
+from scaling_suite.cli import main
+from scaling_suite.config import make_config
+from scaling_suite.optimize import Space, fit_parabola
+
+# Smoke scale: N 7k-54k (depth 1-2), context 32, 4-24 steps of 512 tokens: about a second per trial.
+SMOKE = ["--context", "32", "--batch_tokens", "512", "--eval_tokens", "1024", "--head_dim", "8", "--device", "cpu",
+         "--precision", "fp32", "--eval_every", "1000", "--checkpoint_every", "1000", "--min_tpp", "0.01",
+         "--min_steps", "4"]
+STUDY = "{}-C=6e+08"
+FAST = ["--heartbeat", "1", "--grace", "4", "--quiet"]
+
+
+def _optimize(storage, study, trials, *extra):
+    return ["optimize", "--flops", "6e8", "--trials", str(trials), "--storage", storage, "--study", study,
+            *FAST, *SMOKE, *extra]
+
+
+def _load(storage, name):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _children(parent_run_id):
+    from scaling_suite import tracking
+
+    client = tracking.init_store()
+    exp = client.get_run(parent_run_id).info.experiment_id
+    return client, client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def _check_search(storage, name, n):
+    """n COMPLETE trials, n FINISHED children, trial <-> run pointers, no configuration twice."""
+    from optuna.trial import TrialState
+
+    study = _load(storage, name)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == n
+    assert len({t.user_attrs["config_key"] for t in done}) == n
+    parent = study.user_attrs[worker.ATTR]["mlflow_parent_run_id"]
+    client, runs = _children(parent)
+    assert len(runs) == n and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({json.dumps(r.data.params, sort_keys=True) for r in runs}) == n   # trained once each
+    by_id = {r.info.run_id: r for r in runs}
+    for t in done:
+        run = by_id[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["optuna_trial"] == str(t.number)
+        assert run.data.metrics["final_val_loss"] == pytest.approx(t.value)
+    return study, done, client, parent
+
+
+def _two_workers(storage, name="two"):
+    assert main(_optimize(storage, name, 6, "--create_only")) == 0
+    procs = worker.spawn_workers(storage, STUDY.format(name), 2)
+    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    # The coordinator: finds the trials done, fits the optimum, logs it to the search run.
+    assert main(_optimize(storage, name, 6, "--workers", "0")) == 0
+    study, done, client, parent = _check_search(storage, STUDY.format(name), 6)
+    assert len({t.user_attrs["worker"] for t in done}) == 2          # both workers trained trials
+    run = client.get_run(parent)
+    assert run.data.metrics["N_opt"] > 0 and run.data.tags["fit_status"]
+    assert "plots/loss_vs_N.png" in [f.path for f in client.list_artifacts(parent, "plots")]
+
+
+def test_two_workers_share_one_sqlite_study(mlflow_store, token_cache, tmp_path):
+    _two_workers(f"sqlite:///{tmp_path}/mlruns/optuna.db")
+
+
+def test_killed_worker_trial_is_retried_elsewhere_and_resumed(mlflow_store, token_cache, tmp_path):
+    """A queued sweep split across two workers; the one training the long run is SIGKILLed."""
+    from optuna.trial import TrialState
+
+    from scaling_suite import tracking
+
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    base = dict(context=32, batch_tokens=512, eval_tokens=1024, head_dim=8, device="cpu", precision="fp32",
+                eval_every=1000)
+    long = make_config(**base, depth=1, aspect=16, D=200 * 512, checkpoint_every=10)
+    short = [make_config(**base, depth=d, D=20 * 512) for d in (1, 2)]
+    parent = tracking.start_run(run_name="queued sweep", tags={"role": "study"}, system_metrics=False)
+    assert worker.enqueue_configs(storage, "queue", [long, *short], parent.run_id, heartbeat=1, grace=4) == 3
+    assert worker.enqueue_configs(storage, "queue", [long], parent.run_id) == 0          # idempotent
+    procs = worker.spawn_workers(storage, "queue", 2)
+    client, study = tracking.init_store(), _load(storage, "queue")
+    victim, deadline = None, time.time() + 120
+    while victim is None and time.time() < deadline:     # wait until the long run has a checkpoint
+        t = study.trials[0]
+        run_id = _child_of_trial(client, parent.run_id, 0)
+        if t is not None and t.state == TrialState.RUNNING and run_id and \
+                client.list_artifacts(run_id, "checkpoints"):
+            victim = int(t.user_attrs["worker"].rsplit(":", 1)[1])
+        time.sleep(0.2)
+    assert victim, "the long trial never checkpointed"
+    os.kill(victim, signal.SIGKILL)
+    killed_at = (client.get_run(run_id).info.status, time.time())
+    [p.wait(timeout=240) for p in procs]
+    study = _load(storage, "queue")
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "FAIL"]
+    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == 0)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed"] is True, (retry, killed_at)
+    assert retry.user_attrs["worker"] != f"{socket.gethostname()}:{victim}"
+    _, runs = _children(parent.run_id)
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}   # the killed run resumed, not redone
+    assert retry.user_attrs["mlflow_run_id"] == run_id
+    assert client.get_run(run_id).data.tags["optuna_trial"] == str(retry.number)
+
+
+def _child_of_trial(client, parent_run_id, number):
+    exp = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.optuna_trial = '{number}'")
+    return runs[0].info.run_id if runs else None
+
+
+def _postgres_bin():
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or ([shutil.which("initdb")] if shutil.which("initdb") else [])
+    return Path(found[-1]).parent if found else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1 (skipped without the server binaries or psycopg)."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries absent (apt-get install -y postgresql)")
+    pytest.importorskip("psycopg", reason="psycopg absent (pip install 'scaling-suite[postgres]')")
+    as_user = []
+    root = Path(tempfile.mkdtemp(prefix="scaling-suite-pg-"))
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server")
+        os.chown(root, pw.pw_uid, pw.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = lambda *cmd: subprocess.run([*as_user, *map(str, cmd)], check=True, capture_output=True)  # noqa: E731
+    run(bindir / "initdb", "-D", root / "data", "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+    run(bindir / "pg_ctl", "-D", root / "data", "-l", root / "log", "-w", "-o",
+        f"-p {port} -h 127.0.0.1 -k {root} -F", "start")
+    try:
+        run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "optuna")
+        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgresql_study(mlflow_store, token_cache, postgres_url):
+    _two_workers(postgres_url, "pg")
+
+
+def test_interrupted_search_resumes_in_the_same_study(mlflow_store, token_cache, tmp_path):
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    assert main(_optimize(storage, "r", 2, "--init", "2")) == 0
+    first = _load(storage, STUDY.format("r")).user_attrs[worker.ATTR]["mlflow_parent_run_id"]
+    assert main(_optimize(storage, "r", 3, "--init", "2")) == 0       # resumes: one more trial, same search run
+    study, done, _, parent = _check_search(storage, STUDY.format("r"), 3)
+    assert parent == first and [t.user_attrs.get("grid_point", False) for t in done[:2]] == [True, True]
+    assert "log10_N" in done[2].params                                  # the sampler's own suggestion
+
+
+def test_parabola_finds_a_known_vertex():
+    import numpy as np
+
+    N = np.logspace(4, 6, 9)
+    loss = 2.0 + 0.3 * (np.log10(N) - 5.2) ** 2 + np.random.default_rng(0).normal(0, 1e-3, N.size)
+    fit = fit_parabola(N, loss, window=1.0)
+    assert fit["status"] == "ok" and fit["N_opt"] == pytest.approx(10 ** 5.2, rel=0.03)
+    assert fit["N_lo"] < 10 ** 5.2 < fit["N_hi"] and fit["loss_opt"] == pytest.approx(2.0, abs=0.01)
+    assert fit_parabola(N[:3], loss[:3])["status"] in ("ok", "extrapolated", "no_minimum")
+
+
+def test_space_is_log_spaced_and_bounded():
+    space = Space(make_config(C=1e18), 1e13)
+    Ns = [s.N for s in space.shapes]
+    gaps = sorted(b / a for a, b in zip(Ns, Ns[1:]))
+    assert Ns == sorted(Ns) and gaps[-1] < 1.8 and gaps[len(gaps) // 2] < 1.15   # the depth dial alone: 2.7x
+    grid = space.grid(4)
+    assert len(grid) == 4 and grid[0] == space.shapes[0] and grid[-1] == space.shapes[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["optimize", "--flops", "1e13", "--storage", "not a url"], "is not a database URL"),
+    (["optimize", "--flops", "1e13", "--storage", "nosuchdb://x"], "cannot open the Optuna storage"),
+    (["optimize", "--flops", "1e6"], "too small for this search: the smallest model"),
+    (["optimize", "--flops", "lots"], "--flops takes numbers"),
+    (["optimize", "--flops", "1e13", "--depth", "3"], "optimize sets depth itself"),
+    (["optimize", "--flops", "1e13", "--sampler", "cma"], "unknown --sampler"),
+    (["worker", "--study", "nope"], "no study 'nope'"),
+])
+def test_bad_input_is_one_line(argv, message, mlflow_store, capsys, tmp_path):
+    if argv[0] == "worker":
+        argv = [*argv, "--storage", f"sqlite:///{tmp_path}/optuna.db"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
