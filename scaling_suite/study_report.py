@@ -1,0 +1,168 @@
+"""The end of a study: analyze its children, log the report to the parent, print a summary.
+
+The fits are analysis.report's (the same code as `scaling-suite analyze`); this module adds what
+only a study knows: how well early stop would have done, planned against actual wall time, and
+the comparison of alpha_N with Kaplan et al. 2020 on their own parameter convention.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import tracking
+
+KAPLAN_ALPHA_N = 0.076      # Kaplan et al. 2020 eq. 1.1, non-embedding N
+CHINCHILLA_A = 0.5          # Hoffmann et al. 2022 Table 2 (approaches 1-3: 0.50, 0.49, 0.46)
+
+
+def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstrap: int = 200) -> dict:
+    import mlflow
+
+    from analysis import load, report
+    from analysis.fit import fit_kaplan
+
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    runs = load.fitting_runs(load.load_runs(parent_run_id=parent.run_id, client=client))
+    out = tracking.scratch_dir() / "analysis"
+    if runs.empty:
+        print("no finished runs to analyze")
+        return {}
+    curves = load.load_curves(runs["run_id"], client=client)
+    notes = [f"study {parent.run_id}: mode {plan.mode}, design {plan.design}, {len(plan.points)} planned runs",
+             "N = non-embedding + output head (Porian et al. 2024); C = (6N + 6·depth·context·d_model)·D"]
+    result = report.build_report(runs, curves, out_dir=out, loss_col="final_val_loss", n_bootstrap=n_bootstrap,
+                                 source=f"MLflow study {parent.run_id}", notes=notes)
+    facts = {"early_stop": early_stop_errors(client, runs["run_id"]),
+             "wall_seconds": study.wall_seconds, "planned_seconds": planned_seconds,
+             "monotone_in_N": monotone_in_N(runs),
+             "artifact_uri": client.get_run(parent.run_id).info.artifact_uri}
+    # Kaplan's alpha_N is defined on non-embedding parameters: fit their L(N, D) form on that axis.
+    try:
+        k = fit_kaplan(runs["N_nonembed"].to_numpy(float), runs["D"].to_numpy(float),
+                       runs["final_val_loss"].to_numpy(float), n_bootstrap=n_bootstrap)
+        facts["alpha_N"] = {"value": k.params["alpha_N"], "interval": k.intervals.get("alpha_N"),
+                            "convention": "N_nonembed, Kaplan et al. 2020 eq. 1.5 form"}
+    except Exception as e:  # noqa: BLE001 — a section the data cannot support is skipped, with why
+        facts["alpha_N"] = {"skipped": f"{type(e).__name__}: {e}"}
+    (out / "study.json").write_text(json.dumps(facts, indent=1, default=_json))
+    files = result.get("files", []) + [str(out / "study.json")]
+    for f in files:
+        parent.log_artifact(f, "analysis")
+    metrics = {k: v for k, v in result.get("metrics", {}).items() if _finite(v)}
+    es = facts["early_stop"]
+    metrics.update({k: es[k] for k in ("predict_error_median", "predict_error_max", "early_stop_saving")
+                    if _finite(es.get(k))})
+    if _finite(facts["alpha_N"].get("value")):
+        metrics["alpha_N"] = facts["alpha_N"]["value"]
+    parent.log_metrics(metrics, step=0)
+    text = summary(result, facts, plan)
+    parent.log_text(text, "analysis/summary.txt")
+    print(text)
+    result["study"] = facts
+    return result
+
+
+def early_stop_errors(client, run_ids) -> dict:
+    """Relative error of the final-loss prediction made at predict_from, against the real end."""
+    errs, saves, stable = [], [], []
+    for rid in run_ids:
+        m = client.get_run(rid).data.metrics
+        if "predict_error" in m:
+            errs.append(abs(m["predict_error"]))
+        if "predict_error_stable" in m:
+            stable.append(abs(m["predict_error_stable"]))
+        if "early_stop_saving" in m:
+            saves.append(m["early_stop_saving"])
+    out = {"n_runs": len(errs)}
+    if errs:
+        out.update(predict_error_median=float(np.median(errs)), predict_error_max=float(np.max(errs)))
+    if stable:
+        out.update(stable_error_median=float(np.median(stable)), stable_error_max=float(np.max(stable)))
+    if saves:
+        out["early_stop_saving"] = float(np.mean(saves))
+    return out
+
+
+def monotone_in_N(runs) -> dict:
+    """Does final loss fall with N where it should: within each fixed-D group (n_sweep), and on the
+    small-N side of each IsoFLOP budget (below the best size)?"""
+    checks = {}
+    if "C_budget" in runs and runs["C_budget"].notna().any():
+        for C, g in runs.groupby("C_budget"):
+            g = g.sort_values("N")
+            best = int(np.argmin(g["final_val_loss"].to_numpy()))
+            side = g["final_val_loss"].to_numpy()[:best + 1]
+            checks[f"C={C:.3g}"] = bool(np.all(np.diff(side) < 0)) if len(side) > 1 else None
+    for D, g in runs[runs["design"] == "n_sweep"].groupby("D") if "design" in runs else []:
+        loss = g.sort_values("N")["final_val_loss"].to_numpy()
+        checks[f"D={D:.3g}"] = bool(np.all(np.diff(loss) < 0))
+    return checks
+
+
+def summary(result: dict, facts: dict, plan) -> str:
+    s = result.get("sections", {})
+    lines = [f"\n=== {plan.mode} study: {result['data']['n_runs']} runs ==="]
+    a = facts["alpha_N"]
+    if "value" in a:
+        iv = a.get("interval")
+        lines.append(f"L(N): alpha_N = {a['value']:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
+                     + f"  (Kaplan et al. 2020: {KAPLAN_ALPHA_N}; {a['convention']})")
+    for key, name in (("allocation_isoflop", "IsoFLOP (approach 2)"), ("allocation_envelope", "envelope (approach 1)"),
+                      ("allocation_parametric", "parametric (approach 3)")):
+        if key in s:
+            al = s[key]
+            lines.append(f"{name}: N_opt ∝ C^{al['a']:.3f} {_iv(al.get('a_interval'))}, "
+                         f"D_opt ∝ C^{al['b']:.3f} {_iv(al.get('b_interval'))}  (Chinchilla ≈ {CHINCHILLA_A})")
+            for row in al.get("table", [])[:8] if key == "allocation_isoflop" else []:
+                lines.append(f"    C={row['C']:.3g}: N*={row['N_opt']:.3g}, D*={row['D_opt']:.3g}, "
+                             f"D/N={row['D_opt'] / row['N_opt']:.1f}")
+    if "chinchilla" in s:
+        p, iv = s["chinchilla"]["params"], s["chinchilla"].get("intervals", {})
+        lines.append("Chinchilla L(N,D): " + ", ".join(f"{k}={v:.4g}{_iv(iv.get(k))}" for k, v in p.items()))
+    for key, label in (("chinchilla_loo", "leave-one-out"), ("chinchilla_holdout_N", "held-out largest N"),
+                       ("chinchilla_holdout_C", "held-out largest C"), ("L_N_holdout", "L(N) held-out largest N")):
+        if key in s and "mean_abs_rel_error" in s[key]:
+            lines.append(f"{label}: mean |relative error| {s[key]['mean_abs_rel_error']:.2%}")
+    for e in result.get("extrapolations", []):
+        iv = e.get("interval")
+        lines.append(f"predicted loss at {e['target']}={e['value']:.3g}: {e['loss']:.3f}"
+                     + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "") + f" via {e['via']}, "
+                     f"{e['extrapolation_factor']:.3g}× beyond the data" + (" (!)" if e.get("warning") else ""))
+    es = facts["early_stop"]
+    if "predict_error_median" in es:
+        lines.append(f"early-stop prediction from 25% of each run: median error {es['predict_error_median']:.1%}, "
+                     f"max {es['predict_error_max']:.1%} over {es['n_runs']} runs; early stop would have saved "
+                     f"{es.get('early_stop_saving', 0):.0%} of the compute")
+    mono = facts["monotone_in_N"]
+    if mono:
+        lines.append("loss falls with N (below each optimum): " + ", ".join(f"{k} {v}" for k, v in mono.items()))
+    if facts["planned_seconds"]:
+        lines.append(f"wall time: planned {facts['planned_seconds']:.0f}s, actual {facts['wall_seconds']:.0f}s")
+    else:
+        lines.append(f"wall time: {facts['wall_seconds']:.0f}s")
+    if result.get("skipped"):
+        lines.append("skipped: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items()))
+    where = facts.get("artifact_uri", "")
+    lines += [f"plots (logged to the study run, {where}/analysis):"]
+    lines += [f"    {Path(f).name}" for f in result.get("files", []) if f.endswith(".png")]
+    return "\n".join(lines)
+
+
+def _iv(iv) -> str:
+    return f"[{iv[0]:.3g}, {iv[1]:.3g}]" if iv and iv[0] is not None and _finite(iv[0]) else ""
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _json(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
