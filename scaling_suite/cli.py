@@ -198,11 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_doctor)
 
     a = sub.add_parser("analyze", help="fit scaling laws to runs in MLflow or a CSV file")
-    try:
-        from analysis import report
-        report.add_arguments(a)
-    except ImportError:  # TEMP during development
-        pass
+    from analysis import report
+    report.add_arguments(a)
     a.set_defaults(fn=cmd_analyze)
 
     from . import optimize
@@ -211,9 +208,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_analyze(args) -> int:
+    """From a CSV: just the report. From MLflow: the report is logged to an analysis run, nested
+    under the study's parent run when one is named (or the experiment holds exactly one study)."""
     from analysis import report
 
-    return report.main(args) or 0
+    from . import tracking
+
+    if args.csv:
+        return report.main(args) or 0
+    client = tracking.init_store()
+    for name in args.experiment or []:
+        if client.get_experiment_by_name(name) is None:
+            raise SuiteError(f"unknown MLflow experiment {name!r} in {tracking.tracking_uri()}")
+    parent = args.parent_run
+    if parent is None and args.experiment and len(args.experiment) == 1:
+        studies = tracking.find_runs_in(client, args.experiment[0], {"role": "study"})
+        parent = studies[0].info.run_id if len(studies) == 1 else None
+    if args.out == "out/analysis":  # the default: keep MLflow analyses apart from CSV ones
+        args.out = str(tracking.scratch_dir() / "analysis")
+    tracker = tracking.start_run((args.experiment or [None])[0], run_name="analysis", tags={"role": "analysis"},
+                                 parent_run_id=parent, system_metrics=False)
+    try:
+        code = report.main(args, logger=tracker) or 0
+    except BaseException as e:
+        tracker.finish("FAILED", f"{type(e).__name__}: {e}")
+        raise
+    tracker.finish("FINISHED")
+    print(f"analysis run {tracker.run_id}" + (f" (nested under {parent})" if parent else ""))
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -250,6 +250,16 @@ def find_runs(client, parent_run_id: str, tags: dict) -> list:
     return list(client.search_runs([exp_id], filt, max_results=5000, order_by=["attributes.start_time DESC"]))
 
 
+def find_runs_in(client, experiment: str, tags: dict) -> list:
+    """Runs of the named experiment whose tags equal TAGS (newest first); none if it is absent."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    filt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return list(client.search_runs([exp.experiment_id], filt, max_results=5000,
+                                   order_by=["attributes.start_time DESC"]))
+
+
 def adopt(client, run_id: str, parent_run_id: str) -> None:
     """Nest an earlier attempt's child under the current parent, so one parent shows the study.
 
