@@ -60,13 +60,32 @@ def test_study_is_idempotent(mlflow_store, token_cache):
     plan = plan_lib.make_plan("smoke")
     first = run_study(plan, "s", progress=False, analyze=False)
     assert [c.status for c in first.children] == ["FINISHED"] * len(plan.points)
-    again = run_study(plan, "s", progress=False, analyze=False)
+    again = run_study(plan, "s", progress=False, analyze=True)
     assert [c.status for c in again.children] == ["SKIPPED"] * len(plan.points)
     assert again.parent_run_id == first.parent_run_id
     client = mlflow.MlflowClient(mlflow_store)
     kids = children(client, first.parent_run_id)
     assert len(kids) == len(plan.points) and all(k.info.status == "FINISHED" for k in kids)
     assert sorted(k.info.run_name for k in kids)[0].startswith("N=")
+    # The end of the study: report, plots and the study's own facts on the parent.
+    logged = {a.path for a in client.list_artifacts(first.parent_run_id, "analysis")}
+    assert {"analysis/report.md", "analysis/report.json", "analysis/study.json", "analysis/loss_vs_N.png"} <= logged
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED" and "predict_error_median" in parent.data.metrics
+    assert again.report["study"]["monotone_in_N"]
+
+
+def test_analyze_cli_nests_under_the_study(mlflow_store, token_cache, capsys):
+    from scaling_suite import cli
+    plan = plan_lib.make_plan("smoke")
+    study = run_study(plan, "a", progress=False, analyze=False)
+    assert cli.main(["analyze", "--experiment", "a", "--bootstrap", "20", "--no-plots"]) == 0
+    client = mlflow.MlflowClient(mlflow_store)
+    (analysis,) = [k for k in children(client, study.parent_run_id) if k.data.tags.get("role") == "analysis"]
+    assert analysis.info.status == "FINISHED"
+    assert any(a.path == "analysis/report.md" for a in client.list_artifacts(analysis.info.run_id, "analysis"))
+    assert cli.main(["analyze", "--experiment", "missing"]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown MLflow experiment 'missing' in " + mlflow_store
 
 
 def test_sigkill_mid_study_then_rerun_resumes(mlflow_store, token_cache, tmp_path):
