@@ -88,10 +88,10 @@ def evaluate(model: GPT, val: torch.Tensor, micro: int, device, precision: str) 
     return total / n
 
 
-def save_checkpoint(path: Path, model, opt, step: int, cfg: RunConfig, curve, train_losses) -> None:
+def save_checkpoint(path: Path, model, opt, step: int, cfg: RunConfig, curve, train_losses, predictions) -> None:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
              "config": cfg.to_params(), "curve": curve, "train_losses": train_losses,
-             "torch_rng": torch.get_rng_state()}
+             "predictions": [asdict(p) for p in predictions], "torch_rng": torch.get_rng_state()}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: a kill mid-write never leaves a truncated checkpoint
@@ -134,6 +134,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         torch.set_rng_state(state["torch_rng"])
         start, curve = state["step"], [tuple(p) for p in state["curve"]]
         train_losses = list(state["train_losses"])
+        predictions = [earlystop.Prediction(**p) for p in state["predictions"]]
 
     # Everything about the run goes to the tracker before the first step, so a run that dies
     # early is still traceable: config as params, sizes as metrics, placement as tags.
@@ -149,7 +150,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     ckpt_path = ckpt_dir / "last.pt"
 
     def checkpoint(step):
-        save_checkpoint(ckpt_path, model, opt, step, cfg, curve, train_losses)
+        save_checkpoint(ckpt_path, model, opt, step, cfg, curve, train_losses, predictions)
         tracker.flush()  # metrics up to this step are durable together with the checkpoint
         tracker.log_artifact(ckpt_path, "checkpoints")
 
