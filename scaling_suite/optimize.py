@@ -8,8 +8,10 @@ One study per budget in an RDB (default sqlite:///mlruns/optuna.db), loaded if i
 interrupted search resumes. Each trial is a nested MLflow run of the budget's search run (trial user
 attr `mlflow_run_id` <-> run tag `optuna_trial`); the search run gets N_opt, D_opt and the loss at
 the optimum with 95% intervals from a parabola in log N through the trials (Hoffmann et al. 2022
-§3.2, approach 2), and a plot. Over several budgets, N_opt ∝ C^a and D_opt ∝ C^b are fitted
-(analysis.fit.fit_loglinear) on the top run. Trials are trained by worker.py, in this process or in
+§3.2, approach 2), and a plot. Over several budgets, N_opt ∝ C^a and D_opt ∝ C^b are fitted by
+analysis.allocation.isoflop on the top run. (The per-budget parabola is fitted here, not there,
+because a search needs a window: its coarse-grid points lie decades from the minimum, where the
+IsoFLOP curve is no parabola; and a lone budget needs a result too.) Trials are trained by worker.py, in this process or in
 `scaling-suite worker` processes on other machines.
 
 The search dial: a trial suggests log10 N (continuous) and trains the nearest shape of a table of
@@ -200,6 +202,7 @@ def fit_parabola(N, loss, window: float = 0.5, level: float = 0.95) -> dict:
         sel = np.isin(x, near)
     xs, ys = x[sel] - xb, y[sel]
     out["n_points"] = int(sel.sum())
+    out["used"] = [int(i) for i in np.flatnonzero(ok)[sel]]   # indices of the points in the fit
     if len(np.unique(xs)) < 3:
         return out
     X = np.column_stack([np.ones_like(xs), xs, xs ** 2])
@@ -299,57 +302,36 @@ def _plot_trials(rows, fit, space: Space, name: str):
 
 
 def fit_allocation(summaries: list[dict], tracker=None) -> dict:
-    """N_opt ∝ C^a and D_opt ∝ C^b over the budgets (OLS in log space, analysis.fit)."""
-    from analysis.fit import fit_loglinear
+    """N_opt ∝ C^a and D_opt ∝ C^b over the budgets: analysis.allocation.isoflop (Hoffmann et al.
+    2022 approach 2) on the trials inside each budget's parabola window."""
+    import pandas as pd
 
-    pts = [s for s in summaries if s.get("fit", {}).get("status") in ("ok", "extrapolated")]
-    if len(pts) < 2:
+    from analysis import allocation, plots
+
+    rows = [{**{k: s["trials"][i][k] for k in ("N", "D", "C", "final_val_loss")}, "C_budget": s["C"]}
+            for s in summaries for i in s["fit"].get("used", [])]
+    if len({r["C_budget"] for r in rows}) < 2:
         return {}
-    C = [s["C"] for s in pts]
-    fa = fit_loglinear(C, [s["N_opt"] for s in pts], x_name="C", y_name="N_opt")
-    fb = fit_loglinear(C, [s["D_opt"] for s in pts], x_name="C", y_name="D_opt")
-    out = {"a": fa.params["s"], "a_interval": fa.intervals.get("s"), "b": fb.params["s"],
-           "b_interval": fb.intervals.get("s"), "n_budgets": len(pts), "budgets": C}
+    try:
+        al = allocation.isoflop(pd.DataFrame(rows), loss_col="final_val_loss")
+    except SuiteError as e:
+        return {"error": str(e)}
+    out = {"a": al.a, "a_interval": list(al.a_interval), "b": al.b, "b_interval": list(al.b_interval),
+           "n_budgets": len(al.table), "skipped": al.skipped}
     if tracker is not None:
-        m = {"a": out["a"], "b": out["b"]}
+        m = {"a": al.a, "b": al.b}
         for k in ("a", "b"):
-            if out[f"{k}_interval"]:
-                m[f"{k}_lo"], m[f"{k}_hi"] = out[f"{k}_interval"]
+            lo, hi = getattr(al, f"{k}_interval")
+            if math.isfinite(lo):
+                m[f"{k}_lo"], m[f"{k}_hi"] = lo, hi
         tracker.log_metrics(m, step=0)
-        tracker.log_text(json.dumps({"a": fa.to_dict(), "b": fb.to_dict(), "budgets": pts}, indent=1, default=str),
-                         "allocation.json")
-        tracker.log_artifact(_plot_allocation(pts, fa, fb), "plots")
+        tracker.log_text(json.dumps(al.to_dict(), indent=1, default=str), "allocation.json")
+        from .tracking import scratch_dir
+
+        path = scratch_dir() / "allocation.png"
+        plots.optimal_allocation([al], path=path)
+        tracker.log_artifact(path, "plots")
     return out
-
-
-def _plot_allocation(pts, fa, fb):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from .tracking import scratch_dir
-
-    C = np.array([p["C"] for p in pts])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, f, lab in (("N_opt", fa, "a"), ("D_opt", fb, "b")):
-        y = np.array([p[key] for p in pts])
-        lo = np.array([p["fit"]["N_lo"] if key == "N_opt" else p["D_lo"] for p in pts])
-        hi = np.array([p["fit"]["N_hi"] if key == "N_opt" else p["D_hi"] for p in pts])
-        err = np.where(np.isfinite(lo), [y - lo, hi - y], 0)
-        ax.errorbar(C, y, yerr=err, fmt="o", capsize=3, label=f"{key} ∝ C^{f.params['s']:.3f} ({lab})")
-        ax.plot(C, f.params["k"] * C ** f.params["s"], "-", lw=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("C (training FLOPs)")
-    ax.set_title("compute-optimal allocation from Optuna searches", fontsize=10)
-    ax.legend(fontsize=8)
-    path = scratch_dir() / "allocation.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # --- studies -----------------------------------------------------------------------------------------
@@ -490,8 +472,12 @@ def _int(value, name: str, lo: int = 1) -> int:
 
 
 def cmd_optimize(args) -> int:
+    import optuna
+
     from . import tracking, worker
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _threads(args.threads)
     flops = parse_flops(args.flops)
     n_trials = _int(args.trials, "--trials")
     workers = _int(args.workers, "--workers", 0)
@@ -510,7 +496,10 @@ def cmd_optimize(args) -> int:
                              system_metrics=False)
     summaries = []
     try:
-        top.log_params({"flops": " ".join(args.flops), "trials": args.trials, "sampler": args.sampler})
+        # `mlflow run` has logged its own spelling of these (e.g. flops='1e12 3e12', quoted): keep it.
+        have = tracking.init_store().get_run(top.run_id).data.params
+        top.log_params({k: v for k, v in {"flops": " ".join(args.flops), "trials": args.trials,
+                                          "sampler": args.sampler}.items() if k not in have})
         for space in spaces:
             name = study_name(args.study, space.C)
             study, search = open_search(storage, name, space, n_trials, args.sampler, init, args.sampler_seed,
@@ -537,8 +526,10 @@ def cmd_optimize(args) -> int:
             _print_summary(s)
         if len(summaries) >= 2:
             alloc = fit_allocation(summaries, top)
-            if alloc:
-                iv = lambda i: f" [{i[0]:.3f}, {i[1]:.3f}]" if i else ""  # noqa: E731
+            if alloc.get("error"):
+                print(f"no allocation fit: {alloc['error']}")
+            elif alloc:
+                iv = lambda i: f" [{i[0]:.3f}, {i[1]:.3f}]" if math.isfinite(i[0]) else ""  # noqa: E731
                 print(f"N_opt ∝ C^{alloc['a']:.3f}{iv(alloc['a_interval'])}   "
                       f"D_opt ∝ C^{alloc['b']:.3f}{iv(alloc['b_interval'])}   ({alloc['n_budgets']} budgets)")
     except KeyboardInterrupt:
@@ -564,9 +555,17 @@ def _print_summary(s: dict) -> None:
           f"({f['status']}, {f['n_points']} of {s['n_trials']} trials in the fit)")
 
 
+def _threads(n: int) -> None:
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def cmd_worker(args) -> int:
     from . import worker
 
+    _threads(args.threads)
     n = worker.work(args.storage, args.study, args.heartbeat, args.grace, parent_run_id=args.parent_run_id,
                     max_trials=_int(args.max_trials, "--max_trials") if args.max_trials else None,
                     progress=not args.quiet, seed=args.sampler_seed)
@@ -588,6 +587,9 @@ def register(sub) -> None:
                        help=f"a trial silent this long is failed and retried (default: the study's, {DEFAULT_GRACE})")
         p.add_argument("--sampler_seed", type=int, default=None, help="seed of this process's sampler")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--threads", type=int, default=0,
+                       help="CPU threads for torch in this process (0: torch's default, all cores). Set it when "
+                            "workers share a machine: oversubscribed threads spin and ran 80x slower here")
 
     o = sub.add_parser("optimize", help="Optuna search of the compute-optimal model size per FLOP budget")
     o.add_argument("--flops", nargs="+", required=True, metavar="C", help="training budgets in FLOPs, e.g. 1e12 3e12 1e13")

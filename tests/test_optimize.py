@@ -25,11 +25,21 @@ SMOKE = ["--context", "32", "--batch_tokens", "512", "--eval_tokens", "1024", "-
          "--precision", "fp32", "--eval_every", "1000", "--checkpoint_every", "1000", "--min_tpp", "0.01",
          "--min_steps", "4"]
 STUDY = "{}-C=6e+08"
-FAST = ["--heartbeat", "1", "--grace", "4", "--quiet"]
+FAST = ["--heartbeat", "1", "--grace", "4", "--quiet", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """`optimize --threads 1` sets this process's torch threads; give the other tests theirs back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def _optimize(storage, study, trials, *extra):
-    return ["optimize", "--flops", "6e8", "--trials", str(trials), "--storage", storage, "--study", study,
+    return ["optimize", "--flops", "6e8", "--trials", str(trials), "--sampler_seed", "0", "--storage", storage, "--study", study,
             *FAST, *SMOKE, *extra]
 
 
@@ -67,21 +77,27 @@ def _check_search(storage, name, n):
     return study, done, client, parent
 
 
-def _two_workers(storage, name="two"):
+def _two_workers(storage, name, then):
+    """Create the study here, let two worker processes train its 6 trials, then run THEN here."""
     assert main(_optimize(storage, name, 6, "--create_only")) == 0
     procs = worker.spawn_workers(storage, STUDY.format(name), 2)
     assert [p.wait(timeout=240) for p in procs] == [0, 0]
-    # The coordinator: finds the trials done, fits the optimum, logs it to the search run.
-    assert main(_optimize(storage, name, 6, "--workers", "0")) == 0
-    study, done, client, parent = _check_search(storage, STUDY.format(name), 6)
+    _, done, _, _ = _check_search(storage, STUDY.format(name), 6)
     assert len({t.user_attrs["worker"] for t in done}) == 2          # both workers trained trials
+    assert main(_optimize(storage, name, *then)) == 0
+    study, done, client, parent = _check_search(storage, STUDY.format(name), then[0])
     run = client.get_run(parent)
     assert run.data.metrics["N_opt"] > 0 and run.data.tags["fit_status"]
     assert "plots/loss_vs_N.png" in [f.path for f in client.list_artifacts(parent, "plots")]
+    return done
 
 
-def test_two_workers_share_one_sqlite_study(mlflow_store, token_cache, tmp_path):
-    _two_workers(f"sqlite:///{tmp_path}/mlruns/optuna.db")
+def test_two_workers_share_one_sqlite_study_which_then_resumes(mlflow_store, token_cache, tmp_path):
+    # Then this process resumes the same study with a 7th trial (a new `optimize` run adopts the
+    # search run) and fits the optimum.
+    done = _two_workers(f"sqlite:///{tmp_path}/mlruns/optuna.db", "two", [7, "--workers", "1"])
+    assert sum(t.user_attrs.get("grid_point", False) for t in done) == 4   # the coarse grid, then the GP
+    assert all("log10_N" in t.params for t in done)
 
 
 def test_killed_worker_trial_is_retried_elsewhere_and_resumed(mlflow_store, token_cache, tmp_path):
@@ -122,6 +138,33 @@ def test_killed_worker_trial_is_retried_elsewhere_and_resumed(mlflow_store, toke
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}   # the killed run resumed, not redone
     assert retry.user_attrs["mlflow_run_id"] == run_id
     assert client.get_run(run_id).data.tags["optuna_trial"] == str(retry.number)
+
+
+def test_unexpected_error_in_a_trial_is_retried(mlflow_store, token_cache, tmp_path, monkeypatch):
+    """A store hiccup inside a trial: the worker queues it again and goes on (in this process)."""
+    from optuna.trial import TrialState
+
+    from scaling_suite import sweep, tracking
+
+    real, calls = sweep.run_child, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("tracking server unreachable")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sweep, "run_child", flaky)
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    cfg = make_config(context=32, batch_tokens=512, eval_tokens=1024, head_dim=8, device="cpu", precision="fp32",
+                      eval_every=1000, depth=1, D=4 * 512)
+    parent = tracking.start_run(run_name="queued sweep", system_metrics=False)
+    worker.enqueue_configs(storage, "q", [cfg], parent.run_id)
+    assert worker.work(storage, "q", progress=False) == 2
+    states = [t.state for t in _load(storage, "q").trials]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]
+    _, runs = _children(parent.run_id)
+    assert [r.info.status for r in runs] == ["FINISHED"]
 
 
 def _child_of_trial(client, parent_run_id, number):
@@ -168,17 +211,8 @@ def postgres_url():
 
 
 def test_two_workers_share_one_postgresql_study(mlflow_store, token_cache, postgres_url):
-    _two_workers(postgres_url, "pg")
-
-
-def test_interrupted_search_resumes_in_the_same_study(mlflow_store, token_cache, tmp_path):
-    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
-    assert main(_optimize(storage, "r", 2, "--init", "2")) == 0
-    first = _load(storage, STUDY.format("r")).user_attrs[worker.ATTR]["mlflow_parent_run_id"]
-    assert main(_optimize(storage, "r", 3, "--init", "2")) == 0       # resumes: one more trial, same search run
-    study, done, _, parent = _check_search(storage, STUDY.format("r"), 3)
-    assert parent == first and [t.user_attrs.get("grid_point", False) for t in done[:2]] == [True, True]
-    assert "log10_N" in done[2].params                                  # the sampler's own suggestion
+    # Then this process only waits for the trials (none left) and fits the optimum.
+    _two_workers(postgres_url, "pg", [6, "--workers", "0"])
 
 
 def test_parabola_finds_a_known_vertex():
@@ -190,6 +224,23 @@ def test_parabola_finds_a_known_vertex():
     assert fit["status"] == "ok" and fit["N_opt"] == pytest.approx(10 ** 5.2, rel=0.03)
     assert fit["N_lo"] < 10 ** 5.2 < fit["N_hi"] and fit["loss_opt"] == pytest.approx(2.0, abs=0.01)
     assert fit_parabola(N[:3], loss[:3])["status"] in ("ok", "extrapolated", "no_minimum")
+
+
+def test_allocation_exponents_over_budgets():
+    """Three synthetic budgets with N_opt ∝ C^0.5: the analysis package recovers a and b = 1 - a."""
+    import numpy as np
+
+    from scaling_suite.optimize import fit_allocation
+
+    summaries = []
+    for C in (1e12, 1e13, 1e14):
+        N = np.logspace(-0.6, 0.6, 7) * 0.1 * C ** 0.5
+        D = C / (6 * N)
+        loss = 2 + 0.2 * np.log10(N / (0.1 * C ** 0.5)) ** 2
+        rows = [{"N": n, "D": d, "C": C, "final_val_loss": l} for n, d, l in zip(N, D, loss)]
+        summaries.append({"C": C, "trials": rows, "fit": fit_parabola(N, loss, window=1.0)})
+    out = fit_allocation(summaries)
+    assert out["a"] == pytest.approx(0.5, abs=1e-6) and out["b"] == pytest.approx(0.5, abs=1e-6)
 
 
 def test_space_is_log_spaced_and_bounded():
