@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 # make test TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH  ?= torch==2.13.0
 export MLFLOW_DISABLE_TELEMETRY ?= true
+# `mlflow run` (like every MLflow client) uses ./mlflow.db unless told otherwise: point it, and
+# scaling-suite, at the project's store.
+export MLFLOW_TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: test quick ui doctor clean
@@ -22,6 +25,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 quick: $(VENV)/.installed
+	mkdir -p mlruns
 	mlflow run . -P mode=quick --env-manager local
 
 doctor: $(VENV)/.installed

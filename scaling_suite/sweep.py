@@ -124,7 +124,7 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
     parent = open_parent(plan, experiment, params or {"mode": plan.mode, "design": plan.design})
     parent.log_text(json.dumps(plan.describe(), indent=1), "plan.json")
     total = plan.total_flops()
-    bar = tqdm(total=total, unit="FLOP", unit_scale=True, disable=not progress, position=0,
+    bar = tqdm(total=total, unit="FLOP", unit_scale=True, disable=None if progress else True, position=0,
                desc=f"{plan.mode} study", dynamic_ncols=True)
     outcomes = []
     try:
@@ -134,6 +134,11 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
             outcomes.append(out)
             bar.update(out.C)
             bar.set_postfix(runs=f"{i + 1}/{len(plan.points)}", last=f"{out.status} {out.final_val_loss:.3f}")
+            if progress:  # one line per run, also where no bar is drawn (a log, CI)
+                spent = time.perf_counter() - t0
+                eta = spent / bar.n * (total - bar.n) if bar.n else float("nan")
+                tqdm.write(f"[{i + 1}/{len(plan.points)}] {tracking.run_name(*_size(p.config))} {out.status:8s} "
+                           f"final_val_loss={out.final_val_loss:.4f}  {spent:.0f}s elapsed, ETA {eta:.0f}s")
             parent.log_metrics({"runs_done": i + 1, "flops_done": bar.n}, step=i + 1)
     except BaseException:
         bar.close()
@@ -151,6 +156,11 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
         study.report = analyze_study(study, plan, parent, planned_seconds)
     parent.finish("FINISHED")
     return study
+
+
+def _size(cfg: RunConfig) -> tuple[int, int]:
+    d = cfg.derived()
+    return d.N, d.D
 
 
 def probe_rates(plan: Plan, data: data_lib.TokenData, steps: int = 12) -> dict[int, float]:

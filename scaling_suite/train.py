@@ -281,7 +281,8 @@ def _fail(tracker, reason: str, device) -> None:
 def _progress(total: int, initial: int, enabled: bool, cfg: RunConfig, position: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", leave=False,
+    # disable=None: no bar when stderr is not a terminal (logs, CI), where it would print every update.
+    return tqdm(total=total, initial=initial, disable=None if enabled else True, unit="step", leave=False,
                 desc=f"depth={cfg.depth}", dynamic_ncols=True, position=position)
 
 
