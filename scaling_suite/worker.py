@@ -294,6 +294,9 @@ class Objective:
         if self.spec["kind"] == "queue" and not trial.user_attrs.get("config"):
             trial.set_user_attr("skipped", "nothing left in the queue")
             raise optuna.TrialPruned("nothing queued")
+        for k in ("error", "interrupted"):  # a retried copy inherits its original's user attrs
+            if trial.user_attrs.get(k):
+                trial.set_user_attr(k, "")
         cfg = self._choose(trial)
         if cfg is None:
             raise optuna.TrialPruned(trial.user_attrs.get("skipped", ""))
@@ -400,7 +403,7 @@ def work(storage_url: str, study_name: str, heartbeat: int | None = None, grace:
         for t in ran_now:
             if progress:
                 _report(say, study_name, t)
-            if t.state == TrialState.FAIL and "error" in t.user_attrs:
+            if t.state == TrialState.FAIL and t.user_attrs.get("error"):
                 # An unexpected error (not a failed training): queue the trial again, as for a
                 # dead worker, at most MAX_RETRY times; its MLflow run resumes from its checkpoint.
                 with warnings.catch_warnings():
