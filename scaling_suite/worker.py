@@ -302,8 +302,10 @@ class Objective:
             raise optuna.TrialPruned(trial.user_attrs.get("skipped", ""))
         parent = trial.user_attrs.get("parent_run_id") or self.parent_run_id
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        tags = {**trial.user_attrs.get("tags", {}), "optuna_trial": trial.number,
-                "optuna_study": self.study.study_name, "role": "train", "search": self.spec["kind"]}
+        # Strings: the REST store (a tracking server) refuses other tag types; SQLite converts them.
+        tags = {k: str(v) for k, v in {**trial.user_attrs.get("tags", {}), "optuna_trial": trial.number,
+                                        "optuna_study": self.study.study_name, "role": "train",
+                                        "search": self.spec["kind"]}.items()}
         try:
             out = run_child(cfg, parent, tags=tags, data=self.data(cfg), progress=self.progress,
                             resume_running=True, study_key=self.spec.get("study_key"))
