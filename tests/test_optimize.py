@@ -3,6 +3,7 @@ PostgreSQL, a resumed search, the parabola fit, and one-line errors for bad inpu
 
 import glob
 import json
+import math
 import os
 import pwd
 import shutil
@@ -250,6 +251,13 @@ def test_space_is_log_spaced_and_bounded():
     assert Ns == sorted(Ns) and gaps[-1] < 1.8 and gaps[len(gaps) // 2] < 1.15   # the depth dial alone: 2.7x
     grid = space.grid(4)
     assert len(grid) == 4 and grid[0] == space.shapes[0] and grid[-1] == space.shapes[-1]
+    # --tune lr beta2: a trial also picks them; the size is the table's nearest to its log10_N
+    import optuna
+
+    tuned = Space(make_config(C=1e18), 1e13, tune=("lr", "beta2"))
+    x, extra = tuned.suggest(optuna.trial.FixedTrial({"log10_N": 5.0, "lr": 1e-3, "beta2": 0.99}))
+    cfg = tuned.config(tuned.nearest(x)[0], **extra)
+    assert (cfg.lr, cfg.beta2, cfg.C) == (1e-3, 0.99, 1e13) and abs(math.log10(cfg.derived().N) - 5) < 0.05
 
 
 @pytest.mark.parametrize("argv, message", [
