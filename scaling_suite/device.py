@@ -16,10 +16,13 @@ import torch
 from .errors import SuiteError
 from .model import ModelShape
 
-# bf16 autocast on CPU pays only once matmuls are big enough for the AMX/AVX-512-BF16 kernels to
-# beat the casts around them. Measured on the reference 2-core AVX-512-BF16 machine with
-# benchmarks/throughput.py (see README, "Precision rule"): below this width fp32 was faster.
-CPU_BF16_MIN_WIDTH = 512
+# bf16 autocast on CPU pays only when the matmuls are big enough for the AMX/AVX-512-BF16 kernels
+# to beat the casts around them, and the attention heads wide enough: with 8-32-wide heads the bf16
+# attention path was 1.1-3x slower than fp32 at every width tried. Measured on the reference 2-core
+# AVX-512-BF16/AMX machine with benchmarks/throughput.py (README, "Precision rule"): head_dim 64 gave
+# bf16/fp32 = 1.2x at d_model 128-256, 1.6x at 384, 1.7x at 512.
+CPU_BF16_MIN_WIDTH = 256
+CPU_BF16_MIN_HEAD = 64
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -64,7 +67,9 @@ def pick_precision(device: torch.device, requested: str, shape: ModelShape) -> s
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "mps":
         return "fp32"  # MPS autocast to bf16 is incomplete across macOS versions; fp32 is safe.
-    return "bf16" if cpu_has_bf16() and shape.d_model >= CPU_BF16_MIN_WIDTH else "fp32"
+    head = shape.d_model // shape.n_head
+    wide = shape.d_model >= CPU_BF16_MIN_WIDTH and head >= CPU_BF16_MIN_HEAD
+    return "bf16" if wide and cpu_has_bf16() else "fp32"
 
 
 def autocast(device: torch.device, precision: str):
