@@ -176,7 +176,14 @@ class MlflowTracker(NullTracker):
                else Path(info.get("path", source)).resolve().as_uri())
         ds = MetaDataset(HTTPDatasetSource(url), name=info["name"], digest=info["digest"][:36])
         tags = [InputTag("mlflow.data.context", "training")]
-        self._timed(self.client.log_inputs, self.run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags)])
+        inputs = [DatasetInput(ds._to_mlflow_entity(), tags)]
+        try:
+            self._timed(self.client.log_inputs, self.run_id, datasets=inputs)
+        except Exception:  # noqa: BLE001
+            # Two runs registering the same new dataset at once race on MLflow's check-then-insert
+            # (seen with parallel workers); the loser finds it registered on the second try.
+            time.sleep(0.5)
+            self._timed(self.client.log_inputs, self.run_id, datasets=inputs)
 
     def log_artifact(self, local_path, artifact_path: str | None = None) -> None:
         self._timed(self.client.log_artifact, self.run_id, str(local_path), artifact_path)
@@ -230,7 +237,8 @@ def start_run(experiment: str | None = None, run_name: str | None = None, tags: 
         existing = run.data.tags
         tracker.set_tags({**{k: v for k, v in base_tags.items() if k not in existing}, **(tags or {})})
         return tracker
-    all_tags = {**base_tags, **(tags or {})}
+    # Tag values must be strings over HTTP (a tracking server), though SQLite accepts others.
+    all_tags = {k: str(v) for k, v in {**base_tags, **(tags or {})}.items()}
     if parent_run_id:  # a child lives in its parent's experiment, whatever the caller's default
         try:
             exp_id = client.get_run(parent_run_id).info.experiment_id
