@@ -126,20 +126,21 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
     total = plan.total_flops()
     bar = tqdm(total=total, unit="FLOP", unit_scale=True, disable=None if progress else True, position=0,
                desc=f"{plan.mode} study", dynamic_ncols=True)
-    outcomes = []
+    outcomes, flops_done = [], 0.0
     try:
         for i, p in enumerate(plan.points):
             out = run_child(p.config, parent.run_id, {**p.tags, "mode": plan.mode, "role": "train"}, data=data,
                             progress=progress, study_key=plan.key, bar_position=1)
             outcomes.append(out)
             bar.update(out.C)
+            flops_done += out.C
             bar.set_postfix(runs=f"{i + 1}/{len(plan.points)}", last=f"{out.status} {out.final_val_loss:.3f}")
             if progress:  # one line per run, also where no bar is drawn (a log, CI)
                 spent = time.perf_counter() - t0
-                eta = spent / bar.n * (total - bar.n) if bar.n else float("nan")
+                eta = spent / flops_done * (total - flops_done)
                 tqdm.write(f"[{i + 1}/{len(plan.points)}] {tracking.run_name(*_size(p.config))} {out.status:8s} "
                            f"final_val_loss={out.final_val_loss:.4f}  {spent:.0f}s elapsed, ETA {eta:.0f}s")
-            parent.log_metrics({"runs_done": i + 1, "flops_done": bar.n}, step=i + 1)
+            parent.log_metrics({"runs_done": i + 1, "flops_done": flops_done}, step=i + 1)
     except BaseException:
         bar.close()
         parent.finish("KILLED", "interrupted")
