@@ -65,13 +65,14 @@ MODES: dict[str, dict] = {
     "smoke": dict(design="n_sweep", depths=[1, 2, 3], D=65536,
                   base=dict(aspect=16, head_dim=8, context=32, batch_tokens=2048, eval_tokens=2048,
                             eval_every=4)),
-    # IsoFLOP, 3 budgets × 4-5 sizes around each budget's optimum (at this scale the optimum sits
-    # near 10-40k parameters, at high tokens per parameter: shared/PITFALLS.md, and a dense grid
-    # in benchmarks/optimize_vs_grid.py found N* ≈ 15k at 3e11). Narrow models (aspect 16, heads
-    # of 8) give sizes 2-3× apart: N 7.5k..418k (1.75 decades). About 8 minutes of training on
-    # the reference 2-core CPU (README, "Modes").
-    "quick": dict(design="isoflop", budgets=[2e11, 6e11, 2e12],
-                  depths={2e11: [1, 2, 3, 4], 6e11: [1, 2, 3, 4], 2e12: [1, 2, 3, 4, 5]},
+    # IsoFLOP, 3 budgets × 4-5 sizes around each budget's optimum. At this scale the optimum sits
+    # near 10-40k parameters at hundreds of tokens per parameter (shared/PITFALLS.md; a dense grid
+    # in benchmarks/optimize_vs_grid.py found N* ≈ 15k at 3e11), and at 2e11 even the smallest
+    # size won, so the budgets start at 6e11, where the minimum is bracketed. Narrow models
+    # (aspect 16, heads of 8) give sizes 2-3× apart: N 7.5k..418k (1.75 decades). About 12
+    # minutes on the reference 2-core CPU (README, "Modes").
+    "quick": dict(design="isoflop", budgets=[6e11, 1.2e12, 2.4e12],
+                  depths={6e11: [1, 2, 3, 4], 1.2e12: [1, 2, 3, 4], 2.4e12: [1, 2, 3, 4, 5]},
                   base=dict(aspect=16, head_dim=8, context=64, batch_tokens=8192, eval_tokens=16384)),
     # For a laptop GPU (MPS) or a CUDA card: 4 budgets × 5 sizes.
     "dev": dict(design="isoflop", budgets=[1e13, 3e13, 1e14, 3e14],
