@@ -61,6 +61,12 @@ class _Report:
             self.metrics[f"pred_loss_{key}"] = ex.loss
 
 
+def _num(v, spec: str) -> str:
+    """A number for the report's text; None (a NaN after jsonable, e.g. a held-out refit whose
+    prediction overflowed) reads as 'n/a' rather than breaking the whole report."""
+    return "n/a" if v is None or not np.isfinite(v) else format(v, spec)
+
+
 def _distinct(x, rel=0.01) -> int:
     return int(np.unique(np.round(np.log(np.asarray(x, dtype=float)) / np.log1p(rel))).size)
 
@@ -129,7 +135,8 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
             h = R.run(f"chinchilla holdout {by}", holdout_largest, chin, N, D, loss=y, by=by, C=C)
             if h is not None:
                 R.add(f"chinchilla_holdout_{by}", h, f"held out the largest {by} ({h['n_heldout']} runs, "
-                      f"trained on {by} <= {h['max_train']:.3g}): mean |rel. error| {h['mean_abs_rel_error']:.4f}")
+                      f"trained on {by} <= {_num(h['max_train'], '.3g')}): mean |rel. error| "
+                      f"{_num(h['mean_abs_rel_error'], '.4f')}")
                 R.metrics[f"chinchilla_holdout_{by}_mean_abs_rel_error"] = h["mean_abs_rel_error"]
         kap = R.run("kaplan", fit_kaplan, N, D, y)
         if kap is not None:
@@ -155,7 +162,7 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
         h = R.run(f"L({x_name}) holdout", holdout_largest, f, g[x_name], loss=g[loss_col])
         if h is not None:
             R.add(f"L_{x_name}_holdout", h, f"L({x_name}) held out the largest {x_name} ({h['n_heldout']} runs): "
-                  f"mean |rel. error| {h['mean_abs_rel_error']:.4f}")
+                  f"mean |rel. error| {_num(h['mean_abs_rel_error'], '.4f')}")
         if x_name == "N":
             lN = f
             R.extrapolation("N_L_N", extrapolate.at_N, f, target_N)

@@ -125,7 +125,7 @@ def summary(result: dict, facts: dict, plan) -> str:
         lines.append("Chinchilla L(N,D): " + ", ".join(f"{k}={v:.4g}{_iv(iv.get(k))}" for k, v in p.items()))
     for key, label in (("chinchilla_loo", "leave-one-out"), ("chinchilla_holdout_N", "held-out largest N"),
                        ("chinchilla_holdout_C", "held-out largest C"), ("L_N_holdout", "L(N) held-out largest N")):
-        if key in s and "mean_abs_rel_error" in s[key]:
+        if key in s and _finite(s[key].get("mean_abs_rel_error")):
             lines.append(f"{label}: mean |relative error| {s[key]['mean_abs_rel_error']:.2%}")
     for e in result.get("extrapolations", []):
         iv = e.get("interval")

@@ -154,7 +154,13 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
                        step=0)
     if analyze:
         from .study_report import analyze_study
-        study.report = analyze_study(study, plan, parent, planned_seconds)
+        try:
+            study.report = analyze_study(study, plan, parent, planned_seconds)
+        except Exception as e:  # noqa: BLE001 — the runs are done and kept; the analysis can be redone
+            reason = f"{type(e).__name__}: {e}"
+            parent.set_tags({"analysis_error": reason[:5000]})
+            print(f"analysis failed ({reason}); the runs are kept: rerun it with "
+                  f"`scaling-suite analyze --parent-run {parent.run_id}`")
     parent.finish("FINISHED")
     return study
 
