@@ -226,8 +226,12 @@ def cmd_analyze(args) -> int:
         parent = studies[0].info.run_id if len(studies) == 1 else None
     if args.out == "out/analysis":  # the default: keep MLflow analyses apart from CSV ones
         args.out = str(tracking.scratch_dir() / "analysis")
-    tracker = tracking.start_run((args.experiment or [None])[0], run_name="analysis", tags={"role": "analysis"},
-                                 parent_run_id=parent, system_metrics=False)
+    if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run -e analyze`: that run is the analysis run
+        tags = {"role": "analysis", **({"mlflow.parentRunId": parent} if parent else {})}
+        tracker = tracking.start_run(tags=tags, system_metrics=False)
+    else:
+        tracker = tracking.start_run((args.experiment or [None])[0], run_name="analysis",
+                                     tags={"role": "analysis"}, parent_run_id=parent, system_metrics=False)
     try:
         code = report.main(args, logger=tracker) or 0
     except BaseException as e:
