@@ -103,8 +103,8 @@ def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.Ml
     """Attach to `mlflow run`'s run, else reuse this study's earlier parent, else create one."""
     client = tracking.init_store()
     tags = {"role": "study", "study_key": plan.key, "mode": plan.mode, "design": plan.design}
-    if os.environ.get("MLFLOW_RUN_ID"):
-        tracker = tracking.start_run(tags=tags)
+    if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` named it at random: name it by its study
+        tracker = tracking.start_run(tags={**tags, "mlflow.runName": f"{plan.mode} {plan.design} study"})
     else:
         earlier = tracking.find_study(client, experiment, plan.key)
         tracker = tracking.start_run(experiment, run_name=f"{plan.mode} {plan.design} study", tags=tags,
