@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from . import data as data_lib
 from . import tracking
 from .config import RunConfig
-from .device import release_memory
+from .device import pick_device, release_memory
 from .errors import SuiteError
 from .plan import Plan
 from .train import TrainingFailed, train
@@ -81,7 +81,7 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
         # RuntimeError covers out-of-memory from torch; the study goes on without this point.
         reason = str(e) if isinstance(e, SuiteError) else f"{type(e).__name__}: {e}"
         tracker.finish("FAILED", reason)
-        release_memory(__import__("torch").device("cpu"))
+        release_memory(pick_device(cfg.device))  # an OOM leaves the failed run's tensors behind
         return ChildOutcome("FAILED", tracker.run_id, math.nan, d.C, reason=reason)
     except BaseException:
         tracker.finish("KILLED", "interrupted")
