@@ -138,7 +138,8 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
             if progress:  # one line per run, also where no bar is drawn (a log, CI)
                 spent = time.perf_counter() - t0
                 eta = spent / flops_done * (total - flops_done)
-                tqdm.write(f"[{i + 1}/{len(plan.points)}] {tracking.run_name(*_size(p.config))} {out.status:8s} "
+                d = p.config.derived()
+                tqdm.write(f"[{i + 1}/{len(plan.points)}] {tracking.run_name(d.N, d.D)} {out.status:8s} "
                            f"final_val_loss={out.final_val_loss:.4f}  {spent:.0f}s elapsed, ETA {eta:.0f}s")
             parent.log_metrics({"runs_done": i + 1, "flops_done": flops_done}, step=i + 1)
     except BaseException:
@@ -163,11 +164,6 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
                   f"`scaling-suite analyze --parent-run {parent.run_id}`")
     parent.finish("FINISHED")
     return study
-
-
-def _size(cfg: RunConfig) -> tuple[int, int]:
-    d = cfg.derived()
-    return d.N, d.D
 
 
 def probe_rates(plan: Plan, data: data_lib.TokenData, steps: int = 12) -> dict[int, float]:
