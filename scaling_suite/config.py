@@ -18,6 +18,7 @@ from .model import ModelShape, count_params, flops_per_token
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILES = ("auto", "true", "false")
 TOKENIZERS = ("byte", "bpe")
 
 
@@ -57,6 +58,7 @@ class RunConfig:
     # hardware (never changes the optimization: micro_batch only splits the global batch)
     device: str = "auto"             # auto | cpu | cuda[:i] | mps
     precision: str = "auto"          # auto | fp32 | bf16
+    compile: str = "auto"            # auto | true | false: torch.compile the training step (device.py)
     micro_batch: int = 0             # sequences per forward pass; 0: planned from free memory
     seed: int = 0
     preset: str = ""                 # the preset these values started from (recorded only)
@@ -155,6 +157,7 @@ def validate(c: RunConfig) -> None:
     need(0 < c.predict_from < 1, f"predict_from must lie in (0, 1), got {c.predict_from}")
     need(0 <= c.warmup_max_frac < 1 and 0 < c.cooldown_frac < 1, "warmup_max_frac and cooldown_frac must lie in (0, 1)")
     need(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    need(c.compile in COMPILES, f"compile must be auto, true or false, got {c.compile!r}")
     need(c.precision in PRECISIONS, f"unknown precision {c.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     need(c.device == "auto" or c.device in ("cpu", "mps") or c.device.split(":")[0] == "cuda",
          f"unknown device {c.device!r}; choose auto, cpu, cuda, cuda:<i> or mps")

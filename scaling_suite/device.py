@@ -138,7 +138,7 @@ class Placement:
 
     def tags(self) -> dict[str, str]:
         return {"device": str(self.device), "precision": self.precision,
-                "torch_version": torch.__version__}
+                "torch_version": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape, batch_size: int) -> Placement:
@@ -147,3 +147,49 @@ def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape,
     free = available_memory(device)
     micro = micro_batch or plan_micro_batch(shape, batch_size, prec, free)
     return Placement(device, prec, micro, batch_size // micro, free)
+
+
+# torch.compile (TorchInductor) fuses the elementwise work between the matmuls (norms, rotary
+# embeddings, SwiGLU, residual adds) into a few generated kernels. At the widths a CPU trains
+# (d_model 16-192) that work, not the matmuls, dominates an eager step: compiled steps were
+# 1.2-2x faster on the reference 2-core CPU (benchmarks/throughput.py). The price is a warm-up:
+# tracing plus C++ compilation of the kernels, paid once per model shape per process (the
+# inductor cache on disk makes later processes faster, which the rule below does not count on).
+COMPILE_COLD_S = 40.0   # warm-up of a shape not yet compiled in this process (measured 16-60 s)
+COMPILE_WARM_S = 5.0    # a shape this process compiled before (guards and cache lookups)
+COMPILE_GAIN = 0.25     # fraction of an eager step assumed saved (measured 0.1-0.5: conservative)
+COMPILE_PROBE_STEPS = 8 # eager steps timed before an `auto` decision
+_compiled_shapes: set = set()
+
+
+def compile_support(device: torch.device) -> str | None:
+    """None when torch.compile can run on DEVICE, else the reason it cannot."""
+    import shutil
+
+    if device.type == "mps":
+        return "inductor's MPS backend is experimental; eager on MPS"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "triton is not installed"
+    if not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")):
+        return "no C++ compiler (g++/clang++) for inductor's CPU kernels"
+    return None
+
+
+def compile_pays(shape: ModelShape, eager_step_s: float, steps_left: int) -> tuple[bool, str]:
+    """Whether compiling now is repaid within the run: saved time > expected warm-up."""
+    warm = COMPILE_WARM_S if shape in _compiled_shapes else COMPILE_COLD_S
+    saved = steps_left * eager_step_s * COMPILE_GAIN
+    why = f"{steps_left} steps left at {eager_step_s * 1e3:.0f} ms: ~{saved:.0f}s saved vs ~{warm:.0f}s warm-up"
+    return saved > warm, why
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The compiled training forward; parameters are shared with MODEL (evaluation stays eager)."""
+    _compiled_shapes.add(model.shape)
+    # A study or tuning process trains many shapes; past dynamo's default of 8 graphs per
+    # function it would silently fall back to eager.
+    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+    # dynamic=False: every step has the same shapes; a size not seen before gets its own graph
+    # rather than a slower shape-generic one.
+    return torch.compile(model, dynamic=False)

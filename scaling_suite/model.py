@@ -89,14 +89,16 @@ class Attention(nn.Module):
     def __init__(self, s: ModelShape):
         super().__init__()
         self.n_head = s.n_head
-        self.q = nn.Linear(s.d_model, s.d_model, bias=False)
-        self.k = nn.Linear(s.d_model, s.d_model, bias=False)
-        self.v = nn.Linear(s.d_model, s.d_model, bias=False)
+        # q, k and v in one matmul (as nanoGPT's c_attn): the same function and the same init
+        # distribution as three projections, but one larger GEMM, which is what small widths on a
+        # CPU are short of (benchmarks/throughput.py).
+        self.qkv = nn.Linear(s.d_model, 3 * s.d_model, bias=False)
         self.o = nn.Linear(s.d_model, s.d_model, bias=False)
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_head, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))      # (B, H, T, hd) each
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o(y.transpose(1, 2).reshape(B, T, C))
@@ -105,12 +107,12 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, s: ModelShape):
         super().__init__()
-        self.gate = nn.Linear(s.d_model, s.d_mlp, bias=False)
-        self.up = nn.Linear(s.d_model, s.d_mlp, bias=False)
+        self.gate_up = nn.Linear(s.d_model, 2 * s.d_mlp, bias=False)   # gate and up in one GEMM
         self.down = nn.Linear(s.d_mlp, s.d_model, bias=False)
 
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):

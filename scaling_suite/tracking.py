@@ -29,6 +29,7 @@ class NullTracker:
     """Logs nothing. The training loop and sweeps take any object with these methods."""
 
     run_id: str | None = None
+    log_seconds: float = 0.0     # time spent logging, for the logging-overhead metric
 
     def log_params(self, params: dict) -> None: ...
     def log_metrics(self, metrics: dict, step: int) -> None: ...
@@ -147,8 +148,10 @@ class MlflowTracker(NullTracker):
     def log_metrics(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 
+        t = time.perf_counter()
         ts = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), ts, int(step)) for k, v in metrics.items())
+        self.log_seconds += time.perf_counter() - t   # buffering; the flush below times itself
         if len(self._buffer) >= self.FLUSH_POINTS or time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
             self.flush()
 

@@ -22,7 +22,8 @@ import numpy as np
 from . import data as data_lib
 from . import earlystop
 from .config import Derived, RunConfig, make_config
-from .device import autocast, place, process_memory, release_memory
+from .device import (COMPILE_PROBE_STEPS, autocast, compile_model, compile_pays, compile_support, place,
+                     process_memory, release_memory)
 from .errors import SuiteError
 from .model import GPT
 from .tracking import NullTracker, scratch_dir
@@ -175,6 +176,20 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
             tracker.log_metrics({"predicted_final_loss": pred.final_loss, "predicted_final_loss_lo": pred.lo,
                                  "predicted_final_loss_hi": pred.hi}, step=pred.tokens_seen)
 
+    # torch.compile of the training forward (device.py): `true` from the first step; `auto` after
+    # timing a few eager steps, and only when the time saved repays the warm-up within this run.
+    # The same function in fused kernels: losses agree with eager to float rounding
+    # (tests/test_train.py). Evaluation stays eager, so it costs no second graph.
+    fwd, compile_at, step_seconds = model, None, []
+    why_not = compile_support(pl.device) if cfg.compile != "false" else "compile=false"
+    if cfg.compile == "true" and why_not:
+        raise SuiteError(f"compile=true, but {why_not}")
+    if why_not is None:
+        compile_at = start if cfg.compile == "true" else start + COMPILE_PROBE_STEPS
+    if compile_at is None or compile_at >= d.steps:
+        why_not = why_not or f"the run's {d.steps - start} steps are too few to time and repay a compile"
+        tracker.set_tags({"compile": "false", "compile_reason": why_not})
+
     bar = _progress(d.steps, start, progress, cfg, bar_position)
     t0, train_loss, tok_s = time.perf_counter(), float("nan"), 0.0
     t_window, step_window = time.perf_counter(), start
@@ -186,19 +201,28 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
                 break
         if step == halt_at_step:
             break  # a simulated interruption, for tests: the last checkpoint stands
+        if step == compile_at:
+            if cfg.compile == "true":
+                use, why = True, "compile=true"
+            else:   # median of the timed eager steps, the first two (allocation) left out
+                use, why = compile_pays(d.shape, float(np.median(step_seconds[2:])), d.steps - step)
+            if use:
+                fwd = compile_model(model)
+            tracker.set_tags({"compile": str(use).lower(), "compile_reason": why})
+        t_step = time.perf_counter()
         lr = lr_at(step, cfg, d)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = data_lib.train_batch(data, cfg.seed, step, d.batch_size, cfg.context).to(pl.device)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=pl.device)
         for m in range(micro_steps):
             mb = batch[m * pl.micro_batch:(m + 1) * pl.micro_batch]
             with autocast(pl.device, pl.precision):
-                loss = model(mb[:, :-1], mb[:, 1:])
+                loss = fwd(mb[:, :-1], mb[:, 1:])
             # Equal micro-batches: the mean over the global batch is the mean of micro means.
             (loss / micro_steps).backward()
-            loss_sum += loss.item()
-        train_loss = loss_sum / micro_steps
+            loss_sum += loss.detach()
+        train_loss = loss_sum.item() / micro_steps   # one device sync per step, not per micro-batch
         train_losses.append(train_loss)
         if not math.isfinite(train_loss):
             _fail(tracker, f"training diverged: loss is {train_loss} at step {step}", pl.device)
@@ -206,6 +230,10 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        step_seconds.append(time.perf_counter() - t_step)
+        if step == compile_at and fwd is not model:   # the first compiled step carries the warm-up
+            tracker.log_metrics({"compile_seconds": step_seconds[-1] - float(np.median(step_seconds[2:-1] or [0]))},
+                                step=(step + 1) * cfg.batch_tokens)
 
         tokens = (step + 1) * cfg.batch_tokens
         tracker.log_metrics({"train_loss": train_loss, "lr": lr, "tokens": tokens,
@@ -247,7 +275,11 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
                        predicted=stopped, predictions=predictions)
     tracker.log_metrics({"final_val_loss": final, "final_train_loss": train_loss, "val_bpb": result.val_bpb,
                          "wall_seconds": wall, **d.metrics()}, step=d.D)
-    del model, opt
+    # Logging overhead (issue: ≤ 2% of step time): seconds inside the tracker over the run's wall.
+    tracker.flush()
+    tracker.log_metrics({"logging_seconds": tracker.log_seconds,
+                         "logging_fraction": tracker.log_seconds / max(wall, 1e-9)}, step=d.D)
+    del model, opt, fwd
     release_memory(pl.device)
     return result
 

@@ -73,3 +73,31 @@ def test_checkpoint_from_another_config_is_refused(stdlib, tmp_path):
     from scaling_suite.errors import SuiteError
     with pytest.raises(SuiteError, match="different config"):
         train(cfg.replace(lr=1e-3), data=stdlib, progress=False, resume_from=tmp_path / "last.pt")
+
+
+def test_compile_rule_weighs_the_warm_up():
+    from scaling_suite import device
+    shape = make_config(**SMALL).shape()
+    assert not device.compile_pays(shape, eager_step_s=0.05, steps_left=100)[0]     # 1.25 s saved < 40 s
+    assert device.compile_pays(shape, eager_step_s=0.05, steps_left=10_000)[0]     # 125 s saved
+    assert "steps left" in device.compile_pays(shape, 0.05, 100)[1]
+
+
+def test_compiled_step_keeps_the_numerics(stdlib):
+    """torch.compile fuses kernels but computes the same function: same losses to float rounding."""
+    from scaling_suite.device import compile_support
+    if compile_support(torch.device("cpu")):
+        pytest.skip(compile_support(torch.device("cpu")))
+    cfg = make_config(**{**SMALL, "D": 12 * 1024})
+    eager = train(cfg.replace(compile="false"), data=stdlib, progress=False)
+    compiled = train(cfg.replace(compile="true"), data=stdlib, progress=False)
+    assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, rel=1e-5)
+    assert [v for _, v in compiled.curve] == pytest.approx([v for _, v in eager.curve], rel=1e-5)
+
+
+def test_compile_true_without_support_is_one_line(stdlib, monkeypatch):
+    from scaling_suite import train as train_mod
+    from scaling_suite.errors import SuiteError
+    monkeypatch.setattr(train_mod, "compile_support", lambda dev: "no C++ compiler (test)")
+    with pytest.raises(SuiteError, match="compile=true, but no C"):
+        train(make_config(**SMALL, compile="true"), data=stdlib, progress=False)
