@@ -1,23 +1,86 @@
-"""Training-step throughput of the suite's model, and this machine's matmul peak, so MFU can be read off.
+"""Training-step speed of the suite against a classic nanoGPT step, per model size of a mode, with MFU.
 
-    python benchmarks/throughput.py [--depths 1 2 4] [--seconds 3] [--device auto]
+    python benchmarks/throughput.py [--modes quick dev] [--seconds 3] [--device auto]
 
-For each size: tokens/s and model FLOP/s (flops_per_token × tokens/s, the same 6N + attention
-convention the suite logs) of a full training step — forward, backward, AdamW — in fp32 and in
-bf16 autocast, plus MFU against the measured matmul peak of each precision. The matmul peak is
-the best of square matmuls of a few sizes (2·n³ FLOPs each).
+For every size of each mode (its width, depth, context, global batch and vocabulary):
+- ``reference``: a step written here in the classic GPT-2 style of nanoGPT (Karpathy's model.py):
+  LayerNorm with biases, learned positions, GELU MLP of 4·d, fused QKV, tied embedding, plain
+  (non-fused) AdamW, fp32, eager — the same head width as the suite, so the same number of heads;
+- ``eager``: the suite's model in fp32 without compile;
+- ``suite``: the suite's step as `train` runs it: its precision rule, fused AdamW, and compile when
+  its `auto` rule would compile a typical run of that size in the mode (device.compile_pays).
+Model FLOP/s = flops_per_token × tokens/s, each model counted by the suite's convention
+(6N + 6·depth·context·d_model, N = non-embedding + output head); MFU divides by the measured
+matmul peak of the step's precision (best of square matmuls, 2·n³ FLOPs each). The figure of
+merit is suite/reference in model FLOP/s. `warm-up` is the first compiled step (trace + codegen).
+
+Then the logging overhead: the cost of one logged point of the training curve (5 metrics, buffered
+and flushed with log_batch to a fresh SQLite MLflow store), and its share of the training time of
+a typical run of each size, which logs a point every `log_every` steps (config.derive).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from scaling_suite.device import autocast, pick_device, pick_precision
-from scaling_suite.model import GPT, ModelShape, count_params, flops_per_token
+from scaling_suite.device import (autocast, compile_model, compile_pays, compile_support, pick_device,
+                                  pick_precision)
+from scaling_suite.model import GPT, ModelShape, flops_per_token
+from scaling_suite.plan import MODES, make_plan
 
+
+# --- the reference: nanoGPT's GPT-2 block, written out ----------------------------------------------
+
+class RefBlock(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.attn_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class RefGPT(nn.Module):
+    def __init__(self, s: ModelShape):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(s.vocab_size, s.d_model), nn.Embedding(s.context, s.d_model)
+        self.blocks = nn.ModuleList(RefBlock(s.d_model, s.n_head) for _ in range(s.depth))
+        self.ln_f = nn.LayerNorm(s.d_model)
+        self.lm_head = nn.Linear(s.d_model, s.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight        # weight tying, as nanoGPT
+        self.shape = s
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for b in self.blocks:
+            x = b(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def flops_per_token(self) -> int:
+        # The suite's convention: N = every parameter but the input embeddings (tokens, positions);
+        # the tied matrix counts once, as the output head.
+        s = self.shape
+        N = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        return 6 * N + 6 * s.depth * s.context * s.d_model
+
+
+# --- timing ---------------------------------------------------------------------------------------
 
 def sync(device):
     if device.type == "cuda":
@@ -26,68 +89,129 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def timed(fn, device, seconds: float) -> float:
-    """Calls per second of FN, after two warm-up calls."""
-    fn(), fn()
-    sync(device)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        n += 1
-    sync(device)
-    return n / (time.perf_counter() - t0)
-
-
 def matmul_peak(device, dtype, seconds: float) -> float:
     best = 0.0
     for n in (512, 1024, 2048):
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        best = max(best, 2 * n ** 3 * timed(lambda: a @ b, device, seconds / 3))
+        best = max(best, 2 * n ** 3 * rate(lambda: a @ b, device, seconds / 3))
     return best
 
 
-def step_rate(shape: ModelShape, batch: int, precision: str, device, seconds: float) -> float:
-    torch.manual_seed(0)
-    model = GPT(shape).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
-    x = torch.randint(0, shape.vocab_size, (batch, shape.context + 1), device=device)
+def rate(fn, device, seconds: float) -> float:
+    """Calls per second: the best of several short windows (robust to a busy neighbour)."""
+    fn()
+    sync(device)
+    windows, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(windows) < 3:
+        t0, n = time.perf_counter(), 0
+        while n < 1 or time.perf_counter() - t0 < seconds / 5:
+            fn()
+            n += 1
+        sync(device)
+        windows.append(n / (time.perf_counter() - t0))
+    return max(windows)
 
+
+def make_step(model, opt, x, precision, device):
     def step():
         with autocast(device, precision):
             loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return timed(step, device, seconds) * batch * shape.context
+    return step
+
+
+def measure(shape: ModelShape, batch: int, device, seconds: float, steps_typical: int) -> dict:
+    x = torch.randint(0, shape.vocab_size, (batch, shape.context + 1), device=device)
+    tokens = batch * shape.context
+    out = {}
+    torch.manual_seed(0)
+    ref = RefGPT(shape).to(device)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1)   # plain: no fused/foreach
+    out["ref"] = rate(make_step(ref, ref_opt, x, "fp32", device), device, seconds) * tokens * ref.flops_per_token()
+
+    torch.manual_seed(0)
+    model = GPT(shape).to(device)
+    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, fused=device.type in ("cpu", "cuda"))
+    prec = pick_precision(device, "auto", shape)
+    fpt = flops_per_token(shape)
+    eager_rate = rate(make_step(model, opt, x, "fp32", device), device, seconds)
+    out["eager"] = eager_rate * tokens * fpt
+    eager_prec_rate = eager_rate if prec == "fp32" else rate(make_step(model, opt, x, prec, device), device, seconds)
+    out["prec"] = prec
+    why_not = compile_support(device)
+    out["compile"], out["warmup"], out["compiled"] = False, float("nan"), float("nan")
+    if why_not is None:
+        step = make_step(compile_model(model), opt, x, prec, device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        out["warmup"] = time.perf_counter() - t0
+        compiled_rate = rate(step, device, seconds)
+        out["compiled"] = compiled_rate * tokens * fpt
+        # The suite's `auto` choice for a typical run of this size (eager steps timed, as train does).
+        out["compile"] = compile_pays(shape, 1 / eager_prec_rate, steps_typical)[0]
+    out["suite"] = out["compiled"] if out["compile"] else eager_prec_rate * tokens * fpt
+    out["step_s"] = tokens * fpt / out["suite"]
+    return out
+
+
+def logging_cost_per_point(n_steps: int = 3000) -> float:
+    """Seconds per logged point of the curve (buffer + amortized log_batch flush), as train logs it."""
+    import os
+
+    from scaling_suite import tracking
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        tracking.init_store()
+        tracker = tracking.start_run("logging-benchmark", run_name="logging", tags={})
+        tracker._monitor and tracker._monitor.finish()   # system metrics run on their own thread
+        t0 = time.perf_counter()
+        for step in range(n_steps):
+            tokens = (step + 1) * 8192
+            tracker.log_metrics({"train_loss": 2.0, "lr": 1e-3, "tokens": tokens, "flops": tokens * 1e6,
+                                 "tokens_per_second": 1e5}, step=tokens)
+        tracker.flush()
+        per_step = (time.perf_counter() - t0) / n_steps
+        tracker.finish("FINISHED")
+    return per_step
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--aspect", type=int, default=32)
-    ap.add_argument("--head_dim", type=int, default=16)
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--batch_tokens", type=int, default=8192)
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--modes", nargs="+", default=["quick", "dev"], choices=list(MODES))
+    ap.add_argument("--seconds", type=float, default=3.0, help="timing per variant and size")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = pick_device(args.device)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"compile: {compile_support(device) or 'available'}")
     peaks = {"fp32": matmul_peak(device, torch.float32, args.seconds)}
     if device.type != "mps":
         peaks["bf16"] = matmul_peak(device, torch.bfloat16, args.seconds)
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
-    print(f"{'depth':>5} {'d_model':>7} {'N':>10} {'prec':>5} {'tok/s':>10} {'GFLOP/s':>8} {'MFU':>6} {'auto':>5}")
-    for depth in args.depths:
-        shape = ModelShape.from_dial(depth, args.aspect, args.head_dim, 256, args.context)
-        fpt = flops_per_token(shape)
-        auto = pick_precision(device, "auto", shape)
-        for prec in peaks:
-            tok_s = step_rate(shape, args.batch_tokens // args.context, prec, device, args.seconds)
-            flops = tok_s * fpt
-            print(f"{depth:>5} {shape.d_model:>7} {count_params(shape)['N']:>10,} {prec:>5} {tok_s:>10,.0f} "
-                  f"{flops / 1e9:>8.1f} {flops / peaks[prec]:>6.1%} {'*' if prec == auto else '':>5}")
+    print(f"{'mode':>5} {'depth':>5} {'d':>4} {'N':>9} | {'ref GF/s':>8} {'MFU':>5} | {'eager':>6} | "
+          f"{'prec':>4} {'compile':>7} {'warm-up':>7} {'GF/s':>6} {'MFU':>5} | {'suite/ref':>9}")
+    step_s = {}
+    for mode in args.modes:
+        plan = make_plan(mode)
+        for depth in sorted({p.config.depth for p in plan.points}):
+            cfgs = [p.config for p in plan.points if p.config.depth == depth]
+            steps = int(statistics.median(c.derived().steps for c in cfgs))
+            shape, batch = cfgs[0].shape(), cfgs[0].batch_tokens // cfgs[0].context
+            r = measure(shape, batch, device, args.seconds, steps)
+            step_s[(mode, depth)] = r["step_s"] * int(statistics.median(c.derived().log_every for c in cfgs))
+            peak = peaks[r["prec"]]
+            print(f"{mode:>5} {depth:>5} {shape.d_model:>4} {cfgs[0].derived().N:>9,} | {r['ref'] / 1e9:>8.1f} "
+                  f"{r['ref'] / peaks['fp32']:>5.0%} | {r['eager'] / 1e9:>6.1f} | {r['prec']:>4} "
+                  f"{'yes' if r['compile'] else 'no':>7} {r['warmup']:>6.0f}s {r['suite'] / 1e9:>6.1f} "
+                  f"{r['suite'] / peak:>5.0%} | {r['suite'] / r['ref']:>8.2f}x"
+                  + ("" if r["compile"] else f"   (compiled: {r['compiled'] / 1e9:.1f} GF/s)"))
+    per_point = logging_cost_per_point()
+    print(f"logging: {per_point * 1e6:.0f} µs per point of the curve (5 metrics, buffered, log_batch to SQLite); "
+          "share of the training time: " + ", ".join(f"{m} {d}: {per_point / s:.2%}" for (m, d), s in step_s.items()))
 
 
 if __name__ == "__main__":

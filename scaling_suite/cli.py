@@ -137,7 +137,7 @@ def cmd_doctor(args) -> int:
 
 
 STUDY_FLAGS = ("dataset", "tokenizer", "vocab_size", "schedule", "lr", "beta2", "seed", "device", "precision",
-               "early_stop")
+               "compile", "early_stop")
 
 
 def cmd_sweep(args) -> int:

@@ -236,13 +236,14 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
                                 step=(step + 1) * cfg.batch_tokens)
 
         tokens = (step + 1) * cfg.batch_tokens
-        tracker.log_metrics({"train_loss": train_loss, "lr": lr, "tokens": tokens,
-                             "flops": tokens * d.flops_per_token}, step=tokens)
-        if (step + 1) % 10 == 0 or step + 1 == d.steps:
+        if (step + 1) % d.log_every == 0 or step + 1 == d.steps:
             now = time.perf_counter()
             tok_s = (step + 1 - step_window) * cfg.batch_tokens / (now - t_window)
+            # train_loss: the mean over the steps since the last point (all of them when log_every is 1)
+            window = train_losses[-(step + 1 - step_window):]
             t_window, step_window = now, step + 1
-            tracker.log_metrics({"tokens_per_second": tok_s}, step=tokens)
+            tracker.log_metrics({"train_loss": sum(window) / len(window), "lr": lr, "tokens": tokens,
+                                 "flops": tokens * d.flops_per_token, "tokens_per_second": tok_s}, step=tokens)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{curve[-1][1]:.3f}" if curve else "-",
                         tok_s=f"{tok_s:,.0f}", mem=f"{process_memory(pl.device) / 2**30:.1f}G", refresh=False)
