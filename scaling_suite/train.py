@@ -118,24 +118,34 @@ def load_checkpoint(path: Path, cfg: RunConfig, branch: bool = False) -> dict:
 
 
 def check_branch(state: dict, cfg: RunConfig, path) -> None:
-    """A WSD cooldown branch (Hägele et al. 2024 §3.2): CFG continues from the trunk's checkpoint
-    at step s and cools down over its own last cooldown_frac. That equals training CFG from scratch
-    only when the two runs differ in the budget alone and their learning rates agree at every
-    step before s (same warmup, s no later than CFG's cooldown start). Anything else is refused."""
-    trunk = config_from_params(state["config"])
-    mine = cfg.to_params()
-    diff = [k for k in mine if k not in BRANCH_FIELDS and state["config"].get(k) != mine[k]]
+    """Refuse a checkpoint that cannot start CFG as a branch (branch_problem)."""
+    problem = branch_problem(config_from_params(state["config"]), cfg, state["step"])
+    if problem:
+        raise SuiteError(f"checkpoint {path} cannot start a branch: {problem}")
+
+
+def branch_problem(trunk: RunConfig, cfg: RunConfig, s: int) -> str | None:
+    """Why CFG cannot be a WSD cooldown branch of TRUNK taken at step S, or None if it can.
+
+    Hägele et al. 2024 §3.2: a branch continues from the trunk's state at step s and cools down
+    over its own last cooldown_frac. That equals training CFG from scratch only when the two runs
+    differ in the budget alone and their learning rates agree at every step before s (the same
+    warmup, and s no later than either run's cooldown start)."""
+    diff = [k for k in cfg.to_params() if k not in BRANCH_FIELDS and getattr(trunk, k) != getattr(cfg, k)]
     if diff:
-        raise SuiteError(f"checkpoint {path} cannot start a branch: its run differs in {', '.join(diff)}")
+        return f"the trunk differs in {', '.join(diff)}"
     if cfg.schedule != "wsd":
-        raise SuiteError(f"only a wsd run can branch from a trunk checkpoint, got schedule={cfg.schedule}")
-    s, td, d = state["step"], trunk.derived(), cfg.derived()
+        return f"only a wsd run can branch, got schedule={cfg.schedule}"
+    td, d = trunk.derived(), cfg.derived()
     if not 0 < s <= cooldown_start(cfg, d) or s > cooldown_start(trunk, td):
-        raise SuiteError(f"checkpoint {path} is at step {s}, not within the constant phase of both runs "
-                         f"(cooldown starts at step {cooldown_start(cfg, d)} here, {cooldown_start(trunk, td)} in the trunk)")
-    if any(lr_at(k, trunk, td) != lr_at(k, cfg, d) for k in range(s)):
-        raise SuiteError(f"checkpoint {path}: the trunk's learning rate before step {s} differs from this run's "
-                         f"(warmup {td.warmup_steps} vs {d.warmup_steps} steps)")
+        return (f"step {s} is not within the constant phase of both runs (cooldown starts at step "
+                f"{cooldown_start(cfg, d)} here, {cooldown_start(trunk, td)} in the trunk)")
+    # Past both warmups and before both cooldowns the lr is the (equal) peak: only the warmup
+    # steps need comparing.
+    if any(lr_at(k, trunk, td) != lr_at(k, cfg, d) for k in range(min(s, max(td.warmup_steps, d.warmup_steps)))):
+        return (f"the trunk's learning rate before step {s} differs from this run's "
+                f"(warmup {td.warmup_steps} vs {d.warmup_steps} steps)")
+    return None
 
 
 def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
