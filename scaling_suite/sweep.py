@@ -153,7 +153,7 @@ def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.Ml
 
 
 def run_study(plan: Plan, experiment: str | None = None, params: dict | None = None, progress: bool = True,
-              planned_seconds: float | None = None, analyze: bool = True) -> StudyOutcome:
+              planned_seconds: float | None = None, analyze: bool = True, n_bootstrap: int = 200) -> StudyOutcome:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -210,7 +210,7 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
     if analyze:
         from .study_report import analyze_study
         try:
-            study.report = analyze_study(study, plan, parent, planned_seconds)
+            study.report = analyze_study(study, plan, parent, planned_seconds, n_bootstrap)
         except Exception as e:  # noqa: BLE001 — the runs are done and kept; the analysis can be redone
             reason = f"{type(e).__name__}: {e}"
             parent.set_tags({"analysis_error": reason[:5000]})
