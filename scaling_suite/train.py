@@ -276,10 +276,10 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{curve[-1][1]:.3f}" if curve else "-",
                         tok_s=f"{tok_s:,.0f}", mem=f"{process_memory(pl.device) / 2**30:.1f}G", refresh=False)
+        if step + 1 in save_at:   # before last.pt: a run resumed from last.pt has its branch points behind it
+            checkpoint(step + 1, ckpt_dir / f"branch_{step + 1}.pt")
         if (step + 1) % d.checkpoint_every == 0 and step + 1 < d.steps:
             checkpoint(step + 1)
-        if step + 1 in save_at:
-            checkpoint(step + 1, ckpt_dir / f"branch_{step + 1}.pt")
     bar.close()
     wall = time.perf_counter() - t0
 
