@@ -148,7 +148,8 @@ def cmd_sweep(args) -> int:
     overrides = {k: getattr(args, k) for k in STUDY_FLAGS if getattr(args, k) not in (None, "")}
     design = None if args.design in (None, "", "auto") else args.design
     budget = None if args.budget in (None, "", "0", "none") else plan_lib.parse_duration(args.budget)
-    plan = plan_lib.make_plan(args.mode, design, overrides)       # validates mode, design, every config
+    branching = args.branching or "auto"
+    plan = plan_lib.make_plan(args.mode, design, overrides, branching)   # validates mode, design, every config
     pick_device(plan.points[0].config.device)
     tracking.init_store()
     if budget:
@@ -157,10 +158,15 @@ def cmd_sweep(args) -> int:
         data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
         print(f"measuring this device's speed for a {args.budget} study ...", flush=True)
         rates = sweep.probe_rates(plan, data)
-        plan = plan_lib.fit_to_time(args.mode, design, budget, rates, overrides)
-        print(f"planned {len(plan.points)} runs, {plan.total_flops():.3g} FLOPs, "
+        plan = plan_lib.fit_to_time(args.mode, design, budget, rates, overrides, branching=branching)
+        print(f"planned {len(plan.points)} runs, {plan.spent_flops():.3g} FLOPs, "
               f"estimated {plan_lib.estimate_seconds(plan, rates):.0f}s of training", flush=True)
-    params = {"mode": args.mode, "design": args.design or "auto", "budget": args.budget or "0"}
+    if plan.branching:
+        print(f"WSD branching: {len(plan.branches())} of {len(plan.points)} runs are cooldown branches; "
+              f"{plan.spent_flops():.3g} FLOPs instead of {plan.total_flops():.3g} "
+              f"({plan.spent_flops() / plan.total_flops():.2f}×)", flush=True)
+    params = {"mode": args.mode, "design": args.design or "auto", "budget": args.budget or "0",
+              "branching": str(plan.branching).lower()}
     study = sweep.run_study(plan, args.experiment, params=params, progress=not args.quiet,
                             planned_seconds=budget, analyze=not args.no_analysis)
     done = sum(c.status != "FAILED" for c in study.children)
@@ -189,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--experiment", default=None, help="MLflow experiment (default: scaling-suite)")
     for k in STUDY_FLAGS:
         w.add_argument(f"--{k}", default=None, help="applies to every run of the study")
+    w.add_argument("--branching", default="auto",
+                   help="auto | true | false: train wsd runs that differ only in D as cooldown branches of one "
+                        "trunk (auto: when --schedule wsd)")
     w.add_argument("--no_analysis", action="store_true", help="train only; analyze later")
     w.add_argument("--quiet", action="store_true", help="no progress bars")
     w.set_defaults(fn=cmd_sweep)

@@ -8,6 +8,23 @@ Designs (all log-spaced, so each decade gets equal weight in a log-log fit):
 
 A mode is a design plus sizes and budgets chosen for a kind of machine. The shape dial is
 ``depth`` (see model.py): with aspect 32 and head_dim 16, depth 1..6 gives N ≈ 22k..2.7M on bytes.
+
+WSD cooldown branching (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond
+Fixed Training Durations", §3.2). Under schedule=wsd the learning rate is constant until the last
+cooldown_frac (20%) of a run, so runs that differ only in D share their first steps: the longest
+run of each such group is trained as usual and checkpoints at every shorter run's cooldown start
+(its *trunk*), and each shorter run is a *branch* that starts from that checkpoint and trains only
+its cooldown. A branch costs cooldown_frac of its FLOPs; a group costs (1 - f)·D_max + f·ΣD tokens
+instead of ΣD. Two things make a wsd plan branch-friendly, and both apply to every wsd plan,
+branching on or off (so `--branching false` trains the very same runs, for comparison):
+- warmup: the default warmup is min(N, warmup_max_frac · D) (Porian et al. 2024 §4.2), which
+  depends on D and so would split every group whose short runs hit the cap. WSD's point is a
+  schedule that does not depend on the length, so a wsd plan fixes each group's warmup_tokens to
+  that rule at the group's shortest D (logged as the param; see length_free_warmup).
+- quick's grid: 3 budgets 2× apart with depth 5 at one budget only would save just 30%
+  (0.8·D_max + 0.2·ΣD per depth). The wsd grid (MODES["quick"]["wsd"]) is 5 budgets √2 apart,
+  6e11..2.4e12, with depths 1-5 at each: 25 runs at about half their independent cost, and less
+  compute in total than the cosine quick study's 13 runs.
 """
 
 from __future__ import annotations
@@ -34,21 +51,63 @@ class Plan:
     mode: str
     design: str
     points: tuple[Point, ...]
+    branching: bool = False     # train wsd runs that differ only in D as cooldown branches of one trunk
+    length_free_warmup: bool = False   # warmup_tokens was fixed per group (length_free_warmup); scale() redoes it
 
     @property
     def key(self) -> str:
-        """Identifies the study: the same plan on the same data is the same study (idempotence)."""
-        blob = json.dumps([self.mode, self.design, [p.config.to_params() for p in self.points]], sort_keys=True)
+        """Identifies the study: the same plan on the same data is the same study (idempotence).
+        A branching study is another study than the independent one of the same runs."""
+        parts = [self.mode, self.design, [p.config.to_params() for p in self.points]]
+        blob = json.dumps(parts + (["branching"] if self.branching else []), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def total_flops(self) -> float:
+        """FLOPs of the plan's runs trained independently (the sum of their C)."""
         return sum(p.config.derived().C for p in self.points)
 
-    def describe(self) -> list[dict]:
-        rows = []
-        for p in self.points:
+    def branches(self) -> dict[int, tuple[int, int]]:
+        """Point index -> (index of its trunk point, branch step), for the points trained as branches.
+
+        Greedy, longest D first: a point branches from the first longer trunk it is compatible with
+        (train.branch_problem: same params but the budget, same lr before its cooldown start), else
+        it becomes a trunk itself."""
+        if not self.branching:
+            return {}
+        from .train import branch_problem, cooldown_start
+
+        derived = [p.config.derived() for p in self.points]
+        out, trunks = {}, []
+        for i in sorted(range(len(self.points)), key=lambda i: -derived[i].steps):
+            cfg, d = self.points[i].config, derived[i]
+            s = cooldown_start(cfg, d)
+            t = next((t for t in trunks if derived[t].steps > d.steps
+                      and branch_problem(self.points[t].config, cfg, s) is None), None)
+            if t is None:
+                trunks.append(i)
+            else:
+                out[i] = (t, s)
+        return out
+
+    def spent(self) -> list[float]:
+        """FLOPs each point actually computes: a branch only the steps after its branch step."""
+        br, out = self.branches(), []
+        for i, p in enumerate(self.points):
             d = p.config.derived()
-            rows.append({"depth": p.config.depth, "N": d.N, "D": d.D, "C": d.C, "steps": d.steps, **p.tags})
+            out.append(d.C - (br[i][1] * p.config.batch_tokens * d.flops_per_token if i in br else 0))
+        return out
+
+    def spent_flops(self) -> float:
+        return sum(self.spent())
+
+    def describe(self) -> list[dict]:
+        rows, br = [], self.branches()
+        for i, p in enumerate(self.points):
+            d = p.config.derived()
+            row = {"depth": p.config.depth, "N": d.N, "D": d.D, "C": d.C, "steps": d.steps, **p.tags}
+            if i in br:
+                row.update(branch_of_point=br[i][0], branch_step=br[i][1])
+            rows.append(row)
         return rows
 
 
@@ -71,9 +130,13 @@ MODES: dict[str, dict] = {
     # size won, so the budgets start at 6e11, where the minimum is bracketed. Narrow models
     # (aspect 16, heads of 8) give sizes 2-3× apart: N 7.5k..418k (1.75 decades). About 12
     # minutes on the reference 2-core CPU (README, "Modes").
+    # With schedule=wsd: the branch-friendly grid of the same range (module docstring): 5 budgets
+    # √2 apart, every depth at every budget, so each depth's 5 runs share one trunk.
     "quick": dict(design="isoflop", budgets=[6e11, 1.2e12, 2.4e12],
                   depths={6e11: [1, 2, 3, 4], 1.2e12: [1, 2, 3, 4], 2.4e12: [1, 2, 3, 4, 5]},
-                  base=dict(aspect=16, head_dim=8, context=64, batch_tokens=8192, eval_tokens=16384)),
+                  base=dict(aspect=16, head_dim=8, context=64, batch_tokens=8192, eval_tokens=16384),
+                  wsd=dict(budgets=[6e11, 8.5e11, 1.2e12, 1.7e12, 2.4e12],
+                           depths={c: [1, 2, 3, 4, 5] for c in (6e11, 8.5e11, 1.2e12, 1.7e12, 2.4e12)})),
     # For a laptop GPU (MPS) or a CUDA card: 4 budgets × 5 sizes.
     "dev": dict(design="isoflop", budgets=[1e13, 3e13, 1e14, 3e14],
                 depths={c: [2, 3, 4, 5, 6] for c in (1e13, 3e13, 1e14, 3e14)},
@@ -104,8 +167,59 @@ def d_sweep(depth: int, tokens: list[float], base: dict, mode: str) -> Plan:
     return Plan(mode, "d_sweep", pts)
 
 
-def make_plan(mode: str, design: str | None = None, overrides: dict | None = None) -> Plan:
-    """The plan of MODE, in its own design or in DESIGN (same sizes and compute scale)."""
+BRANCHING = ("auto", "true", "false")
+
+
+def make_plan(mode: str, design: str | None = None, overrides: dict | None = None,
+              branching: str | bool = "auto") -> Plan:
+    """The plan of MODE, in its own design or in DESIGN (same sizes and compute scale).
+
+    BRANCHING: auto (on when schedule=wsd), true or false. A wsd plan gets the mode's wsd grid
+    and length-free warmups either way (module docstring)."""
+    plan = _make_plan(mode, design, overrides)
+    wsd = plan.points[0].config.schedule == "wsd"
+    choice = str(branching).lower()
+    if choice not in BRANCHING:
+        raise SuiteError(f"branching must be one of {', '.join(BRANCHING)}, got {branching!r}")
+    if choice == "true" and not wsd:
+        raise SuiteError("branching needs schedule=wsd (a constant learning rate until the cooldown), "
+                         f"got schedule={plan.points[0].config.schedule}")
+    if choice == "true" and plan.points[0].config.early_stop:
+        raise SuiteError("branching and early_stop do not combine: a trunk stopped early has no checkpoints "
+                         "for its longer-lived branches")
+    on = wsd and not plan.points[0].config.early_stop if choice == "auto" else choice == "true"
+    fix = wsd and "warmup_tokens" not in (overrides or {})
+    points = length_free_warmup(plan.points) if fix else plan.points
+    return Plan(plan.mode, plan.design, points, branching=on, length_free_warmup=fix)
+
+
+def length_free_warmup(points) -> tuple[Point, ...]:
+    """Each group of runs that differ only in the budget gets one warmup_tokens: the default rule,
+    min(N, warmup_max_frac · D) (Porian et al. 2024 §4.2), at the group's shortest D. Under WSD
+    the schedule up to the cooldown must not depend on the run's length (Hägele et al. 2024 §3),
+    else the runs of a group cannot share a trunk (train.branch_problem)."""
+    from .train import BRANCH_FIELDS
+
+    def group(c):
+        return tuple(v for k, v in sorted(c.to_params().items()) if k not in BRANCH_FIELDS)
+
+    shortest = {}
+    for p in points:
+        d = p.config.derived()
+        g = group(p.config)
+        shortest[g] = min(shortest.get(g, math.inf), d.D)
+    out = []
+    for p in points:
+        c = p.config
+        if c.warmup_tokens >= 0:
+            out.append(p)
+            continue
+        warm = min(c.derived().N, c.warmup_max_frac * shortest[group(c)])
+        out.append(Point(c.replace(warmup_tokens=float(round(warm))), p.tags))
+    return tuple(out)
+
+
+def _make_plan(mode: str, design: str | None, overrides: dict | None) -> Plan:
     if mode not in MODES:
         raise SuiteError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     spec = MODES[mode]
@@ -113,6 +227,8 @@ def make_plan(mode: str, design: str | None = None, overrides: dict | None = Non
     if design not in DESIGNS:
         raise SuiteError(f"unknown design {design!r}; choose one of: {', '.join(DESIGNS)}")
     base = {**spec["base"], **(overrides or {})}
+    if "wsd" in spec and make_config(**base, D=1e9).schedule == "wsd":
+        spec = {**spec, **spec["wsd"]}
     depths = sorted({k for v in (spec["depths"].values() if isinstance(spec.get("depths"), dict)
                                  else [spec["depths"]]) for k in v})
     if design == "isoflop":
@@ -140,18 +256,20 @@ def estimate_seconds(plan: Plan, rate: dict[int, float], per_run_s: float = 2.0)
 
     An evaluation is a forward pass only, a third of a training step's FLOPs (Kaplan et al. 2020
     Table 1: backward = 2 × forward); per_run_s covers opening the MLflow run and checkpoints.
+    A branch trains (and evaluates) only its cooldown.
     """
-    total = 0.0
-    for p in plan.points:
+    total, spent = 0.0, plan.spent()
+    for i, p in enumerate(plan.points):
         d = p.config.derived()
+        part = spent[i] / d.C
         n_evals = d.steps // d.eval_every + 1
         eval_flops = n_evals * p.config.eval_tokens * d.flops_per_token / 3
-        total += (d.C + eval_flops) / rate[p.config.depth] + per_run_s
+        total += part * (d.C + eval_flops) / rate[p.config.depth] + per_run_s
     return total
 
 
 def fit_to_time(mode: str, design: str | None, seconds: float, rate: dict[int, float],
-                overrides: dict | None = None, overhead_s: float = 40.0) -> Plan:
+                overrides: dict | None = None, overhead_s: float = 40.0, branching: str | bool = "auto") -> Plan:
     """The largest plan of the design whose estimated wall time fits SECONDS.
 
     RATE is this device's measured training FLOP/s per depth (sweep.probe_rates). The mode's
@@ -159,7 +277,7 @@ def fit_to_time(mode: str, design: str | None, seconds: float, rate: dict[int, f
     spacing, tokens per parameter) is kept and only its scale moves; a run too small for one
     optimizer step is an error, never silently dropped. overhead_s: set-up and the analysis.
     """
-    base = make_plan(mode, design, overrides)
+    base = make_plan(mode, design, overrides, branching)
     target = seconds - overhead_s
     if target <= 0:
         raise SuiteError(f"a budget of {seconds:.0f}s is too small: set-up and analysis alone take about {overhead_s:.0f}s")
@@ -186,8 +304,11 @@ def scale(plan: Plan, factor: float) -> Plan:
         tags = dict(p.tags)
         if "C_budget" in tags:
             tags["C_budget"] = f"{float(tags['C_budget']) * factor:.3g}"
+        if plan.length_free_warmup:   # redone for the new lengths below
+            changed["warmup_tokens"] = -1.0
         pts.append(Point(make_config(**{**c.to_params(), **changed}), tags))
-    return Plan(plan.mode, plan.design, tuple(pts))
+    pts = length_free_warmup(pts) if plan.length_free_warmup else tuple(pts)
+    return Plan(plan.mode, plan.design, pts, plan.branching, plan.length_free_warmup)
 
 
 def parse_duration(text: str) -> float:

@@ -36,7 +36,7 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
              "N = non-embedding + output head (Porian et al. 2024); C = (6N + 6·depth·context·d_model)·D"]
     result = report.build_report(runs, curves, out_dir=out, loss_col="final_val_loss", n_bootstrap=n_bootstrap,
                                  source=f"MLflow study {parent.run_id}", notes=notes)
-    facts = {"early_stop": early_stop_errors(client, runs["run_id"]),
+    facts = {"early_stop": early_stop_errors(client, runs["run_id"]), "compute": compute_spent(client, runs),
              "wall_seconds": study.wall_seconds, "planned_seconds": planned_seconds,
              "monotone_in_N": monotone_in_N(runs),
              "artifact_uri": client.get_run(parent.run_id).info.artifact_uri}
@@ -58,12 +58,26 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
                     if _finite(es.get(k))})
     if _finite(facts["alpha_N"].get("value")):
         metrics["alpha_N"] = facts["alpha_N"]["value"]
+    metrics.update({k: v for k, v in facts["compute"].items() if _finite(v)})
     parent.log_metrics(metrics, step=0)
     text = summary(result, facts, plan)
     parent.log_text(text, "analysis/summary.txt")
     print(text)
     result["study"] = facts
     return result
+
+
+def compute_spent(client, runs) -> dict:
+    """FLOPs the study's runs actually computed (their C_spent: a WSD branch computes only its
+    cooldown, plan.py) against the same runs trained independently (the sum of their C)."""
+    independent = float(runs["C"].astype(float).sum())
+    spent, branches = 0.0, 0
+    for rid, C in zip(runs["run_id"], runs["C"].astype(float)):
+        r = client.get_run(rid)
+        spent += r.data.metrics.get("C_spent", C)     # runs from before C_spent existed: all of C
+        branches += "branch_of" in r.data.tags
+    return {"C_spent": spent, "C_independent": independent,
+            "C_spent_ratio": spent / independent if independent > 0 else math.nan, "branches": branches}
 
 
 def early_stop_errors(client, run_ids) -> dict:
@@ -132,6 +146,11 @@ def summary(result: dict, facts: dict, plan) -> str:
         lines.append(f"predicted loss at {e['target']}={e['value']:.3g}: {e['loss']:.3f}"
                      + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "") + f" via {e['via']}, "
                      f"{e['extrapolation_factor']:.3g}× beyond the data" + (" (!)" if e.get("warning") else ""))
+    c = facts["compute"]
+    lines.append(f"compute: {c['C_spent']:.3g} FLOPs spent; the same runs trained independently: "
+                 f"{c['C_independent']:.3g} FLOPs; ratio {c['C_spent_ratio']:.2f}"
+                 + (f" ({c['branches']} runs were WSD cooldown branches of a shared trunk, Hägele et al. 2024)"
+                    if c["branches"] else ""))
     es = facts["early_stop"]
     if "predict_error_median" in es:
         lines.append(f"early-stop prediction from 25% of each run: median error {es['predict_error_median']:.1%}, "

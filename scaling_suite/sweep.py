@@ -4,6 +4,15 @@ Idempotent and crash-safe: a child already FINISHED with the same params and cod
 skipped; an interrupted child (left RUNNING by a kill, or KILLED) resumes from its checkpoint
 artifact; a child that fails (NaN, out of memory) is recorded FAILED with the reason and the study
 goes on. Nothing finished is ever trained twice, and nothing is lost when the process dies.
+
+WSD cooldown branching (plan.py's docstring; Hägele et al. 2024 §3.2): a trunk is an ordinary
+child that also keeps checkpoints/branch_<step>.pt at its branches' cooldown starts; each branch is
+a child with the same params as the independent run, tags branch_of=<trunk run id> and
+branch_step=<step>, the trunk's metric history up to that step (tag history_from_trunk: the tokens
+up to which the points are copied), then its own cooldown. Both kinds go through run_child, so a
+kill mid-trunk or mid-branch resumes from the run's own last checkpoint, a branch killed before its
+first checkpoint restarts from the trunk's (never retraining the trunk), and finished runs are
+skipped.
 """
 
 from __future__ import annotations
@@ -42,13 +51,16 @@ def code_version() -> str:
 
 def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
               data: data_lib.TokenData | None = None, progress: bool = True,
-              resume_running: bool = True, study_key: str | None = None, bar_position: int = 0) -> ChildOutcome:
+              resume_running: bool = True, study_key: str | None = None, bar_position: int = 0,
+              save_at_steps=(), branch: tuple[str | None, int] | None = None) -> ChildOutcome:
     """Train CFG as a child of PARENT_RUN_ID unless an identical child already finished.
 
     A child matches when its params equal CFG's and its code_version tag equals this code's. It is
     looked up by study_key (so a re-run of the study under a new parent, as `mlflow run` makes,
     still finds it and adopts it) or else among PARENT_RUN_ID's children. resume_running=False
     is for distributed workers, where a RUNNING child may be alive on another machine.
+    SAVE_AT_STEPS: a WSD trunk's branch steps. BRANCH: (trunk run id, step) to train CFG as a
+    cooldown branch of that trunk; without the trunk's checkpoint it is trained from scratch (said).
     """
     client = tracking.init_store()
     params, code = cfg.to_params(), code_version()
@@ -75,8 +87,12 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
     if resume_id:
         tracking.adopt(client, resume_id, parent_run_id)
     ckpt = tracker.fetch_checkpoint(tracking.scratch_dir()) if resume_id else None
+    branch_ckpt = None
+    if branch and ckpt is None:
+        branch_ckpt = start_branch(tracker, cfg, *branch)
     try:
-        result = train(cfg, tracker, data=data, resume_from=ckpt, progress=progress, bar_position=bar_position)
+        result = train(cfg, tracker, data=data, resume_from=ckpt, progress=progress, bar_position=bar_position,
+                       save_at_steps=save_at_steps, branch_from=branch_ckpt)
     except (TrainingFailed, SuiteError, RuntimeError) as e:
         # RuntimeError covers out-of-memory from torch; the study goes on without this point.
         reason = str(e) if isinstance(e, SuiteError) else f"{type(e).__name__}: {e}"
@@ -89,6 +105,29 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
     tracker.finish("FINISHED")
     return ChildOutcome("FINISHED", tracker.run_id, result.final_val_loss, d.C, result.wall_seconds,
                         resumed=ckpt is not None)
+
+
+# What a branch copies from its trunk (the per-step and per-evaluation histories, not the trunk's
+# own final-loss predictions, which aim at the trunk's end).
+TRUNK_HISTORY = ("train_loss", "lr", "tokens", "flops", "tokens_per_second", "val_loss", "val_bpb", "mem_gb")
+
+
+def start_branch(tracker, cfg: RunConfig, trunk_run_id: str | None, step: int):
+    """Tag TRACKER's run as a branch of the trunk, copy the trunk's history up to STEP once, and
+    return the trunk's checkpoint at STEP; None (and a line saying so) when the trunk has none."""
+    ckpt = tracker.fetch_branch_checkpoint(trunk_run_id, step, tracking.scratch_dir()) if trunk_run_id else None
+    if ckpt is None:
+        d = cfg.derived()
+        print(f"{tracking.run_name(d.N, d.D)}: trunk {trunk_run_id} has no checkpoint at step {step}; "
+              f"training it from scratch")
+        tracker.set_tags({"branch_fallback": f"trunk {trunk_run_id} had no checkpoint at step {step}"})
+        return None
+    tokens = step * cfg.batch_tokens
+    tags = tracker.client.get_run(tracker.run_id).data.tags
+    if tags.get("history_from_trunk") != str(tokens):   # a restarted branch has its copy already
+        tracker.copy_history(trunk_run_id, TRUNK_HISTORY, tokens)
+    tracker.set_tags({"branch_of": trunk_run_id, "branch_step": str(step), "history_from_trunk": str(tokens)})
+    return ckpt
 
 
 @dataclass
@@ -114,7 +153,7 @@ def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.Ml
 
 
 def run_study(plan: Plan, experiment: str | None = None, params: dict | None = None, progress: bool = True,
-              planned_seconds: float | None = None, analyze: bool = True) -> StudyOutcome:
+              planned_seconds: float | None = None, analyze: bool = True, n_bootstrap: int = 200) -> StudyOutcome:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -123,25 +162,40 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
     data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
     parent = open_parent(plan, experiment, params or {"mode": plan.mode, "design": plan.design})
     parent.log_text(json.dumps(plan.describe(), indent=1), "plan.json")
-    total = plan.total_flops()
+    branches = plan.branches()
+    saves: dict[int, list[int]] = {}
+    for i, (t, s) in branches.items():
+        saves.setdefault(t, []).append(s)
+    # Each trunk is followed by its branches (longest first); a branch needs its trunk's checkpoints.
+    order = []
+    for i in range(len(plan.points)):
+        if i not in branches:
+            order += [i] + sorted((j for j in branches if branches[j][0] == i), key=lambda j: -branches[j][1])
+    spent = plan.spent()
+    total = sum(spent)
     bar = tqdm(total=total, unit="FLOP", unit_scale=True, disable=None if progress else True, position=0,
                desc=f"{plan.mode} study", dynamic_ncols=True)
-    outcomes, flops_done = [], 0.0
+    outcomes, flops_done, run_ids = [], 0.0, {}
     try:
-        for i, p in enumerate(plan.points):
+        for k, i in enumerate(order):
+            p = plan.points[i]
+            branch = (run_ids.get(branches[i][0]), branches[i][1]) if i in branches else None
             out = run_child(p.config, parent.run_id, {**p.tags, "mode": plan.mode, "role": "train"}, data=data,
-                            progress=progress, study_key=plan.key, bar_position=1)
+                            progress=progress, study_key=plan.key, bar_position=1, save_at_steps=saves.get(i, ()),
+                            branch=branch)
+            run_ids[i] = out.run_id
             outcomes.append(out)
-            bar.update(out.C)
-            flops_done += out.C
-            bar.set_postfix(runs=f"{i + 1}/{len(plan.points)}", last=f"{out.status} {out.final_val_loss:.3f}")
+            bar.update(spent[i])
+            flops_done += spent[i]
+            bar.set_postfix(runs=f"{k + 1}/{len(plan.points)}", last=f"{out.status} {out.final_val_loss:.3f}")
             if progress:  # one line per run, also where no bar is drawn (a log, CI)
-                spent = time.perf_counter() - t0
-                eta = spent / flops_done * (total - flops_done)
+                elapsed = time.perf_counter() - t0
+                eta = elapsed / flops_done * (total - flops_done)
                 d = p.config.derived()
-                tqdm.write(f"[{i + 1}/{len(plan.points)}] {tracking.run_name(d.N, d.D)} {out.status:8s} "
-                           f"final_val_loss={out.final_val_loss:.4f}  {spent:.0f}s elapsed, ETA {eta:.0f}s")
-            parent.log_metrics({"runs_done": i + 1, "flops_done": flops_done}, step=i + 1)
+                kind = f" (branch at step {branches[i][1]})" if i in branches else ""
+                tqdm.write(f"[{k + 1}/{len(plan.points)}] {tracking.run_name(d.N, d.D)}{kind} {out.status:8s} "
+                           f"final_val_loss={out.final_val_loss:.4f}  {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+            parent.log_metrics({"runs_done": k + 1, "flops_done": flops_done}, step=k + 1)
     except BaseException:
         bar.close()
         parent.finish("KILLED", "interrupted")
@@ -156,7 +210,7 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
     if analyze:
         from .study_report import analyze_study
         try:
-            study.report = analyze_study(study, plan, parent, planned_seconds)
+            study.report = analyze_study(study, plan, parent, planned_seconds, n_bootstrap)
         except Exception as e:  # noqa: BLE001 — the runs are done and kept; the analysis can be redone
             reason = f"{type(e).__name__}: {e}"
             parent.set_tags({"analysis_error": reason[:5000]})

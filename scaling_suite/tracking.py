@@ -200,6 +200,24 @@ class MlflowTracker(NullTracker):
             return None
         return Path(self.client.download_artifacts(self.run_id, CHECKPOINT, str(dst_dir)))
 
+    def fetch_branch_checkpoint(self, trunk_run_id: str, step: int, dst_dir) -> Path | None:
+        """The trunk's checkpoint at STEP (checkpoints/branch_<step>.pt), or None if it has none."""
+        path = f"checkpoints/branch_{step}.pt"
+        if not any(f.path == path for f in self.client.list_artifacts(trunk_run_id, "checkpoints")):
+            return None
+        return Path(self.client.download_artifacts(trunk_run_id, path, str(dst_dir)))
+
+    def copy_history(self, src_run_id: str, keys, max_step: int) -> int:
+        """Log SRC_RUN_ID's points of KEYS with MLflow step <= MAX_STEP to this run (a branch
+        carries its trunk's first steps, so its curves are whole in the UI and in load_curves)."""
+        from mlflow.entities import Metric
+
+        points = [Metric(k, m.value, m.timestamp, m.step) for k in keys
+                  for m in self.client.get_metric_history(src_run_id, k) if m.step <= max_step]
+        for i in range(0, len(points), self.FLUSH_POINTS):
+            self._timed(self.client.log_batch, self.run_id, metrics=points[i:i + self.FLUSH_POINTS])
+        return len(points)
+
     def finish(self, status: str = "FINISHED", reason: str = "") -> None:
         try:
             if reason:

@@ -89,30 +89,74 @@ def evaluate(model: GPT, val: torch.Tensor, micro: int, device, precision: str) 
     return total / n
 
 
-def save_checkpoint(path: Path, model, opt, step: int, cfg: RunConfig, curve, train_losses, predictions) -> None:
+def save_checkpoint(path: Path, model, opt, step: int, cfg: RunConfig, curve, train_losses, predictions,
+                    branched_at: int = 0) -> None:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
              "config": cfg.to_params(), "curve": curve, "train_losses": train_losses,
-             "predictions": [asdict(p) for p in predictions], "torch_rng": torch.get_rng_state()}
+             "predictions": [asdict(p) for p in predictions], "torch_rng": torch.get_rng_state(),
+             "branched_at": branched_at}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: a kill mid-write never leaves a truncated checkpoint
 
 
-def load_checkpoint(path: Path, cfg: RunConfig) -> dict:
+# A branch (below) may start from a checkpoint of a run that differs in these fields only: the
+# budget, and how often evaluations and checkpoints happen (neither changes the numerics).
+BRANCH_FIELDS = ("D", "C", "tokens_per_param", "eval_every", "checkpoint_every")
+
+
+def load_checkpoint(path: Path, cfg: RunConfig, branch: bool = False) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
         raise SuiteError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if state["config"] != cfg.to_params():
+    if branch:
+        check_branch(state, cfg, path)
+    elif state["config"] != cfg.to_params():
         diff = [k for k in state["config"] if state["config"][k] != cfg.to_params().get(k)]
         raise SuiteError(f"checkpoint {path} was made with a different config ({', '.join(diff)})")
     return state
 
 
+def check_branch(state: dict, cfg: RunConfig, path) -> None:
+    """Refuse a checkpoint that cannot start CFG as a branch (branch_problem)."""
+    problem = branch_problem(config_from_params(state["config"]), cfg, state["step"])
+    if problem:
+        raise SuiteError(f"checkpoint {path} cannot start a branch: {problem}")
+
+
+def branch_problem(trunk: RunConfig, cfg: RunConfig, s: int) -> str | None:
+    """Why CFG cannot be a WSD cooldown branch of TRUNK taken at step S, or None if it can.
+
+    Hägele et al. 2024 §3.2: a branch continues from the trunk's state at step s and cools down
+    over its own last cooldown_frac. That equals training CFG from scratch only when the two runs
+    differ in the budget alone and their learning rates agree at every step before s (the same
+    warmup, and s no later than either run's cooldown start)."""
+    diff = [k for k in cfg.to_params() if k not in BRANCH_FIELDS and getattr(trunk, k) != getattr(cfg, k)]
+    if diff:
+        return f"the trunk differs in {', '.join(diff)}"
+    if cfg.schedule != "wsd":
+        return f"only a wsd run can branch, got schedule={cfg.schedule}"
+    td, d = trunk.derived(), cfg.derived()
+    if not 0 < s <= cooldown_start(cfg, d) or s > cooldown_start(trunk, td):
+        return (f"step {s} is not within the constant phase of both runs (cooldown starts at step "
+                f"{cooldown_start(cfg, d)} here, {cooldown_start(trunk, td)} in the trunk)")
+    # Past both warmups and before both cooldowns the lr is the (equal) peak: only the warmup
+    # steps need comparing.
+    if any(lr_at(k, trunk, td) != lr_at(k, cfg, d) for k in range(min(s, max(td.warmup_steps, d.warmup_steps)))):
+        return (f"the trunk's learning rate before step {s} differs from this run's "
+                f"(warmup {td.warmup_steps} vs {d.warmup_steps} steps)")
+    return None
+
+
 def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
           resume_from: Path | None = None, halt_at_step: int | None = None,
           checkpoint_dir: Path | None = None, progress: bool = True, tags: dict | None = None,
-          bar_position: int = 0) -> RunResult:
+          bar_position: int = 0, save_at_steps=(), branch_from: Path | None = None) -> RunResult:
+    """SAVE_AT_STEPS: also checkpoint the state after these steps as checkpoints/branch_<step>.pt
+    (a WSD trunk keeps them for its branches). BRANCH_FROM: start from such a checkpoint of
+    another run (the trunk) that differs only in the budget (check_branch); the run is then
+    CFG's own, with the trunk's first steps. Resuming an interrupted branch uses RESUME_FROM."""
     tracker = tracker or NullTracker()
     d = cfg.derived()
     pl = place(cfg.device, cfg.precision, cfg.micro_batch, d.shape, d.batch_size)
@@ -128,14 +172,18 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
                             fused=pl.device.type in ("cpu", "cuda"))
     start, curve, train_losses, predictions = 0, [], [], []
     lrs = np.array([lr_at(s, cfg, d) for s in range(d.steps)]) / cfg.lr   # for the predictor
-    if resume_from is not None:
-        state = load_checkpoint(Path(resume_from), cfg)
+    branched_at = 0                 # steps taken over from a trunk (BRANCH_FROM), not computed here
+    if resume_from is not None or branch_from is not None:
+        state = load_checkpoint(Path(branch_from or resume_from), cfg, branch=branch_from is not None)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start, curve = state["step"], [tuple(p) for p in state["curve"]]
         train_losses = list(state["train_losses"])
         predictions = [earlystop.Prediction(**p) for p in state["predictions"]]
+        branched_at = state.get("branched_at", 0)
+        if branch_from is not None:
+            branched_at = start
 
     # Everything about the run goes to the tracker before the first step, so a run that dies
     # early is still traceable: config as params, sizes as metrics, placement as tags.
@@ -150,10 +198,10 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "last.pt"
 
-    def checkpoint(step):
-        save_checkpoint(ckpt_path, model, opt, step, cfg, curve, train_losses, predictions)
+    def checkpoint(step, path=ckpt_path):
+        save_checkpoint(path, model, opt, step, cfg, curve, train_losses, predictions, branched_at)
         tracker.flush()  # metrics up to this step are durable together with the checkpoint
-        tracker.log_artifact(ckpt_path, "checkpoints")
+        tracker.log_artifact(path, "checkpoints")
 
     def eval_and_log(step):
         loss = evaluate(model, val, pl.micro_batch, pl.device, pl.precision)
@@ -168,13 +216,23 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
 
     def predict(step, val_loss):
         # The val-train gap at this point: val now minus the mean of the last few train losses.
-        recent = train_losses[-max(5, d.steps // 50):]
-        pred = earlystop.predict_final(train_losses, lrs, val_loss - sum(recent) / len(recent),
+        seen = train_losses[:step]
+        recent = seen[-max(5, d.steps // 50):]
+        pred = earlystop.predict_final(seen, lrs, val_loss - sum(recent) / len(recent),
                                        step * cfg.batch_tokens)
         if pred is not None:
             predictions.append(pred)
             tracker.log_metrics({"predicted_final_loss": pred.final_loss, "predicted_final_loss_lo": pred.lo,
                                  "predicted_final_loss_hi": pred.hi}, step=pred.tokens_seen)
+
+    if branch_from is not None:
+        # The trunk's predictions aimed at the trunk's end: redo them for this run's schedule at
+        # the trunk's evaluations (an independent run would make them at its own evaluations).
+        predictions = []
+        for tokens, loss in curve:
+            if cfg.predict_from * d.steps <= tokens // cfg.batch_tokens < start:
+                predict(tokens // cfg.batch_tokens, loss)
+    save_at = {s for s in save_at_steps if start < s < d.steps}
 
     # torch.compile of the training forward (device.py): `true` from the first step; `auto` after
     # timing a few eager steps, and only when the time saved repays the warm-up within this run.
@@ -247,6 +305,8 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{curve[-1][1]:.3f}" if curve else "-",
                         tok_s=f"{tok_s:,.0f}", mem=f"{process_memory(pl.device) / 2**30:.1f}G", refresh=False)
+        if step + 1 in save_at:   # before last.pt: a run resumed from last.pt has its branch points behind it
+            checkpoint(step + 1, ckpt_dir / f"branch_{step + 1}.pt")
         if (step + 1) % d.checkpoint_every == 0 and step + 1 < d.steps:
             checkpoint(step + 1)
     bar.close()
@@ -274,8 +334,11 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     result = RunResult(tracker.run_id, "FINISHED", final, train_loss, final / math.log(2) / bpt,
                        steps_run, d.D, d.C, d.N, wall, (steps_run - start) * cfg.batch_tokens / wall, curve,
                        predicted=stopped, predictions=predictions)
+    # C_spent: the FLOPs this run computed itself; a branch took its first steps from its trunk.
     tracker.log_metrics({"final_val_loss": final, "final_train_loss": train_loss, "val_bpb": result.val_bpb,
-                         "wall_seconds": wall, **d.metrics()}, step=d.D)
+                         "wall_seconds": wall, **d.metrics(),
+                         "C_spent": (steps_run - branched_at) * cfg.batch_tokens * float(d.flops_per_token)},
+                        step=d.D)
     # Logging overhead (issue: ≤ 2% of step time): seconds inside the tracker over the run's wall.
     tracker.flush()
     tracker.log_metrics({"logging_seconds": tracker.log_seconds,

@@ -111,3 +111,13 @@ def test_console_script_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "scaling_suite.cli", "train", "--preset", "nope"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.strip() == "error: unknown preset 'nope'; choose one of: tiny, small, base"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--branching", "true"], "error: branching needs schedule=wsd"),                      # cosine by default
+    (["--schedule", "wsd", "--branching", "yes"], "error: branching must be one of auto, true, false"),
+    (["--schedule", "wsd", "--early_stop", "true", "--branching", "true"], "error: branching and early_stop"),
+])
+def test_sweep_branching_errors_are_one_line(argv, match, mlflow_store, capsys):
+    code, out, err = run_cli(["sweep", "--mode", "quick", "--quiet", *argv], capsys)
+    assert code == 2 and err.startswith(match) and err.count("\n") == 1

@@ -120,3 +120,103 @@ def test_sigkill_mid_study_then_rerun_resumes(mlflow_store, token_cache, tmp_pat
     assert client.get_run(killed_run).info.status == "FINISHED"     # the same run, resumed
     hist = client.get_metric_history(killed_run, "tokens")
     assert hist[-1].step == client.get_run(killed_run).data.metrics["D"]
+
+
+# --- WSD cooldown branching (Hägele et al. 2024 §3.2) ---------------------------------------------
+
+def test_quick_wsd_plan_branches_at_under_0_6_of_the_independent_cost():
+    wsd = plan_lib.make_plan("quick", None, {"schedule": "wsd"})
+    assert wsd.branching and len(wsd.points) == 25 and len({p.tags["C_budget"] for p in wsd.points}) == 5
+    br = wsd.branches()
+    assert len(br) == 20                                    # one trunk per depth: the largest budget
+    for i, (t, s) in br.items():
+        a, b = wsd.points[i].config, wsd.points[t].config
+        assert a.depth == b.depth and a.derived().D < b.derived().D and a.warmup_tokens == b.warmup_tokens
+    assert wsd.spent_flops() <= 0.6 * wsd.total_flops()
+    assert wsd.spent_flops() < plan_lib.make_plan("quick").total_flops()      # cheaper than cosine quick
+    off = plan_lib.make_plan("quick", None, {"schedule": "wsd"}, "false")
+    assert not off.branching and off.branches() == {} and off.spent_flops() == off.total_flops()
+    assert [p.config for p in off.points] == [p.config for p in wsd.points] and off.key != wsd.key
+    assert not plan_lib.make_plan("quick").branching and len(plan_lib.make_plan("quick").points) == 13
+    with pytest.raises(SuiteError, match="branching needs schedule=wsd"):
+        plan_lib.make_plan("quick", None, None, "true")
+    with pytest.raises(SuiteError, match="branching must be one of"):
+        plan_lib.make_plan("quick", None, {"schedule": "wsd"}, "maybe")
+
+
+def wsd_smoke_plan(branching="auto"):
+    # smoke's d_sweep: one size, 5 token budgets 2x apart (8..128 steps): one trunk, 4 branches.
+    return plan_lib.make_plan("smoke", "d_sweep", {"schedule": "wsd", "device": "cpu", "precision": "fp32"},
+                              branching)
+
+
+def final_losses_alone(plan, data):
+    """Each branch's config trained from scratch, independently (no MLflow)."""
+    from scaling_suite.train import train
+    return {p.config.D: train(p.config, data=data, progress=False).final_val_loss
+            for i, p in enumerate(plan.points) if i in plan.branches()}
+
+
+def test_branching_study_matches_independent_runs(mlflow_store, token_cache):
+    from scaling_suite import data as data_lib
+    plan = wsd_smoke_plan()
+    assert len(plan.branches()) == 4
+    study = run_study(plan, "b", progress=False, analyze=True, n_bootstrap=20)
+    assert [c.status for c in study.children] == ["FINISHED"] * 5
+    client = mlflow.MlflowClient(mlflow_store)
+    kids = children(client, study.parent_run_id)
+    (trunk,) = [k for k in kids if "branch_of" not in k.data.tags]
+    branches = [k for k in kids if "branch_of" in k.data.tags]
+    assert len(branches) == 4 and {b.data.tags["branch_of"] for b in branches} == {trunk.info.run_id}
+    assert trunk.data.metrics["C_spent"] == trunk.data.metrics["C"]
+    alone = final_losses_alone(plan, data_lib.load_data("stdlib"))
+    for b in branches:
+        m, step = b.data.metrics, int(b.data.tags["branch_step"])
+        assert m["C_spent"] == pytest.approx(m["C"] * (1 - step / m["steps"]))
+        assert m["final_val_loss"] == pytest.approx(alone[m["D"]], abs=1e-5)
+        tokens = [p.step for p in client.get_metric_history(b.info.run_id, "tokens")]
+        assert tokens[:2] == [0, 2048] and tokens[-1] == m["D"]   # the trunk's steps, then its own
+        assert b.data.tags["history_from_trunk"] == str(step * 2048)
+    ratio = client.get_run(study.parent_run_id).data.metrics["C_spent_ratio"]
+    assert ratio == pytest.approx(plan.spent_flops() / plan.total_flops()) and ratio < 0.7
+    from pathlib import Path
+    summary = Path(client.download_artifacts(study.parent_run_id, "analysis/summary.txt")).read_text()
+    assert f"ratio {ratio:.2f} (4 runs were WSD cooldown branches" in summary
+    again = run_study(plan, "b", progress=False, analyze=False)
+    assert [c.status for c in again.children] == ["SKIPPED"] * 5
+
+
+@pytest.mark.slow   # about 45 s on one core: three studies of 5 runs and 4 independent runs
+def test_kill_mid_trunk_and_mid_branch_then_rerun_resumes(mlflow_store, token_cache, monkeypatch):
+    """A kill mid-trunk resumes the trunk; a kill mid-branch resumes the branch from its own
+    checkpoint; nothing finished is retrained, and the branches still equal independent runs."""
+    from scaling_suite import data as data_lib
+    from scaling_suite import sweep
+    plan = wsd_smoke_plan()
+    real_train, kills, calls = sweep.train, {131072: 62, 262144: 60}, []
+
+    def killed_train(cfg, tracker, **kw):
+        calls.append((cfg.D, kw.get("resume_from") is not None, kw.get("branch_from") is not None))
+        if cfg.D in kills:
+            real_train(cfg, tracker, halt_at_step=kills.pop(cfg.D), **kw)
+            raise KeyboardInterrupt
+        return real_train(cfg, tracker, **kw)
+
+    monkeypatch.setattr(sweep, "train", killed_train)
+    with pytest.raises(KeyboardInterrupt):          # the trunk (D=262144, 128 steps) at step 60
+        run_study(plan, "k", progress=False, analyze=False)
+    with pytest.raises(KeyboardInterrupt):          # the first branch (64 steps, from step 51) at step 62
+        run_study(plan, "k", progress=False, analyze=False)
+    study = run_study(plan, "k", progress=False, analyze=False)
+    assert calls == [(262144, False, False), (262144, True, False), (131072, False, True),
+                     (131072, True, False), (65536, False, True), (32768, False, True), (16384, False, True)]
+    assert [c.status for c in study.children] == ["SKIPPED", "FINISHED", "FINISHED", "FINISHED", "FINISHED"]
+    assert study.children[1].resumed
+    client = mlflow.MlflowClient(mlflow_store)
+    kids = children(client, study.parent_run_id)
+    assert len(kids) == 5 and all(k.info.status == "FINISHED" for k in kids)
+    alone = final_losses_alone(plan, data_lib.load_data("stdlib"))
+    for k in kids:
+        if "branch_of" in k.data.tags:
+            assert k.data.metrics["final_val_loss"] == pytest.approx(alone[k.data.metrics["D"]], abs=1e-5)
+            assert k.data.metrics["C_spent"] < k.data.metrics["C"]

@@ -101,3 +101,41 @@ def test_compile_true_without_support_is_one_line(stdlib, monkeypatch):
     monkeypatch.setattr(train_mod, "compile_support", lambda dev: "no C++ compiler (test)")
     with pytest.raises(SuiteError, match="compile=true, but no C"):
         train(make_config(**SMALL, compile="true"), data=stdlib, progress=False)
+
+
+# WSD cooldown branching (Hägele et al. 2024 §3.2): a trunk at constant lr checkpoints at a shorter
+# run's cooldown start; the branch cools down from there.
+WSD = dict(SMALL, schedule="wsd", D=32 * 1024)
+
+
+def test_branch_equals_an_independent_wsd_run(stdlib, tmp_path):
+    trunk_cfg, short = make_config(**WSD), make_config(**{**WSD, "D": 16 * 1024})
+    from scaling_suite.train import cooldown_start
+    s = cooldown_start(short, short.derived())
+    assert s == 13 < cooldown_start(trunk_cfg, trunk_cfg.derived())
+    trunk = train(trunk_cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path, save_at_steps=[s])
+    assert trunk.status == "FINISHED" and (tmp_path / f"branch_{s}.pt").exists()
+    branch = train(short, data=stdlib, progress=False, branch_from=tmp_path / f"branch_{s}.pt")
+    alone = train(short, data=stdlib, progress=False)
+    assert branch.steps == alone.steps == 16
+    assert branch.final_val_loss == pytest.approx(alone.final_val_loss, abs=1e-6)
+    assert branch.final_train_loss == pytest.approx(alone.final_train_loss, abs=1e-6)
+    # The trunk itself is unchanged by saving branch checkpoints.
+    assert trunk.final_val_loss == pytest.approx(train(trunk_cfg, data=stdlib, progress=False).final_val_loss, abs=1e-6)
+
+
+def test_branch_from_an_incompatible_trunk_is_refused(stdlib, tmp_path):
+    from scaling_suite.errors import SuiteError
+    trunk_cfg = make_config(**WSD)
+    train(trunk_cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path, save_at_steps=[13, 28])
+    short = make_config(**{**WSD, "D": 16 * 1024})
+    with pytest.raises(SuiteError, match="differs in lr"):
+        train(short.replace(lr=1e-3), data=stdlib, progress=False, branch_from=tmp_path / "branch_13.pt")
+    with pytest.raises(SuiteError, match="not within the constant phase"):      # past both cooldown starts
+        train(short, data=stdlib, progress=False, branch_from=tmp_path / "branch_28.pt")
+    # Same params but the default warmup, min(N, 10% of D), which here depends on D: 3 vs 2 steps.
+    auto = dict(WSD, warmup_tokens=-1.0)
+    train(make_config(**auto), data=stdlib, progress=False, checkpoint_dir=tmp_path / "auto", save_at_steps=[13])
+    with pytest.raises(SuiteError, match="warmup 3 vs 2 steps"):
+        train(make_config(**{**auto, "D": 16 * 1024}), data=stdlib, progress=False,
+              branch_from=tmp_path / "auto" / "branch_13.pt")
