@@ -267,7 +267,8 @@ class Objective:
                 "optuna_trial": str(trial.number), "depth": str(cfg.depth)}
         out = run_child(cfg, self.parent, tags=tags, data=self.data, progress=self.progress,
                         study_key=self.study_key, on_eval=on_eval)
-        tokens = out.tokens_trained if math.isfinite(out.tokens_trained) else 0.0
+        # SKIPPED: finished earlier (same config and code), so it counts as a whole run.
+        tokens = self.d.D if out.status == "SKIPPED" else out.tokens_trained if math.isfinite(out.tokens_trained) else 0.0
         trial.set_user_attr("mlflow_run_id", out.run_id)
         trial.set_user_attr("run_status", out.status)
         trial.set_user_attr("flops_trained", tokens * self.d.flops_per_token)
