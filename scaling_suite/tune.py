@@ -215,6 +215,8 @@ def _trial_rows(study) -> list[dict]:
     for t in study.get_trials(deepcopy=False):
         if t.state.name not in ("COMPLETE", "PRUNED", "FAIL") or "lr" not in t.user_attrs:
             continue
+        if t.state.name == "FAIL" and "run_status" not in t.user_attrs:
+            continue     # interrupted (Ctrl-C, kill) before its run ended: not a result, not counted
         u = t.user_attrs
         last = max(t.intermediate_values) if t.intermediate_values else None
         rows.append({"trial": t.number, "state": t.state.name, "lr": u["lr"], "beta2": u["beta2"],
