@@ -92,8 +92,10 @@ def main(argv=None) -> int:
         lr_at = ", ".join(f"width {w}: {b:.3g} ({how})" for w, b, how in bests)
         print(f"{par}: best lr {lr_at}; drift max/min = {drift:.2f}x")
         if par == "mup":
-            ok = drift <= 2
-            print(f"μP transfer within a factor of 2: {'yes' if ok else 'NO'}")
+            edge = any(how == "edge" for _, _, how in bests)
+            ok = drift <= 2 and not edge
+            print(f"μP transfer within a factor of 2: {'yes' if ok else 'NO'}"
+                  + (" (inconclusive: a best lr sits at the edge of the grid; widen --lrs)" if edge else ""))
             verdict = 0 if ok else 1
     return verdict
 
