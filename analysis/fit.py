@@ -20,7 +20,7 @@ from . import laws, models, optim
 from .common import check_positive, jsonable, percentile_interval
 
 LAWS = {"chinchilla": laws.chinchilla, "power_law": laws.power_law, "kaplan": laws.kaplan,
-        "loglinear": laws.loglinear}
+        "loglinear": laws.loglinear, "lr_law": laws.lr_law}
 
 
 @dataclass(frozen=True)
@@ -279,6 +279,40 @@ def fit_loglinear(x, y, level=0.95, x_name="x", y_name="y") -> FitResult:
                      intervals=intervals, stderr=stderr, level=level,
                      extras={"method": "OLS in log space", "x_name": x_name, "y_name": y_name,
                              "dof": dof, "data_range": {x_name: [float(xs.min()), float(xs.max())]}})
+
+
+def fit_lr_law(N, lr_opt, level=0.95) -> FitResult:
+    """lr*(N) = c N^-k through per-size optimal learning rates (laws.lr_law): OLS of log lr on log N
+    (fit_loglinear), with t-intervals on c and k. The optima are few, already smoothed by a
+    parabola each, so OLS with its textbook covariance is the tool (as for allocation exponents).
+    extras hold what `lr_law_band` needs for the confidence band of log lr*(N)."""
+    ll = fit_loglinear(N, lr_opt, level=level, x_name="N", y_name="lr_opt")
+    lx = np.log(check_positive("N", N))
+    ly = np.log(check_positive("lr_opt", lr_opt, lx.size))
+    dof = ll.extras["dof"]
+    intervals = {}
+    if "s" in ll.intervals:
+        intervals = {"c": ll.intervals["k"], "k": (-ll.intervals["s"][1], -ll.intervals["s"][0])}
+    return FitResult(model="lr_law", params={"c": ll.params["k"], "k": -ll.params["s"]}, objective=ll.objective,
+                     n_points=ll.n_points, intervals=intervals,
+                     stderr={"c": ll.stderr["k"], "k": ll.stderr["s"]}, level=level,
+                     extras={"method": "OLS of log lr on log N", "dof": dof, "x_mean": float(lx.mean()),
+                             "sxx": float(np.sum((lx - lx.mean()) ** 2)),
+                             "sigma2": float(ll.objective / dof) if dof > 0 else float("nan"),
+                             "data_range": {"N": [float(np.exp(lx.min())), float(np.exp(lx.max()))],
+                                            "lr_opt": [float(np.exp(ly.min())), float(np.exp(ly.max()))]}})
+
+
+def lr_law_band(fit: FitResult, N):
+    """(lo, hi) confidence band of lr*(N) at fit.level (OLS mean response in log space), or None."""
+    ex = fit.extras
+    if not (ex.get("dof", 0) > 0 and np.isfinite(ex.get("sigma2", np.nan))):
+        return None
+    lx = np.log(np.asarray(N, dtype=float))
+    se = np.sqrt(ex["sigma2"] * (1.0 / fit.n_points + (lx - ex["x_mean"]) ** 2 / ex["sxx"]))
+    t = float(stats.t.ppf(0.5 + fit.level / 2, ex["dof"]))
+    mid = np.log(fit.predict(np.asarray(N, dtype=float)))
+    return np.exp(mid - t * se), np.exp(mid + t * se)
 
 
 # --- validation: leave-one-out and held-out-largest ---------------------------------------------

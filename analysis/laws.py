@@ -41,6 +41,12 @@ def loglinear(x, k, s):
     return k * np.asarray(x, dtype=float) ** s
 
 
+def lr_law(N, c, k):
+    """Peak learning rate of the tuned frontier, lr*(N) = c N^-k (Porian et al. 2024 §4 and Bi et
+    al. 2024 "DeepSeek LLM" §3.1 fit such power laws through per-size optima). N is the suite's N."""
+    return c * np.asarray(N, dtype=float) ** (-np.asarray(k, dtype=float))
+
+
 def chinchilla(N, D, E, A, B, alpha, beta):
     """Hoffmann et al. 2022, §3.3 eq. (2): L(N, D) = E + A / N^alpha + B / D^beta."""
     N = np.asarray(N, dtype=float)

@@ -137,7 +137,7 @@ def cmd_doctor(args) -> int:
 
 
 STUDY_FLAGS = ("dataset", "tokenizer", "vocab_size", "schedule", "lr", "beta2", "seed", "device", "precision",
-               "compile", "early_stop")
+               "compile", "early_stop", "parametrization", "mup_base_width")
 
 
 def cmd_sweep(args) -> int:
@@ -145,7 +145,10 @@ def cmd_sweep(args) -> int:
     from . import sweep, tracking
     from .device import pick_device
 
-    overrides = {k: getattr(args, k) for k in STUDY_FLAGS if getattr(args, k) not in (None, "")}
+    from .tune import parse_lr, resolve_lr
+
+    overrides = {k: getattr(args, k) for k in STUDY_FLAGS if getattr(args, k) not in (None, "") and k != "lr"}
+    lr = parse_lr(args.lr)             # None: auto (the default), resolved below once the plan is final
     design = None if args.design in (None, "", "auto") else args.design
     budget = None if args.budget in (None, "", "0", "none") else plan_lib.parse_duration(args.budget)
     branching = args.branching or "auto"
@@ -161,6 +164,10 @@ def cmd_sweep(args) -> int:
         plan = plan_lib.fit_to_time(args.mode, design, budget, rates, overrides, branching=branching)
         print(f"planned {len(plan.points)} runs, {plan.spent_flops():.3g} FLOPs, "
               f"estimated {plan_lib.estimate_seconds(plan, rates):.0f}s of training", flush=True)
+    from . import data as data_lib
+    first = plan.points[0].config
+    plan, lr_info = resolve_lr(plan, data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size), lr)
+    print(f"learning rates: {lr_info['lr_source']}: {lr_info['lr_rule']}", flush=True)
     if plan.branching:
         print(f"WSD branching: {len(plan.branches())} of {len(plan.points)} runs are cooldown branches; "
               f"{plan.spent_flops():.3g} FLOPs instead of {plan.total_flops():.3g} "
@@ -168,7 +175,7 @@ def cmd_sweep(args) -> int:
     params = {"mode": args.mode, "design": args.design or "auto", "budget": args.budget or "0",
               "branching": str(plan.branching).lower()}
     study = sweep.run_study(plan, args.experiment, params=params, progress=not args.quiet,
-                            planned_seconds=budget, analyze=not args.no_analysis)
+                            planned_seconds=budget, analyze=not args.no_analysis, lr_info=lr_info)
     done = sum(c.status != "FAILED" for c in study.children)
     print(f"study {study.parent_run_id}: {done}/{len(study.children)} runs finished "
           f"({sum(c.status == 'SKIPPED' for c in study.children)} from earlier), {study.wall_seconds:.0f}s")
@@ -194,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--budget", default=None, help="wall-time budget, e.g. 30m: the largest study that fits")
     w.add_argument("--experiment", default=None, help="MLflow experiment (default: scaling-suite)")
     for k in STUDY_FLAGS:
-        w.add_argument(f"--{k}", default=None, help="applies to every run of the study")
+        w.add_argument(f"--{k}", default=None, help="applies to every run of the study" + (
+            "; auto (default): the tuned lr law for this data/design (scaling-suite tune), else a rule" if k == "lr" else ""))
     w.add_argument("--branching", default="auto",
                    help="auto | true | false: train wsd runs that differ only in D as cooldown branches of one "
                         "trunk (auto: when --schedule wsd)")
@@ -211,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_arguments(a)
     a.set_defaults(fn=cmd_analyze)
 
-    from . import optimize
+    from . import optimize, tune
     optimize.register(sub)  # optimize, worker
+    tune.register(sub)      # tune
     return p
 
 

@@ -17,6 +17,7 @@ from .errors import SuiteError
 from .model import ModelShape, count_params, flops_per_token
 
 SCHEDULES = ("cosine", "wsd", "constant")
+PARAMETRIZATIONS = ("standard", "mup")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILES = ("auto", "true", "false")
 TOKENIZERS = ("byte", "bpe")
@@ -33,6 +34,9 @@ class RunConfig:
     aspect: int = 32                 # d_model = depth · aspect, rounded up to whole heads
     head_dim: int = 16
     context: int = 128
+    # parametrization (model.py): standard, or μP (Yang et al. 2022) relative to mup_base_width
+    parametrization: str = "standard"   # standard | mup
+    mup_base_width: int = 0          # μP only: the d_model at which lr was tuned (required with mup)
     # budget: give exactly one of D (tokens), C (FLOPs) or tokens_per_param (D / N)
     D: float = 0.0
     C: float = 0.0
@@ -158,6 +162,11 @@ def validate(c: RunConfig) -> None:
     need(0 <= c.warmup_max_frac < 1 and 0 < c.cooldown_frac < 1, "warmup_max_frac and cooldown_frac must lie in (0, 1)")
     need(c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     need(c.compile in COMPILES, f"compile must be auto, true or false, got {c.compile!r}")
+    need(c.parametrization in PARAMETRIZATIONS,
+         f"unknown parametrization {c.parametrization!r}; choose one of: {', '.join(PARAMETRIZATIONS)}")
+    need(c.mup_base_width >= 0, f"mup_base_width must be non-negative, got {c.mup_base_width}")
+    need(c.parametrization != "mup" or c.mup_base_width >= 1,
+         "parametrization=mup needs mup_base_width, the d_model at which the learning rate is tuned")
     need(c.precision in PRECISIONS, f"unknown precision {c.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     need(c.device == "auto" or c.device in ("cpu", "mps") or c.device.split(":")[0] == "cuda",
          f"unknown device {c.device!r}; choose auto, cpu, cuda, cuda:<i> or mps")

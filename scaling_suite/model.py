@@ -86,9 +86,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, s: ModelShape):
+    def __init__(self, s: ModelShape, scale: float | None = None):
         super().__init__()
         self.n_head = s.n_head
+        self.scale = scale          # None: SDPA's 1/sqrt(head_dim); μP passes 1/head_dim
         # q, k and v in one matmul (as nanoGPT's c_attn): the same function and the same init
         # distribution as three projections, but one larger GEMM, which is what small widths on a
         # CPU are short of (benchmarks/throughput.py).
@@ -100,7 +101,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))      # (B, H, T, hd) each
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return self.o(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -116,10 +117,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, s: ModelShape):
+    def __init__(self, s: ModelShape, attn_scale: float | None = None):
         super().__init__()
         self.norm1 = nn.RMSNorm(s.d_model)
-        self.attn = Attention(s)
+        self.attn = Attention(s, attn_scale)
         self.norm2 = nn.RMSNorm(s.d_model)
         self.mlp = SwiGLU(s)
 
@@ -128,12 +129,40 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+PARAMETRIZATIONS = ("standard", "mup")
+HIDDEN = ("attn.qkv.weight", "attn.o.weight", "mlp.gate_up.weight",
+          "mlp.down.weight")   # matrices whose fan-in and fan-out both grow with width
+
+
 class GPT(nn.Module):
-    def __init__(self, shape: ModelShape):
+    """parametrization="standard" (the default) or "mup": maximal update parametrization (Yang et
+    al. 2022, "Tensor Programs V", Table 3 for Adam, in the relative form of their `mup` package,
+    App. B/J), with width multiplier m = d_model / base_width:
+
+    - hidden matrices: init std divided by sqrt(m) (variance 1/fan_in), Adam lr divided by m;
+    - output head: logits multiplied by 1/m (the MuReadout multiplier; with Adam this gives Table
+      3's init variance 1/fan_in^2 and lr/fan_in for the effective weight), lr unchanged;
+    - embedding and norm gains: unchanged (their fan-in does not grow with width);
+    - attention logits scaled by 1/head_dim instead of 1/sqrt(head_dim) (§4, "attention logit").
+
+    At m = 1 μP differs from standard only in the attention scale, so a learning rate tuned at the
+    base width under μP transfers to other widths (TP5 §1, Figure 1). Width only: depth changes
+    (our dial moves both) are not covered by μP's guarantee.
+    """
+
+    def __init__(self, shape: ModelShape, parametrization: str = "standard", base_width: int = 0):
         super().__init__()
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"unknown parametrization {parametrization!r}")
+        mup = parametrization == "mup"
+        if mup and base_width < 1:
+            raise ValueError("parametrization='mup' needs a base width")
         self.shape = shape
+        self.parametrization = parametrization
+        self.width_mult = shape.d_model / base_width if mup else 1.0
+        head_dim = shape.d_model // shape.n_head
         self.embed = nn.Embedding(shape.vocab_size, shape.d_model)
-        self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.depth))
+        self.blocks = nn.ModuleList(Block(shape, 1.0 / head_dim if mup else None) for _ in range(shape.depth))
         self.norm = nn.RMSNorm(shape.d_model)
         self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
         cos, sin = rope_tables(shape.context, shape.d_model // shape.n_head)
@@ -145,6 +174,13 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("attn.o.weight") or name.endswith("mlp.down.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * shape.depth))
+        if mup:
+            # Rescaling after the standard draws keeps the RNG stream, so the same seed gives the
+            # same weights up to the μP factors (and standard stays bitwise as it was).
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    if name.endswith(HIDDEN):
+                        p.mul_(self.width_mult ** -0.5)
 
     @staticmethod
     def _init(m):
@@ -158,6 +194,8 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin)
         logits = self.head(self.norm(x))
+        if self.width_mult != 1.0:
+            logits = logits / self.width_mult      # μP output multiplier (TP5 Table 3, MuReadout)
         if targets is None:
             return logits
         # Mean cross-entropy in nats per token, computed in fp32 for stability under autocast.
@@ -171,7 +209,18 @@ class GPT(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         # Decay matrices only; gains of RMSNorm and (by convention, nanoGPT) nothing else.
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+        # `lr_scale` multiplies the scheduled lr of a group (train.py): 1 everywhere under standard;
+        # under μP the hidden matrices get 1/m (TP5 Table 3, Adam column: lr/fan_in for hidden
+        # weights, relative to the base width). AdamW's decoupled decay scales with it, as in `mup`.
+        if self.parametrization == "standard":
+            decay = [p for p in self.parameters() if p.dim() >= 2]
+            no_decay = [p for p in self.parameters() if p.dim() < 2]
+            return [{"params": decay, "weight_decay": weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0}]
+        named = list(self.named_parameters())
+        hidden = [p for n, p in named if n.endswith(HIDDEN)]
+        other = [p for n, p in named if not n.endswith(HIDDEN) and p.dim() >= 2]
+        no_decay = [p for n, p in named if p.dim() < 2]
+        return [{"params": hidden, "weight_decay": weight_decay, "lr_scale": 1.0 / self.width_mult},
+                {"params": other, "weight_decay": weight_decay, "lr_scale": 1.0},
+                {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]

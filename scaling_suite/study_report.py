@@ -36,7 +36,8 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
              "N = non-embedding + output head (Porian et al. 2024); C = (6N + 6·depth·context·d_model)·D"]
     result = report.build_report(runs, curves, out_dir=out, loss_col="final_val_loss", n_bootstrap=n_bootstrap,
                                  source=f"MLflow study {parent.run_id}", notes=notes)
-    facts = {"early_stop": early_stop_errors(client, runs["run_id"]), "compute": compute_spent(client, runs),
+    facts = {"learning_rate": lr_facts(getattr(study, "lr_info", None) or {}, runs),
+             "early_stop": early_stop_errors(client, runs["run_id"]), "compute": compute_spent(client, runs),
              "wall_seconds": study.wall_seconds, "planned_seconds": planned_seconds,
              "monotone_in_N": monotone_in_N(runs),
              "artifact_uri": client.get_run(parent.run_id).info.artifact_uri}
@@ -80,6 +81,27 @@ def compute_spent(client, runs) -> dict:
             "C_spent_ratio": spent / independent if independent > 0 else math.nan, "branches": branches}
 
 
+def lr_facts(info: dict, runs) -> dict:
+    """Where the study's learning rates came from (law, mup, rule, fixed), the range used, and a
+    warning when one fixed value spans more than a decade of N: below ~100M parameters the optimal
+    lr moves with size, so a fixed one bends the fitted exponents (Porian et al. 2024 §4; Lourie et
+    al. 2026)."""
+    out = {k: info.get(k) for k in ("lr", "lr_source", "lr_law_run_id", "lr_rule")}
+    lrs = runs["lr"].astype(float) if "lr" in runs else None
+    N = runs["N"].astype(float)
+    if lrs is not None and len(lrs):
+        out["lr_range"] = [float(lrs.min()), float(lrs.max())]
+    decades = float(np.log10(N.max() / N.min())) if len(N) else 0.0
+    out["N_decades"] = decades
+    fixed = out.get("lr_source") == "fixed" or (lrs is not None and len(lrs) and lrs.nunique() == 1
+                                                 and out.get("lr_source") in (None, "fixed"))
+    if fixed and decades > 1:
+        out["warning"] = (f"one fixed learning rate ({lrs.iloc[0]:g}) across {decades:.1f} decades of N: small-N "
+                          "losses are confounded by it (Porian et al. 2024; Lourie et al. 2026); run `scaling-suite "
+                          "tune` and use lr=auto")
+    return out
+
+
 def early_stop_errors(client, run_ids) -> dict:
     """Relative error of the final-loss prediction made at predict_from, against the real end."""
     errs, saves, stable = [], [], []
@@ -120,6 +142,13 @@ def monotone_in_N(runs) -> dict:
 def summary(result: dict, facts: dict, plan) -> str:
     s = result.get("sections", {})
     lines = [f"\n=== {plan.mode} study: {result['data']['n_runs']} runs ==="]
+    lr = facts.get("learning_rate") or {}
+    if lr.get("lr_source"):
+        rng = lr.get("lr_range")
+        lines.append(f"learning rates: {lr['lr_source']} ({lr.get('lr_rule') or ''})"
+                     + (f", {rng[0]:.3g}..{rng[1]:.3g}" if rng and rng[0] != rng[1] else ""))
+    if lr.get("warning"):
+        lines.append(f"warning: {lr['warning']}")
     a = facts["alpha_N"]
     if "value" in a:
         iv = a.get("interval")

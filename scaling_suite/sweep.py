@@ -29,20 +29,21 @@ from .config import RunConfig
 from .device import pick_device, release_memory
 from .errors import SuiteError
 from .plan import Plan
-from .train import TrainingFailed, train
+from .train import Pruned, TrainingFailed, train
 
 INTERRUPTED = ("RUNNING", "KILLED", "SCHEDULED")
 
 
 @dataclass
 class ChildOutcome:
-    status: str                 # FINISHED (trained now), SKIPPED (finished earlier), FAILED
+    status: str                 # FINISHED (trained now), SKIPPED (finished earlier), FAILED, PRUNED
     run_id: str
     final_val_loss: float
     C: float
     wall_seconds: float = 0.0
     resumed: bool = False
     reason: str = ""
+    tokens_trained: float = math.nan   # < D when pruned
 
 
 def code_version() -> str:
@@ -52,7 +53,7 @@ def code_version() -> str:
 def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
               data: data_lib.TokenData | None = None, progress: bool = True,
               resume_running: bool = True, study_key: str | None = None, bar_position: int = 0,
-              save_at_steps=(), branch: tuple[str | None, int] | None = None) -> ChildOutcome:
+              save_at_steps=(), branch: tuple[str | None, int] | None = None, on_eval=None) -> ChildOutcome:
     """Train CFG as a child of PARENT_RUN_ID unless an identical child already finished.
 
     A child matches when its params equal CFG's and its code_version tag equals this code's. It is
@@ -61,6 +62,8 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
     is for distributed workers, where a RUNNING child may be alive on another machine.
     SAVE_AT_STEPS: a WSD trunk's branch steps. BRANCH: (trunk run id, step) to train CFG as a
     cooldown branch of that trunk; without the trunk's checkpoint it is trained from scratch (said).
+    on_eval is train()'s hook; when it raises Pruned the run ends KILLED with tag pruned=true and
+    the tokens it trained, and a later call with the same config returns it as PRUNED without training.
     """
     client = tracking.init_store()
     params, code = cfg.to_params(), code_version()
@@ -73,6 +76,12 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
         run = done[0]
         tracking.adopt(client, run.info.run_id, parent_run_id)
         return ChildOutcome("SKIPPED", run.info.run_id, run.data.metrics.get("final_val_loss", math.nan), d.C)
+    pruned = [r for r in same if r.data.tags.get("pruned") == "true"]
+    if pruned:
+        run = pruned[0]
+        tracking.adopt(client, run.info.run_id, parent_run_id)
+        return ChildOutcome("PRUNED", run.info.run_id, math.nan, d.C, reason=run.data.tags.get("failure_reason", ""),
+                            tokens_trained=run.data.metrics.get("tokens_trained", math.nan))
     failed = [r for r in same if r.info.status == "FAILED"]
     if failed:  # deterministic failures (divergence) would fail again: report, do not retrain
         run = failed[0]
@@ -92,7 +101,15 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
         branch_ckpt = start_branch(tracker, cfg, *branch)
     try:
         result = train(cfg, tracker, data=data, resume_from=ckpt, progress=progress, bar_position=bar_position,
-                       save_at_steps=save_at_steps, branch_from=branch_ckpt)
+                       save_at_steps=save_at_steps, branch_from=branch_ckpt, on_eval=on_eval, tags={"role": tags["role"]} if tags and "role" in tags else None)
+    except Pruned as e:
+        # KILLED (stopped from outside, not broken) and tagged, with the tokens actually trained.
+        tokens = e.step * cfg.batch_tokens
+        tracker.set_tags({"pruned": "true", "pruned_at_tokens": tokens})
+        tracker.log_metrics({"tokens_trained": tokens, "flops_trained": tokens * d.flops_per_token}, step=tokens)
+        tracker.finish("KILLED", str(e))
+        release_memory(pick_device(cfg.device))
+        return ChildOutcome("PRUNED", tracker.run_id, math.nan, d.C, reason=str(e), tokens_trained=tokens)
     except (TrainingFailed, SuiteError, RuntimeError) as e:
         # RuntimeError covers out-of-memory from torch; the study goes on without this point.
         reason = str(e) if isinstance(e, SuiteError) else f"{type(e).__name__}: {e}"
@@ -102,9 +119,11 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
     except BaseException:
         tracker.finish("KILLED", "interrupted")
         raise
+    if on_eval is not None:   # a tuning trial: its compute is compared with pruned ones'
+        tracker.log_metrics({"tokens_trained": d.D, "flops_trained": d.C}, step=d.D)
     tracker.finish("FINISHED")
     return ChildOutcome("FINISHED", tracker.run_id, result.final_val_loss, d.C, result.wall_seconds,
-                        resumed=ckpt is not None)
+                        resumed=ckpt is not None, tokens_trained=d.D)
 
 
 # What a branch copies from its trunk (the per-step and per-evaluation histories, not the trunk's
@@ -136,6 +155,7 @@ class StudyOutcome:
     children: list[ChildOutcome]
     wall_seconds: float
     report: dict = field(default_factory=dict)
+    lr_info: dict = field(default_factory=dict)   # lr, lr_source, lr_law_run_id (tune.resolve_lr)
 
 
 def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.MlflowTracker:
@@ -153,14 +173,19 @@ def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.Ml
 
 
 def run_study(plan: Plan, experiment: str | None = None, params: dict | None = None, progress: bool = True,
-              planned_seconds: float | None = None, analyze: bool = True, n_bootstrap: int = 200) -> StudyOutcome:
+              planned_seconds: float | None = None, analyze: bool = True, n_bootstrap: int = 200,
+              lr_info: dict | None = None) -> StudyOutcome:
+    """lr_info: how the runs' learning rates were chosen (tune.resolve_lr), logged as the parent's
+    params lr, lr_source, lr_law_run_id; without it the plan's own lrs are described (fixed or not)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     first = plan.points[0].config
     # The corpus is loaded (and validated: an empty corpus fails here) before any run starts.
     data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
-    parent = open_parent(plan, experiment, params or {"mode": plan.mode, "design": plan.design})
+    lr_info = lr_info or describe_lr(plan)
+    parent = open_parent(plan, experiment, {**(params or {"mode": plan.mode, "design": plan.design}),
+                                            **{k: lr_info[k] for k in ("lr", "lr_source", "lr_law_run_id")}})
     parent.log_text(json.dumps(plan.describe(), indent=1), "plan.json")
     branches = plan.branches()
     saves: dict[int, list[int]] = {}
@@ -202,7 +227,7 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
         raise
     bar.close()
     wall = time.perf_counter() - t0
-    study = StudyOutcome(parent.run_id, outcomes, wall)
+    study = StudyOutcome(parent.run_id, outcomes, wall, lr_info=lr_info)
     parent.log_metrics({"wall_seconds": wall, "runs_finished": sum(o.status != "FAILED" for o in outcomes),
                         "runs_failed": sum(o.status == "FAILED" for o in outcomes),
                         "total_flops": total, **({"planned_seconds": planned_seconds} if planned_seconds else {})},
@@ -218,6 +243,15 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
                   f"`scaling-suite analyze --parent-run {parent.run_id}`")
     parent.finish("FINISHED")
     return study
+
+
+def describe_lr(plan: Plan) -> dict:
+    """lr_info for a plan whose lrs were set directly: one value (fixed) or several (per_run)."""
+    lrs = sorted({p.config.lr for p in plan.points})
+    if len(lrs) == 1:
+        return {"lr": f"{lrs[0]:g}", "lr_source": "fixed", "lr_law_run_id": "-", "lr_rule": f"fixed lr = {lrs[0]:g}"}
+    return {"lr": "per_run", "lr_source": "per_run", "lr_law_run_id": "-",
+            "lr_rule": f"set per run by the caller, {lrs[0]:g}..{lrs[-1]:g}"}
 
 
 def probe_rates(plan: Plan, data: data_lib.TokenData, steps: int = 12) -> dict[int, float]:

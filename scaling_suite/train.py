@@ -33,6 +33,15 @@ class TrainingFailed(SuiteError):
     """A run that cannot go on (NaN loss, out of memory); a sweep records it FAILED and moves on."""
 
 
+class Pruned(Exception):
+    """Raised by an `on_eval` hook to stop a run early (an Optuna pruner, tune.py); STEP optimizer
+    steps were trained. Not a failure: the caller records the run as pruned."""
+
+    def __init__(self, step: int, reason: str = "pruned"):
+        super().__init__(reason)
+        self.step = step
+
+
 @dataclass
 class RunResult:
     run_id: str | None
@@ -152,11 +161,13 @@ def branch_problem(trunk: RunConfig, cfg: RunConfig, s: int) -> str | None:
 def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
           resume_from: Path | None = None, halt_at_step: int | None = None,
           checkpoint_dir: Path | None = None, progress: bool = True, tags: dict | None = None,
-          bar_position: int = 0, save_at_steps=(), branch_from: Path | None = None) -> RunResult:
+          bar_position: int = 0, save_at_steps=(), branch_from: Path | None = None, on_eval=None) -> RunResult:
     """SAVE_AT_STEPS: also checkpoint the state after these steps as checkpoints/branch_<step>.pt
     (a WSD trunk keeps them for its branches). BRANCH_FROM: start from such a checkpoint of
     another run (the trunk) that differs only in the budget (check_branch); the run is then
-    CFG's own, with the trunk's first steps. Resuming an interrupted branch uses RESUME_FROM."""
+    CFG's own, with the trunk's first steps. Resuming an interrupted branch uses RESUME_FROM.
+    ON_EVAL(step, val_loss), when given, is called after each evaluation before the end of the
+    run, and may raise Pruned to stop it (tune.py reports the loss to an Optuna pruner)."""
     tracker = tracker or NullTracker()
     d = cfg.derived()
     pl = place(cfg.device, cfg.precision, cfg.micro_batch, d.shape, d.batch_size)
@@ -167,7 +178,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     bpt = data_lib.bytes_per_token(data, val)
 
     torch.manual_seed(cfg.seed)
-    model = GPT(d.shape).to(pl.device)
+    model = GPT(d.shape, cfg.parametrization, cfg.mup_base_width).to(pl.device)
     opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=pl.device.type in ("cpu", "cuda"))
     start, curve, train_losses, predictions = 0, [], [], []
@@ -212,6 +223,9 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
                              "mem_gb": process_memory(pl.device) / 2**30}, step=tokens)
         if step >= cfg.predict_from * d.steps and step < d.steps:
             predict(step, loss)
+        if on_eval is not None and step < d.steps:
+            tracker.flush()      # the curve up to a pruning point is in MLflow with the run
+            on_eval(step, loss)
         return loss
 
     def predict(step, val_loss):
@@ -270,7 +284,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         t_step = time.perf_counter()
         lr = lr_at(step, cfg, d)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)      # μP per-group lr (model.param_groups)
         batch = data_lib.train_batch(data, cfg.seed, step, d.batch_size, cfg.context).to(pl.device)
         loss_sum = torch.zeros((), device=pl.device)
         for m in range(micro_steps):

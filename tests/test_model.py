@@ -42,3 +42,83 @@ def test_forward_shapes_and_causality():
     assert torch.allclose(model(x2)[:, :10], logits[:, :10], atol=1e-6)
     loss = model(x, x)
     assert abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.5  # near-uniform at init
+
+
+def _digest(model):
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+@pytest.mark.parametrize("dial, digest, loss", [
+    ((2, 16, 8, 256, 32), "c2e4cfedc83df53b1be3ca09fb1a4240", 5.563812732696533),
+    ((3, 32, 16, 256, 64), "7cbc81539980c412fdac1dd3b2c93690", 5.571849346160889)])
+def test_standard_parametrization_is_bitwise_unchanged(dial, digest, loss):
+    # Digests and losses recorded with model.py before μP existed (commit 1746b48), seed 0.
+    for kw in ({}, {"parametrization": "standard"}):
+        torch.manual_seed(0)
+        model = GPT(ModelShape.from_dial(*dial), **kw)
+        assert _digest(model) == digest
+        x = torch.randint(0, 256, (2, dial[4]), generator=torch.Generator().manual_seed(1))
+        assert model(x, x).item() == loss
+        groups = model.param_groups(0.1)
+        assert len(groups) == 2 and all(g.get("lr_scale", 1.0) == 1.0 for g in groups)
+
+
+def test_mup_scales_init_output_attention_and_lr_groups():
+    """Yang et al. 2022 Table 3 (Adam), relative to a base width: hidden init std / sqrt(m), hidden
+    lr / m, logits / m, attention 1/head_dim; embedding, head weights and gains as standard."""
+    shape = ModelShape.from_dial(2, 32, 8, 256, 32)          # d_model 64
+    torch.manual_seed(0)
+    sp = GPT(shape)
+    torch.manual_seed(0)
+    mp = GPT(shape, "mup", base_width=16)                     # m = 4
+    assert mp.width_mult == 4.0
+    spn, mpn = dict(sp.named_parameters()), dict(mp.named_parameters())
+    for name, p in mpn.items():
+        factor = 0.5 if any(name.endswith(h) for h in ("q.weight", "k.weight", "v.weight", "o.weight",
+                                                       "gate.weight", "up.weight", "down.weight")) else 1.0
+        assert torch.equal(p, spn[name] * factor), name
+    groups = mp.param_groups(0.1)
+    hidden = next(g for g in groups if g["lr_scale"] != 1.0)
+    assert hidden["lr_scale"] == 0.25 and len(hidden["params"]) == 2 * 7
+    ids = {id(p) for p in hidden["params"]}
+    assert id(mp.head.weight) not in ids and id(mp.embed.weight) not in ids
+    assert sum(len(g["params"]) for g in groups) == len(mpn)
+    assert all(b.attn.scale == 1 / 8 for b in mp.blocks) and all(b.attn.scale is None for b in sp.blocks)
+    # the output multiplier: mup logits = head(norm(x)) / m (same weights otherwise)
+    mp2 = GPT(shape, "mup", base_width=16)
+    mp2.load_state_dict(sp.state_dict())
+    for b in mp2.blocks:
+        b.attn.scale = None
+    x = torch.randint(0, 256, (2, 16))
+    assert torch.allclose(mp2(x), sp(x) / 4, atol=1e-6)
+    with pytest.raises(ValueError):
+        GPT(shape, "mup")                                     # no base width
+
+
+def test_mup_lr_groups_reach_the_optimizer(monkeypatch, token_cache):
+    """train() multiplies the scheduled lr by each group's lr_scale."""
+    import torch.optim
+
+    from scaling_suite.config import make_config
+    from scaling_suite.train import lr_at, train
+
+    seen = []
+    real = torch.optim.AdamW.step
+
+    def spy(self, *a, **kw):
+        seen.append([g["lr"] for g in self.param_groups])
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    cfg = make_config(depth=2, aspect=16, head_dim=8, context=16, batch_tokens=256, eval_tokens=256, D=3 * 256,
+                      parametrization="mup", mup_base_width=8, device="cpu", precision="fp32", eval_every=100)
+    train(cfg, progress=False)
+    d = cfg.derived()
+    assert seen and all(lrs == pytest.approx([lr_at(i, cfg, d) / 4, lr_at(i, cfg, d), lr_at(i, cfg, d)])
+                        for i, lrs in enumerate(seen))

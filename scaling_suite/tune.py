@@ -1,0 +1,603 @@
+"""The tuned frontier: per-size learning-rate search, the learning-rate law, and `lr=auto`.
+
+    scaling-suite tune --mode quick
+    mlflow run . -e tune -P mode=quick --env-manager local
+
+Why: small models are sensitive to hyperparameters, and scaling laws appear cleanly only on the
+tuned frontier. Porian et al. 2024 (§4) moved the compute-optimal allocation exponent from 0.57 to
+0.50 by tuning learning rate, batch and AdamW β2 per size; Lourie et al. 2026 find hyperparameters
+the main confound below ~100M parameters.
+
+For each model size of the mode, at one tokens-per-parameter ratio, an Optuna study searches the
+peak learning rate (log scale) and β2 (0.95 / 0.99 / 0.999), optionally warmup. All trials of a size
+share N, D and the evaluation steps, so their intermediate validation losses are comparable and a
+median pruner (Optuna's MedianPruner, after a warm-up fraction of the run) stops the bad ones:
+the compute it saved is 1 - FLOPs trained / FLOPs had every trial finished. Each trial is a nested
+MLflow run of the tuning run (sweep.run_child); a pruned one ends KILLED with tag pruned=true and
+metric tokens_trained.
+
+Per size, a parabola in log10 lr through the completed trials near the best one (optimize's
+fit_parabola) gives a steadier optimum than the best trial, with a delta-method interval. The law
+lr*(N) = c N^-k is fitted through those optima (analysis.fit.fit_lr_law) and logged on the tuning
+run: metrics lr_law_c, lr_law_k with _lo/_hi, lr_law.json, plots/lr_law.png, and tag lr_law_key,
+a digest of what the law depends on (law_key). `resolve_lr` finds the newest law whose key matches
+a study's, so `sweep --lr auto` (the default) trains each size at the law's lr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import hashlib
+import json
+import math
+import os
+import time
+
+from .config import RunConfig, make_config
+from .errors import SuiteError
+
+BETA2 = (0.95, 0.99, 0.999)
+SEARCHABLE = ("lr", "beta2", "warmup")
+WARMUP_MULTIPLES = (0.25, 1.0, 4.0)   # warmup_tokens = multiple x N (the default is 1 x N, Porian et al. §4.2)
+ROLE = "tune"
+TRIAL_ROLE = "tune_trial"             # not "train": mistuned trials are no scaling-law data (analysis.load)
+
+# Per mode: the sizes tuned, the tokens-per-parameter ratio and trials per size. Quick: depths 1-4
+# (N 7.5k-218k, 1.5 decades) at D/N = 20 (Hoffmann et al. 2022's compute-optimal ratio). The quick
+# IsoFLOP runs sit at D/N 250-550, where the optimal lr is lower (a longer horizon wants a smaller
+# lr: Bjorck et al. 2024, "Scaling Optimal LR Across Token Horizons"); 20 is what fits ~25 minutes on
+# one core (depth 4 alone trains 4.4M tokens per trial at ~16k tokens/s). --tokens_per_param moves it.
+TUNE_MODES = {
+    "smoke": dict(depths=[1, 2, 3], tokens_per_param=20.0, trials=4),
+    "quick": dict(depths=[1, 2, 3, 4], tokens_per_param=20.0, trials=6),
+    "dev": dict(depths=[2, 3, 4, 5, 6], tokens_per_param=20.0, trials=8),
+    "full": dict(depths=[4, 6, 8, 10, 12], tokens_per_param=20.0, trials=8),
+}
+# Fields a law depends on: the same data (content digest + tokenizer), shape family, context, batch,
+# schedule and parametrization. Not N or D (the law is in N), not lr or β2 (tuned).
+LAW_FIELDS = ("tokenizer", "vocab_size", "aspect", "head_dim", "context", "batch_tokens", "schedule",
+              "parametrization", "mup_base_width")
+
+
+# --- the law's identity and lr=auto ----------------------------------------------------------------
+
+def law_key(cfg: RunConfig, data_digest: str) -> tuple[str, dict]:
+    parts = {"data_digest": data_digest, **{k: getattr(cfg, k) for k in LAW_FIELDS}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
+
+
+def find_law(client, key: str):
+    """The newest FINISHED tuning run with this law key and a fitted law, in any experiment; or None."""
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        return None
+    runs = client.search_runs(exps, f"tags.role = '{ROLE}' and tags.lr_law_key = '{key}' and "
+                                    "attributes.status = 'FINISHED'", max_results=50,
+                              order_by=["attributes.start_time DESC"])
+    return next((r for r in runs if "lr_law_c" in r.data.metrics), None)
+
+
+def rule_lr(cfg: RunConfig) -> float:
+    """The fallback without a law: eta_opt = 0.3118 C^-0.125 (Bi et al. 2024, "DeepSeek LLM", §3.1,
+    eq. 1, C in FLOPs). Fitted at 1e17-3e20 FLOPs with their batch and schedule, so at this suite's
+    1e10-1e14 it is an extrapolation, and it ignores our batch; better than one fixed value across
+    sizes because it falls with scale, and the study report says it was used."""
+    return 0.3118 * cfg.derived().C ** -0.125
+
+
+def parse_lr(value) -> float | None:
+    """`--lr auto` (or empty: the default) -> None; a number -> that fixed value."""
+    if value is None or str(value).strip().lower() in ("", "auto"):
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise SuiteError(f"lr must be a positive number or auto, got {value!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise SuiteError(f"lr must be a positive number or auto, got {value!r}")
+    return v
+
+
+def resolve_lr(plan, data, lr=None, client=None):
+    """The plan with every run's lr set, and what set it: (plan, info).
+
+    lr a number: that value everywhere (lr_source=fixed). lr None ("auto"): the newest law whose
+    key matches the plan's data and design; under parametrization=mup its tuned base lr for every
+    width (lr_source=mup), else c N^-k per size (lr_source=law); without a law, rule_lr per run
+    (lr_source=rule). info holds lr, lr_source, lr_law_run_id (or "-") and a description.
+    """
+    from .plan import Point
+
+    first = plan.points[0].config
+    info = {"lr": "auto" if lr is None else f"{lr:g}", "lr_law_run_id": "-"}
+    if lr is not None:
+        new = [cfg.replace(lr=lr) for cfg in (p.config for p in plan.points)]
+        info.update(lr_source="fixed", lr_rule=f"fixed lr = {lr:g}")
+    else:
+        from . import tracking
+
+        client = client or tracking.init_store()
+        key, _ = law_key(first, data.digest)
+        run = find_law(client, key)
+        if run is None:
+            # The rule falls with C; runs that share a WSD trunk must share an lr, so a branching
+            # plan takes each size's rule at that size's largest budget (its trunk's).
+            top: dict[int, float] = {}
+            for p in plan.points:
+                top[p.config.depth] = max(top.get(p.config.depth, 0.0), p.config.derived().C)
+            new = [p.config.replace(lr=rule_lr(p.config.replace(C=top[p.config.depth], D=0.0, tokens_per_param=0.0)
+                                                if plan.branching else p.config)) for p in plan.points]
+            info.update(lr_source="rule", lr_rule="no tuned law for this data/design: lr = 0.3118 C^-0.125 "
+                        "(DeepSeek LLM §3.1); run `scaling-suite tune` to fit one")
+        else:
+            m = run.data.metrics
+            info["lr_law_run_id"] = run.info.run_id
+            if first.parametrization == "mup":
+                if "lr_base" not in m:
+                    raise SuiteError(f"tuning run {run.info.run_id} has no lr_base for parametrization=mup")
+                new = [p.config.replace(lr=m["lr_base"]) for p in plan.points]
+                info.update(lr_source="mup", lr_rule=f"μP base lr {m['lr_base']:.4g} tuned at width "
+                            f"{first.mup_base_width} (run {run.info.run_id})")
+            else:
+                c, k = m["lr_law_c"], m["lr_law_k"]
+                new = [p.config.replace(lr=c * p.config.derived().N ** -k) for p in plan.points]
+                info.update(lr_source="law", lr_rule=f"lr = {c:.4g} N^-{k:.4f} (run {run.info.run_id})")
+    for cfg in new:
+        from .config import validate
+        validate(cfg)
+    # dataclasses.replace keeps the plan's branching and warmup settings with the new lrs.
+    return dataclasses.replace(plan, points=tuple(Point(c, p.tags) for c, p in zip(new, plan.points))), info
+
+
+# --- the search --------------------------------------------------------------------------------------
+
+def check_settings(depths, lr_min, lr_max, trials, tokens_per_param, prune_after, search, beta2) -> None:
+    """Every bad setting is one line, before anything loads or trains."""
+    if len(set(depths)) < 2:
+        raise SuiteError(f"tuning fits a law across sizes and needs at least 2 sizes, got depths {sorted(set(depths))}")
+    if any(d < 1 for d in depths):
+        raise SuiteError(f"depths must be at least 1, got {depths}")
+    for name, v in (("--lr_min", lr_min), ("--lr_max", lr_max)):
+        if not (math.isfinite(v) and v > 0):
+            raise SuiteError(f"{name} must be a positive number, got {v:g}")
+    if lr_min >= lr_max:
+        raise SuiteError(f"the learning-rate range is empty: --lr_min {lr_min:g} is not below --lr_max {lr_max:g}")
+    if trials < 2:
+        raise SuiteError(f"--trials must be at least 2 per size, got {trials}")
+    if not (math.isfinite(tokens_per_param) and tokens_per_param > 0):
+        raise SuiteError(f"--tokens_per_param must be positive, got {tokens_per_param:g}")
+    if not 0 <= prune_after < 1:
+        raise SuiteError(f"--prune_after must lie in [0, 1), got {prune_after:g}")
+    bad = set(search) - set(SEARCHABLE)
+    if bad or "lr" not in search:
+        raise SuiteError(f"--search takes lr (required), beta2, warmup; got {', '.join(search)}")
+    if not beta2 or any(not 0 < b < 1 for b in beta2):
+        raise SuiteError(f"--beta2 values must lie in (0, 1), got {beta2}")
+
+
+def size_configs(mode: str, depths, tokens_per_param: float, overrides: dict) -> list[RunConfig]:
+    from .plan import MODES
+
+    if mode not in MODES:
+        raise SuiteError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    base = {**MODES[mode]["base"], **overrides}
+    return [make_config(**base, depth=k, tokens_per_param=tokens_per_param) for k in sorted(set(depths))]
+
+
+def lr_grid(lr_min: float, lr_max: float, k: int) -> list[float]:
+    """k log-spaced lrs across the range, middle first: the pruner's first (never pruned) trials
+    are then the likeliest good ones, and the extremes are judged against them."""
+    if k <= 0:
+        return []
+    xs = [lr_min * (lr_max / lr_min) ** (i / max(1, k - 1)) for i in range(k)] if k > 1 else [math.sqrt(lr_min * lr_max)]
+    return sorted(xs, key=lambda x: abs(math.log(x) - 0.5 * math.log(lr_min * lr_max)))
+
+
+def fit_optimum(rows: list[dict], window: float) -> dict:
+    """Optimal lr of one size: a parabola in log10 lr through the completed trials within WINDOW
+    decades of the best (optimize.fit_parabola), on the trials with the best trial's β2 when they
+    hold 3 distinct lrs (so β2 does not masquerade as curvature), else on all. Falls back to the
+    best trial when the parabola has no minimum inside the fitted points (status says which)."""
+    from .optimize import fit_parabola
+
+    done = [r for r in rows if r["state"] == "COMPLETE" and math.isfinite(r["final_val_loss"])]
+    if not done:
+        return {"status": "no_trials"}
+    best = min(done, key=lambda r: r["final_val_loss"])
+    same = [r for r in done if r["beta2"] == best["beta2"]]
+    use = same if len({r["lr"] for r in same}) >= 3 else done
+    f = fit_parabola([r["lr"] for r in use], [r["final_val_loss"] for r in use], window)
+    out = {"status": f["status"], "n_points": f["n_points"], "beta2_subset": use is same and use is not done,
+           "best_lr": best["lr"], "best_loss": best["final_val_loss"], "best_beta2": best["beta2"],
+           "lr_lo": math.nan, "lr_hi": math.nan}
+    if f["status"] == "ok":
+        out.update(lr_opt=f["N_opt"], lr_lo=f["N_lo"], lr_hi=f["N_hi"], loss_opt=f["loss_opt"], coef=f["coef"],
+                   x_center=f["x_center"], x_range=f["x_range"])
+    else:
+        out.update(lr_opt=best["lr"], loss_opt=best["final_val_loss"])
+    return out
+
+
+def _trial_rows(study) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name not in ("COMPLETE", "PRUNED", "FAIL") or "lr" not in t.user_attrs:
+            continue
+        if t.state.name == "FAIL" and "run_status" not in t.user_attrs:
+            continue     # interrupted (Ctrl-C, kill) before its run ended: not a result, not counted
+        u = t.user_attrs
+        last = max(t.intermediate_values) if t.intermediate_values else None
+        rows.append({"trial": t.number, "state": t.state.name, "lr": u["lr"], "beta2": u["beta2"],
+                     "warmup_tokens": u.get("warmup_tokens"),
+                     "final_val_loss": t.value if t.state.name == "COMPLETE" and t.value is not None else math.nan,
+                     "last_step": last, "last_val_loss": t.intermediate_values[last] if last is not None else math.nan,
+                     "flops_trained": u.get("flops_trained", 0.0), "C": u.get("C", 0.0),
+                     "mlflow_run_id": u.get("mlflow_run_id")})
+    return rows
+
+
+class Objective:
+    """One trial: suggest lr (and β2, warmup), train through sweep.run_child with a pruning hook."""
+
+    def __init__(self, cfg: RunConfig, parent_run_id: str, data, lr_min, lr_max, search, beta2, prune_after,
+                 study_key: str, progress: bool):
+        self.cfg, self.parent, self.data = cfg, parent_run_id, data
+        self.lr_min, self.lr_max, self.search, self.beta2 = lr_min, lr_max, tuple(search), tuple(beta2)
+        self.study_key, self.progress = study_key, progress
+        self.d = cfg.derived()
+        self.warmup_steps = prune_after * self.d.steps    # no pruning before this share of the run
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        from .sweep import run_child
+
+        lr = trial.suggest_float("lr", self.lr_min, self.lr_max, log=True)
+        extra = {"lr": lr}
+        if "beta2" in self.search:
+            extra["beta2"] = trial.suggest_categorical("beta2", list(self.beta2))
+        if "warmup" in self.search:
+            extra["warmup_tokens"] = trial.suggest_categorical("warmup", list(WARMUP_MULTIPLES)) * self.d.N
+        cfg = self.cfg.replace(**extra)
+        from .config import validate
+        validate(cfg)
+        for k, v in {"lr": cfg.lr, "beta2": cfg.beta2, "warmup_tokens": cfg.warmup_tokens, "C": self.d.C,
+                     "N": self.d.N, "D": self.d.D}.items():
+            trial.set_user_attr(k, v)
+
+        def on_eval(step: int, val_loss: float) -> None:
+            from .train import Pruned
+
+            trial.report(val_loss, step)
+            if step >= self.warmup_steps and trial.should_prune():
+                raise Pruned(step, f"pruned by Optuna's median rule at step {step} of {self.d.steps} "
+                                   f"(val_loss {val_loss:.4f})")
+
+        tags = {"role": TRIAL_ROLE, "search": "lr_tune", "optuna_study": trial.study.study_name,
+                "optuna_trial": str(trial.number), "depth": str(cfg.depth)}
+        out = run_child(cfg, self.parent, tags=tags, data=self.data, progress=self.progress,
+                        study_key=self.study_key, on_eval=on_eval)
+        # SKIPPED: finished earlier (same config and code), so it counts as a whole run.
+        tokens = self.d.D if out.status == "SKIPPED" else out.tokens_trained if math.isfinite(out.tokens_trained) else 0.0
+        trial.set_user_attr("mlflow_run_id", out.run_id)
+        trial.set_user_attr("run_status", out.status)
+        trial.set_user_attr("flops_trained", tokens * self.d.flops_per_token)
+        if out.status == "PRUNED":
+            raise optuna.TrialPruned(out.reason)
+        if out.status == "FAILED":      # diverged at this lr: Optuna records FAIL (nan), the search goes on
+            trial.set_user_attr("failure_reason", out.reason[:1000])
+            return math.nan
+        return float(out.final_val_loss)
+
+
+def _study_key(cfgs, settings: dict) -> str:
+    blob = json.dumps([[c.to_params() for c in cfgs], settings], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_tune(cfgs: list[RunConfig], *, trials: int, lr_min: float, lr_max: float, search=("lr", "beta2"),
+             beta2=BETA2, prune_after: float = 0.3, init: int = 3, window: float = 0.6,
+             storage_url: str | None = None, study_prefix: str = "lr-tune", experiment: str | None = None,
+             seed: int = 0, progress: bool = True, params: dict | None = None, say=print) -> dict:
+    """Tune every size in CFGS, fit the law, log everything on one tuning run. Returns the summary."""
+    import optuna
+
+    from . import data as data_lib
+    from . import tracking, worker
+
+    t0 = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    first = cfgs[0]
+    data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
+    key, key_parts = law_key(first, data.digest)
+    settings = {"lr_min": lr_min, "lr_max": lr_max, "search": sorted(search), "beta2": list(beta2),
+                "prune_after": prune_after, "init": init, "seed": seed}
+    skey = _study_key(cfgs, settings)
+    storage = worker.open_storage(storage_url or worker.DEFAULT_STORAGE, None, None)
+    client = tracking.init_store()
+    tags = {"role": ROLE, "tune_key": skey, "lr_law_key": key,
+            **{f"lr_law_{k}": str(v) for k, v in key_parts.items()}}
+    if os.environ.get("MLFLOW_RUN_ID"):     # under `mlflow run`: that run is the tuning run
+        parent = tracking.start_run(tags={**tags, "mlflow.runName": "lr tuning"}, system_metrics=False)
+    else:
+        exp_id = tracking.experiment_id(client, experiment)
+        earlier = client.search_runs([exp_id], f"tags.role = '{ROLE}' and tags.tune_key = '{skey}'", max_results=1,
+                                     order_by=["attributes.start_time DESC"])
+        parent = tracking.start_run(experiment, run_name="lr tuning", tags=tags,
+                                    run_id=earlier[0].info.run_id if earlier else None, system_metrics=False)
+    try:
+        parent.log_params({**(params or {}), "depths": " ".join(str(c.depth) for c in cfgs),
+                           "tokens_per_param": first.tokens_per_param, "lr_min": lr_min, "lr_max": lr_max,
+                           "search": " ".join(search), "beta2": " ".join(f"{b:g}" for b in beta2),
+                           "prune_after": prune_after, "parametrization": first.parametrization,
+                           "mup_base_width": first.mup_base_width})
+        sizes = []
+        for cfg in cfgs:
+            d = cfg.derived()
+            name = f"{study_prefix}-{skey}-depth{cfg.depth}"
+            sampler = optuna.samplers.TPESampler(seed=seed + cfg.depth, n_startup_trials=max(1, init),
+                                                 multivariate=True)
+            # Median rule: stop a trial whose loss at a step is worse than the median of completed
+            # trials at that step, after prune_after of the run (before it, high and low lrs are not
+            # yet told apart: a cosine run's ranking settles as the lr decays).
+            pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+            study = optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
+                                        pruner=pruner, load_if_exists=True)
+            if not study.trials:
+                for lr in lr_grid(lr_min, lr_max, min(init, trials)):
+                    fixed = {"lr": lr}
+                    if "beta2" in search:
+                        fixed["beta2"] = cfg.beta2 if cfg.beta2 in beta2 else beta2[0]
+                    if "warmup" in search:
+                        fixed["warmup"] = 1.0
+                    study.enqueue_trial(fixed)
+            for t in study.get_trials(deepcopy=False):   # left RUNNING by a killed process: not counted
+                if t.state.name == "RUNNING":
+                    study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            counted = [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")
+                       or (t.state.name == "FAIL" and "run_status" in t.user_attrs)]
+            todo = max(0, trials - len(counted))
+            say(f"[depth {cfg.depth}] N={d.N:,} D={d.D:,} ({d.steps} steps, D/N={d.D / d.N:.1f}): "
+                f"{todo} trial(s) to run, Optuna study {name}")
+            objective = Objective(cfg, parent.run_id, data, lr_min, lr_max, search, beta2, prune_after, skey,
+                                  progress)
+            for _ in range(todo):
+                seen: list = []
+                study.optimize(objective, n_trials=1, gc_after_trial=False, callbacks=[lambda s, t: seen.append(t)])
+                for t in seen:
+                    u = t.user_attrs
+                    say(f"[depth {cfg.depth}] trial {t.number}: lr={u.get('lr', math.nan):.3g} "
+                        f"beta2={u.get('beta2', math.nan):g} -> {t.state.name.lower()}"
+                        + (f" at {u.get('flops_trained', 0) / d.C:.0%} of the run" if t.state.name == "PRUNED"
+                           else f" loss={t.value:.4f}" if t.value is not None and math.isfinite(t.value) else ""))
+            rows = _trial_rows(study)
+            opt = fit_optimum(rows, window)
+            sizes.append({"depth": cfg.depth, "d_model": d.shape.d_model, "N": d.N, "D": d.D, "C": d.C,
+                          "steps": d.steps, "study": name, "optimum": opt, "trials": rows})
+            if "lr_opt" in opt:
+                m = {"lr_opt": opt["lr_opt"], "loss_opt": opt["loss_opt"]}
+                m.update({k: opt[k] for k in ("lr_lo", "lr_hi") if math.isfinite(opt[k])})
+                parent.log_metrics(m, step=d.N)   # one point per size: the MLflow step is N
+                iv = f" [{opt['lr_lo']:.3g}, {opt['lr_hi']:.3g}]" if math.isfinite(opt["lr_lo"]) else ""
+                say(f"[depth {cfg.depth}] lr_opt = {opt['lr_opt']:.4g}{iv} ({opt['status']}; best trial lr "
+                    f"{opt['best_lr']:.3g}, beta2 {opt['best_beta2']:g}, loss {opt['best_loss']:.4f})")
+        out = summarize(sizes, first, parent, key, key_parts, time.perf_counter() - t0)
+    except BaseException as e:
+        parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
+        raise
+    parent.finish("FINISHED")
+    out["run_id"] = parent.run_id
+    return out
+
+
+def summarize(sizes: list[dict], first: RunConfig, parent, key: str, key_parts: dict, wall: float) -> dict:
+    """Compute saved, the law with its interval, lr_base under μP; logged to PARENT."""
+    from analysis.fit import fit_lr_law
+
+    rows = [r for s in sizes for r in s["trials"]]
+    trained = sum(r["flops_trained"] for r in rows)
+    full = sum(r["C"] for r in rows)
+    saved = 1 - trained / full if full else math.nan
+    n_pruned = sum(r["state"] == "PRUNED" for r in rows)
+    out = {"lr_law_key": key, "lr_law_key_parts": key_parts, "sizes": sizes, "flops_trained": trained,
+           "flops_if_finished": full, "compute_saved": saved, "trials": len(rows), "trials_pruned": n_pruned,
+           "trials_failed": sum(r["state"] == "FAIL" for r in rows), "wall_seconds": wall,
+           "tokens_per_param": first.tokens_per_param, "parametrization": first.parametrization}
+    metrics = {"flops_trained": trained, "flops_if_finished": full, "trials_run": len(rows),
+               "trials_pruned": n_pruned, "wall_seconds": wall}
+    if math.isfinite(saved):
+        metrics["compute_saved"] = saved
+    have = [s for s in sizes if "lr_opt" in s["optimum"]]
+    if len(have) >= 2:
+        law = fit_lr_law([s["N"] for s in have], [s["optimum"]["lr_opt"] for s in have])
+        out["law"] = law.to_dict()
+        out["law_report"] = law.report()
+        metrics.update(lr_law_c=law.params["c"], lr_law_k=law.params["k"])
+        for p in ("c", "k"):
+            if p in law.intervals:
+                metrics[f"lr_law_{p}_lo"], metrics[f"lr_law_{p}_hi"] = law.intervals[p]
+        if first.parametrization == "mup":
+            base = min(have, key=lambda s: abs(math.log(s["d_model"] / first.mup_base_width)))
+            out["lr_base"] = base["optimum"]["lr_opt"]
+            out["lr_base_d_model"] = base["d_model"]
+            metrics["lr_base"] = out["lr_base"]
+    else:
+        out["law_error"] = f"only {len(have)} size(s) have an optimum; a law needs 2"
+    parent.log_metrics(metrics, step=0)
+    parent.set_tags({"lr_law_status": "ok" if "law" in out else out["law_error"]})
+    parent.log_text(json.dumps(out, indent=1, default=_json), "lr_law.json")
+    try:
+        parent.log_artifact(plot(sizes, out), "plots")
+    except Exception as e:  # noqa: BLE001 — a plot failure must not lose the law
+        parent.set_tags({"plot_error": f"{type(e).__name__}: {e}"[:5000]})
+    return out
+
+
+def _json(o):
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def plot(sizes: list[dict], out: dict):
+    """Left: final loss vs lr per size (pruned trials as crosses at their last loss), the parabola
+    and the optimum. Right: lr_opt vs N with intervals, the law and its confidence band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from analysis.fit import FitResult, lr_law_band
+
+    from .tracking import scratch_dir
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, s in enumerate(sizes):
+        col = f"C{i}"
+        done = [r for r in s["trials"] if r["state"] == "COMPLETE"]
+        pr = [r for r in s["trials"] if r["state"] == "PRUNED"]
+        ax.scatter([r["lr"] for r in done], [r["final_val_loss"] for r in done], color=col, zorder=3,
+                   label=f"depth {s['depth']}, N={s['N']:,}")
+        ax.scatter([r["lr"] for r in pr], [r["last_val_loss"] for r in pr], color=col, marker="x", alpha=0.6)
+        o = s["optimum"]
+        if "coef" in o:
+            a, b, c = o["coef"]
+            xs = np.linspace(o["x_range"][0] - 0.1, o["x_range"][1] + 0.1, 80)
+            ax.plot(10 ** xs, a + b * (xs - o["x_center"]) + c * (xs - o["x_center"]) ** 2, color=col, lw=1)
+        if "lr_opt" in o:
+            ax.axvline(o["lr_opt"], color=col, lw=0.8, ls=":")
+            lo, hi = o["lr_lo"], o["lr_hi"]
+            err = [[o["lr_opt"] - lo], [hi - o["lr_opt"]]] if math.isfinite(lo) else None
+            bx.errorbar([s["N"]], [o["lr_opt"]], yerr=err, fmt="o", color=col, capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss (nats/token); x: pruned (last)")
+    ax.legend(fontsize=7)
+    ax.set_title("loss vs learning rate per size", fontsize=10)
+    if "law" in out:
+        law = out["law"]
+        fit = FitResult(model="lr_law", params=law["params"], objective=law["objective"] or 0.0,
+                        n_points=law["n_points"], level=law["level"], extras=law["extras"])
+        Ns = np.logspace(np.log10(min(s["N"] for s in sizes)) - 0.2, np.log10(max(s["N"] for s in sizes)) + 0.3, 60)
+        p = law["params"]
+        iv = law["intervals"].get("k")
+        lab = f"lr* = {p['c']:.3g} N^-{p['k']:.3f}" + (f", k in [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
+        bx.plot(Ns, fit.predict(Ns), "k-", lw=1, label=lab)
+        band = lr_law_band(fit, Ns)
+        if band is not None:
+            bx.fill_between(Ns, band[0], band[1], color="k", alpha=0.1, label=f"{100 * fit.level:g}% band")
+        bx.legend(fontsize=8)
+    bx.set_xscale("log")
+    bx.set_yscale("log")
+    bx.set_xlabel("N (parameters, non-embedding + head)")
+    bx.set_ylabel("optimal peak learning rate")
+    bx.set_title(f"lr law at D/N = {out['tokens_per_param']:g} ({out['parametrization']})", fontsize=10)
+    path = scratch_dir() / "lr_law.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+TUNE_FLAGS = ("dataset", "tokenizer", "vocab_size", "schedule", "seed", "device", "precision", "parametrization",
+              "mup_base_width", "beta1", "weight_decay")
+
+
+def _floats(values, name) -> list[float]:
+    out = []
+    for v in values or []:
+        for item in str(v).replace(",", " ").split():
+            try:
+                out.append(float(item))
+            except ValueError:
+                raise SuiteError(f"{name} takes numbers, got {item!r}") from None
+    return out
+
+
+def cmd_tune(args) -> int:
+    from . import tracking
+    from .device import pick_device
+    from .plan import MODES
+
+    if args.mode not in MODES:
+        raise SuiteError(f"unknown mode {args.mode!r}; choose one of: {', '.join(MODES)}")
+    spec = TUNE_MODES[args.mode]
+    one = lambda v, name: (_floats([v], name) or [math.nan])[0]   # noqa: E731
+    depths = [int(x) for x in _floats(args.depths, "--depths")] if args.depths else spec["depths"]
+    tpp = one(args.tokens_per_param, "--tokens_per_param") if args.tokens_per_param not in (None, "") \
+        else spec["tokens_per_param"]
+    trials = int(one(args.trials, "--trials")) if args.trials not in (None, "") else spec["trials"]
+    lr_min, lr_max = one(args.lr_min, "--lr_min"), one(args.lr_max, "--lr_max")
+    search = tuple(args.search or ("lr", "beta2"))
+    beta2 = tuple(_floats(args.beta2, "--beta2")) if args.beta2 else BETA2
+    check_settings(depths, lr_min, lr_max, trials, tpp, one(args.prune_after, "--prune_after"), search, beta2)
+    overrides = {k: getattr(args, k) for k in TUNE_FLAGS if getattr(args, k, None) not in (None, "")}
+    cfgs = size_configs(args.mode, depths, tpp, overrides)
+    pick_device(cfgs[0].device)
+    tracking.init_store()
+    out = run_tune(cfgs, trials=trials, lr_min=lr_min, lr_max=lr_max, search=search, beta2=beta2,
+                   prune_after=float(args.prune_after), init=int(args.init), window=float(args.window),
+                   storage_url=args.storage, study_prefix=args.study, experiment=args.experiment,
+                   seed=int(args.sampler_seed), progress=not args.quiet, params={"mode": args.mode})
+    print(summary_text(out))
+    return 0 if "law" in out else 1
+
+
+def summary_text(out: dict) -> str:
+    lines = [f"\n=== lr tuning {out.get('run_id', '')}: {len(out['sizes'])} sizes at D/N = {out['tokens_per_param']:g}, "
+             f"{out['parametrization']} ==="]
+    for s in out["sizes"]:
+        o = s["optimum"]
+        if "lr_opt" not in o:
+            lines.append(f"  depth {s['depth']} N={s['N']:,}: no optimum ({o['status']})")
+            continue
+        iv = f" [{o['lr_lo']:.3g}, {o['lr_hi']:.3g}]" if math.isfinite(o["lr_lo"]) else ""
+        st = [r["state"] for r in s["trials"]]
+        lines.append(f"  depth {s['depth']} N={s['N']:,} D={s['D']:,}: lr_opt = {o['lr_opt']:.4g}{iv} ({o['status']}), "
+                     f"best trial lr {o['best_lr']:.3g} beta2 {o['best_beta2']:g} loss {o['best_loss']:.4f}; "
+                     f"{st.count('COMPLETE')} complete, {st.count('PRUNED')} pruned, {st.count('FAIL')} failed")
+    if "law" in out:
+        p, iv = out["law"]["params"], out["law"]["intervals"]
+        fmt = lambda k: f" [{iv[k][0]:.4g}, {iv[k][1]:.4g}]" if k in iv and iv[k][0] is not None else ""  # noqa: E731
+        lines.append(f"lr law: lr*(N) = c N^-k, c = {p['c']:.4g}{fmt('c')}, k = {p['k']:.4f}{fmt('k')} "
+                     f"({100 * out['law']['level']:g}% t-intervals, {out['law']['n_points']} sizes)")
+    else:
+        lines.append(f"no lr law: {out.get('law_error')}")
+    if "lr_base" in out:
+        lines.append(f"μP base lr (d_model {out['lr_base_d_model']}): {out['lr_base']:.4g}")
+    lines.append(f"pruning: {out['trials_pruned']} of {out['trials']} trials pruned; compute saved "
+                 f"{out['compute_saved']:.1%} ({out['flops_trained']:.3g} of {out['flops_if_finished']:.3g} training FLOPs)")
+    lines.append(f"wall time: {out['wall_seconds']:.0f}s")
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    from .worker import DEFAULT_STORAGE
+
+    t = sub.add_parser("tune", help="tune lr (and beta2) per size; fit the lr law that `sweep --lr auto` uses")
+    t.add_argument("--mode", default="quick", help="smoke | quick | dev | full (the sizes' shapes and batch)")
+    t.add_argument("--depths", nargs="+", default=None, help="the sizes to tune (default: the mode's, e.g. quick 1 2 3 4)")
+    t.add_argument("--tokens_per_param", default=None, help="D/N of every trial (default 20)")
+    t.add_argument("--trials", default=None, help="trials per size (default: quick 6)")
+    t.add_argument("--lr_min", default="2e-3", help="lowest peak lr searched (log scale; default 2e-3)")
+    t.add_argument("--lr_max", default="8e-2", help="highest peak lr searched (default 8e-2)")
+    t.add_argument("--search", nargs="+", default=None, choices=SEARCHABLE, help="what to search (default: lr beta2)")
+    t.add_argument("--beta2", nargs="+", default=None, help="beta2 choices (default 0.95 0.99 0.999)")
+    t.add_argument("--prune_after", default="0.3", help="share of a run before pruning may stop it (default 0.3)")
+    t.add_argument("--init", default="3", help="log-spaced lr grid trials per size before the sampler (default 3)")
+    t.add_argument("--window", default="0.6", help="parabola fit: decades of lr around the best trial")
+    t.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna RDB URL (default {DEFAULT_STORAGE})")
+    t.add_argument("--study", default="lr-tune", help="Optuna study name prefix")
+    t.add_argument("--sampler_seed", default="0")
+    t.add_argument("--experiment", default=None, help="MLflow experiment (default: scaling-suite)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    for k in TUNE_FLAGS:
+        t.add_argument(f"--{k}", default=None, help="applies to every trial")
+    t.set_defaults(fn=cmd_tune)
+
