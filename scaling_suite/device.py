@@ -155,9 +155,7 @@ def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape,
 # 1.2-2x faster on the reference 2-core CPU (benchmarks/throughput.py). The price is a warm-up:
 # tracing plus C++ compilation of the kernels, paid once per model shape per process (the
 # inductor cache on disk makes later processes faster, which the rule below does not count on).
-COMPILE_COLD_S = 40.0   # warm-up of a shape not yet compiled in this process (measured 16-60 s)
 COMPILE_WARM_S = 5.0    # a shape this process compiled before (guards and cache lookups)
-COMPILE_GAIN = 0.25     # fraction of an eager step assumed saved (measured 0.1-0.5: conservative)
 COMPILE_PROBE_STEPS = 8 # eager steps timed before an `auto` decision
 _compiled_shapes: set = set()
 
@@ -176,10 +174,23 @@ def compile_support(device: torch.device) -> str | None:
     return None
 
 
+def compile_cold_s(shape: ModelShape) -> float:
+    """Expected warm-up of a shape not compiled in this process: tracing and C++ codegen grow with
+    the number of layers (measured 15-30 s for depths 1-5 on the reference CPU, cold cache)."""
+    return 10.0 + 5.0 * shape.depth
+
+
+def compile_gain(shape: ModelShape) -> float:
+    """Share of an eager step compile is assumed to save, on the low side of what was measured
+    (benchmarks/throughput.py, reference CPU): 45% at d_model 16-32, where elementwise work and
+    dispatch dominate the step, 20-35% at 48-80."""
+    return 0.4 if shape.d_model <= 32 else 0.2
+
+
 def compile_pays(shape: ModelShape, eager_step_s: float, steps_left: int) -> tuple[bool, str]:
     """Whether compiling now is repaid within the run: saved time > expected warm-up."""
-    warm = COMPILE_WARM_S if shape in _compiled_shapes else COMPILE_COLD_S
-    saved = steps_left * eager_step_s * COMPILE_GAIN
+    warm = COMPILE_WARM_S if shape in _compiled_shapes else compile_cold_s(shape)
+    saved = steps_left * eager_step_s * compile_gain(shape)
     why = f"{steps_left} steps left at {eager_step_s * 1e3:.0f} ms: ~{saved:.0f}s saved vs ~{warm:.0f}s warm-up"
     return saved > warm, why
 
