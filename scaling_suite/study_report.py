@@ -26,7 +26,7 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
     from analysis.fit import fit_kaplan
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
-    runs = load.fitting_runs(load.load_runs(parent_run_id=parent.run_id, client=client))
+    runs = newest_per_config(load.fitting_runs(load.load_runs(parent_run_id=parent.run_id, client=client)), client)
     out = tracking.scratch_dir() / "analysis"
     if runs.empty:
         print("no finished runs to analyze")
@@ -100,6 +100,27 @@ def lr_facts(info: dict, runs) -> dict:
                           "losses are confounded by it (Porian et al. 2024; Lourie et al. 2026); run `scaling-suite "
                           "tune` and use lr=auto")
     return out
+
+
+def newest_per_config(runs, client):
+    """One row per configuration. A study re-run after a code change retrains its configurations
+    (sweep.run_child matches the code version), and the older finished run stays beside the new one
+    under the parent: fitting both would count that point twice. Keeps the newest run of each."""
+    from dataclasses import fields
+
+    from .config import RunConfig
+
+    cols = [f"param_{f.name}" if f"param_{f.name}" in runs else f.name for f in fields(RunConfig)
+            if f"param_{f.name}" in runs or f.name in runs]
+    if runs.empty or not cols:
+        return runs
+    dup = runs.duplicated(cols, keep=False)
+    if not dup.any():
+        return runs
+    start = [client.get_run(rid).info.start_time if d else 0 for rid, d in zip(runs["run_id"], dup)]
+    keep = runs.assign(_start=start).sort_values("_start").drop_duplicates(cols, keep="last")
+    print(f"{len(runs) - len(keep)} older run(s) of configurations that were re-run (new code version) left out of the fit")
+    return keep.drop(columns="_start").sort_index().reset_index(drop=True)
 
 
 def early_stop_errors(client, run_ids) -> dict:

@@ -220,3 +220,26 @@ def test_kill_mid_trunk_and_mid_branch_then_rerun_resumes(mlflow_store, token_ca
         if "branch_of" in k.data.tags:
             assert k.data.metrics["final_val_loss"] == pytest.approx(alone[k.data.metrics["D"]], abs=1e-5)
             assert k.data.metrics["C_spent"] < k.data.metrics["C"]
+
+
+def test_a_rerun_config_is_fitted_once_from_its_newest_run():
+    """After a code change a study retrains its configurations beside the old runs: fit each once."""
+    import pandas as pd
+
+    from scaling_suite.study_report import newest_per_config
+
+    class Info:
+        def __init__(self, t):
+            self.start_time = t
+
+    class Client:
+        times = {"old": 1, "new": 2, "other": 3}
+
+        def get_run(self, rid):
+            return type("Run", (), {"info": Info(self.times[rid])})()
+
+    runs = pd.DataFrame({"run_id": ["old", "other", "new"], "depth": ["1", "2", "1"], "param_C": ["6e11"] * 3,
+                         "final_val_loss": [2.0, 1.9, 2.1]})
+    kept = newest_per_config(runs, Client())
+    assert sorted(kept["run_id"]) == ["new", "other"]
+    assert newest_per_config(kept, Client()).equals(kept)
