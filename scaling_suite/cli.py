@@ -173,7 +173,7 @@ def cmd_sweep(args) -> int:
               f"{plan.spent_flops():.3g} FLOPs instead of {plan.total_flops():.3g} "
               f"({plan.spent_flops() / plan.total_flops():.2f}×)", flush=True)
     params = {"mode": args.mode, "design": args.design or "auto", "budget": args.budget or "0",
-              "branching": str(plan.branching).lower()}
+              "branching": branching}   # as asked (auto, true, false); the study's tag says whether it branched
     study = sweep.run_study(plan, args.experiment, params=params, progress=not args.quiet,
                             planned_seconds=budget, analyze=not args.no_analysis, lr_info=lr_info)
     done = sum(c.status != "FAILED" for c in study.children)

@@ -161,7 +161,8 @@ class StudyOutcome:
 def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.MlflowTracker:
     """Attach to `mlflow run`'s run, else reuse this study's earlier parent, else create one."""
     client = tracking.init_store()
-    tags = {"role": "study", "study_key": plan.key, "mode": plan.mode, "design": plan.design}
+    tags = {"role": "study", "study_key": plan.key, "mode": plan.mode, "design": plan.design,
+            "branching": str(plan.branching).lower()}
     if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` named it at random: name it by its study
         tracker = tracking.start_run(tags={**tags, "mlflow.runName": f"{plan.mode} {plan.design} study"})
     else:

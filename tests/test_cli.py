@@ -121,3 +121,21 @@ def test_console_script_exit_code(tmp_path):
 def test_sweep_branching_errors_are_one_line(argv, match, mlflow_store, capsys):
     code, out, err = run_cli(["sweep", "--mode", "quick", "--quiet", *argv], capsys)
     assert code == 2 and err.startswith(match) and err.count("\n") == 1
+
+
+def test_sweep_attaches_to_mlflow_run_with_the_mlproject_params(mlflow_store, token_cache, capsys, monkeypatch):
+    """`mlflow run . -P mode=...` logs every MLproject parameter of `main` as typed; the study logs
+    the same values (branching and lr as asked, not as resolved), so attaching never clashes."""
+    client = mlflow.MlflowClient(mlflow_store)
+    run = client.create_run(client.create_experiment("main-entry"))
+    for k, v in {"mode": "smoke", "design": "auto", "budget": "0", "dataset": "stdlib", "schedule": "cosine",
+                 "early_stop": "false", "branching": "auto", "lr": "auto"}.items():
+        client.log_param(run.info.run_id, k, v)
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    code, _, err = run_cli(["sweep", "--mode", "smoke", "--design", "auto", "--budget", "0", "--dataset", "stdlib",
+                            "--schedule", "cosine", "--early_stop", "false", "--branching", "auto", "--lr", "auto",
+                            "--no_analysis", "--quiet"], capsys)
+    assert code == 0, err
+    parent = client.get_run(run.info.run_id)
+    assert parent.data.params["branching"] == "auto" and parent.data.tags["branching"] == "false"
+    assert parent.data.params["lr_source"] in ("rule", "law")
