@@ -193,7 +193,7 @@ class Derived:
     warmup_steps: int
     eval_every: int
     checkpoint_every: int
-    log_every: int         # steps per logged train_loss point (their mean): ≤ 1000 points per curve
+    log_every: int         # steps per logged train_loss point (their mean): ≤ 500 points per curve
 
     def metrics(self) -> dict[str, float]:
         return {k: float(getattr(self, k)) for k in
@@ -226,8 +226,9 @@ def derive(c: RunConfig) -> Derived:
         warmup_steps=min(steps, round(warm / c.batch_tokens)),
         eval_every=c.eval_every or max(1, steps // 20),
         checkpoint_every=c.checkpoint_every or max(1, steps // 5),
-        # A point per step would cost 4 metric rows per step in the store: at ~80 µs a row in a
-        # SQLite log_batch that is ~5% of a 6 ms step of the smallest models (benchmarks/
-        # throughput.py). Every step is still kept in the checkpoint's train_losses.
-        log_every=max(1, math.ceil(steps / 1000)),
+        # A point per step would cost 5 metric rows per step in the store: at ~150 µs a row in a
+        # SQLite log_batch that is several % of the 16-25 ms steps of the smallest models; at most
+        # 500 points a curve keeps it under 2% (benchmarks/throughput.py). Every step's loss is still
+        # kept in the checkpoint's train_losses.
+        log_every=max(1, math.ceil(steps / 500)),
     )
