@@ -376,8 +376,9 @@ def run_tune(cfgs: list[RunConfig], *, trials: int, lr_min: float, lr_max: float
             sizes.append({"depth": cfg.depth, "d_model": d.shape.d_model, "N": d.N, "D": d.D, "C": d.C,
                           "steps": d.steps, "study": name, "optimum": opt, "trials": rows})
             if "lr_opt" in opt:
-                m = {"lr_opt": opt["lr_opt"], "loss_opt": opt["loss_opt"]}
-                m.update({k: opt[k] for k in ("lr_lo", "lr_hi") if math.isfinite(opt[k])})
+                # lr_lo/hi always logged, NaN without an interval: else the run's latest lr_lo/hi in the UI
+                # would belong to an earlier size than its latest lr_opt.
+                m = {"lr_opt": opt["lr_opt"], "loss_opt": opt["loss_opt"], "lr_lo": opt["lr_lo"], "lr_hi": opt["lr_hi"]}
                 parent.log_metrics(m, step=d.N)   # one point per size: the MLflow step is N
                 iv = f" [{opt['lr_lo']:.3g}, {opt['lr_hi']:.3g}]" if math.isfinite(opt["lr_lo"]) else ""
                 say(f"[depth {cfg.depth}] lr_opt = {opt['lr_opt']:.4g}{iv} ({opt['status']}; best trial lr "
