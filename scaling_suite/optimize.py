@@ -427,18 +427,24 @@ def wait_done(study, poll: float = 5.0, say=print) -> None:
 
 # --- the commands ------------------------------------------------------------------------------------
 
+def parse_numbers(values, name: str, example: str = "", positive: bool = False) -> list[float]:
+    """CLI numbers given as separate words, or one MLproject string "1e12 3e12" / "1e12,3e12"."""
+    out = []
+    for v in values or []:
+        for item in str(v).replace(",", " ").split():
+            try:
+                x = float(item)
+            except ValueError:
+                raise SuiteError(f"{name} takes numbers{' like ' + example if example else ''}, got {item!r}") from None
+            if positive and not (math.isfinite(x) and x > 0):
+                raise SuiteError(f"{name} must be positive, got {item!r}")
+            out.append(x)
+    return out
+
+
 def parse_flops(values: list[str]) -> list[float]:
     """`--flops 1e12 3e12`, also `-P flops="1e12 3e12"` or "1e12,3e12" from MLproject."""
-    out = []
-    for v in values:
-        for item in v.replace(",", " ").split():
-            try:
-                c = float(item)
-            except ValueError:
-                raise SuiteError(f"--flops takes numbers like 1e13, got {item!r}") from None
-            if not (math.isfinite(c) and c > 0):
-                raise SuiteError(f"--flops must be positive, got {item!r}")
-            out.append(c)
+    out = parse_numbers(values, "--flops", "1e13", positive=True)
     if not out:
         raise SuiteError("give at least one budget: --flops 1e13")
     return sorted(set(out))

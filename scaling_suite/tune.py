@@ -143,8 +143,8 @@ def resolve_lr(plan, data, lr=None, client=None):
                 c, k = m["lr_law_c"], m["lr_law_k"]
                 new = [p.config.replace(lr=c * p.config.derived().N ** -k) for p in plan.points]
                 info.update(lr_source="law", lr_rule=f"lr = {c:.4g} N^-{k:.4f} (run {run.info.run_id})")
+    from .config import validate
     for cfg in new:
-        from .config import validate
         validate(cfg)
     # dataclasses.replace keeps the plan's branching and warmup settings with the new lrs.
     return dataclasses.replace(plan, points=tuple(Point(c, p.tags) for c, p in zip(new, plan.points))), info
@@ -510,33 +510,23 @@ TUNE_FLAGS = ("dataset", "tokenizer", "vocab_size", "schedule", "seed", "device"
               "mup_base_width", "beta1", "weight_decay")
 
 
-def _floats(values, name) -> list[float]:
-    out = []
-    for v in values or []:
-        for item in str(v).replace(",", " ").split():
-            try:
-                out.append(float(item))
-            except ValueError:
-                raise SuiteError(f"{name} takes numbers, got {item!r}") from None
-    return out
-
-
 def cmd_tune(args) -> int:
     from . import tracking
+    from .optimize import parse_numbers
     from .device import pick_device
     from .plan import MODES
 
     if args.mode not in MODES:
         raise SuiteError(f"unknown mode {args.mode!r}; choose one of: {', '.join(MODES)}")
     spec = TUNE_MODES[args.mode]
-    one = lambda v, name: (_floats([v], name) or [math.nan])[0]   # noqa: E731
-    depths = [int(x) for x in _floats(args.depths, "--depths")] if args.depths else spec["depths"]
+    one = lambda v, name: (parse_numbers([v], name) or [math.nan])[0]   # noqa: E731
+    depths = [int(x) for x in parse_numbers(args.depths, "--depths")] if args.depths else spec["depths"]
     tpp = one(args.tokens_per_param, "--tokens_per_param") if args.tokens_per_param not in (None, "") \
         else spec["tokens_per_param"]
     trials = int(one(args.trials, "--trials")) if args.trials not in (None, "") else spec["trials"]
     lr_min, lr_max = one(args.lr_min, "--lr_min"), one(args.lr_max, "--lr_max")
     search = tuple(args.search or ("lr", "beta2"))
-    beta2 = tuple(_floats(args.beta2, "--beta2")) if args.beta2 else BETA2
+    beta2 = tuple(parse_numbers(args.beta2, "--beta2")) if args.beta2 else BETA2
     check_settings(depths, lr_min, lr_max, trials, tpp, one(args.prune_after, "--prune_after"), search, beta2)
     overrides = {k: getattr(args, k) for k in TUNE_FLAGS if getattr(args, k, None) not in (None, "")}
     cfgs = size_configs(args.mode, depths, tpp, overrides)
