@@ -7,12 +7,17 @@ For every size of each mode (its width, depth, context, global batch and vocabul
   LayerNorm with biases, learned positions, GELU MLP of 4·d, fused QKV, tied embedding, plain
   (non-fused) AdamW, fp32, eager — the same head width as the suite, so the same number of heads;
 - ``eager``: the suite's model in fp32 without compile;
-- ``suite``: the suite's step as `train` runs it: its precision rule, fused AdamW, and compile when
-  its `auto` rule would compile a typical run of that size in the mode (device.compile_pays).
+- ``suite``: the suite's step as `train` runs it: its precision rule (device.pick_precision: bf16
+  for a compiled step on an AMX CPU at d_model >= 32), fused AdamW, and compile when its `auto`
+  rule would compile a typical run of that size in the mode (device.compile_pays).
 Model FLOP/s = flops_per_token × tokens/s, each model counted by the suite's convention
-(6N + 6·depth·context·d_model, N = non-embedding + output head); MFU divides by the measured
-matmul peak of the step's precision (best of square matmuls, 2·n³ FLOPs each). The figure of
-merit is suite/reference in model FLOP/s. `warm-up` is the first compiled step (trace + codegen).
+(6N + 6·depth·context·d_model, N = non-embedding + output head). MFU32 divides by the measured fp32
+matmul peak, MFU16 (bf16 steps) by the bf16 peak (best of square matmuls, 2·n³ FLOPs each): a bf16
+step's elementwise work, attention and optimizer stay fp32, so at these widths its MFU16 is small
+however fast the step. The figure of merit is suite/reference in model FLOP/s; the three steps of a
+size are timed in alternating windows (`rates`), so a drift of the machine's speed hits all alike.
+`warm-up` is the first compiled step (trace + codegen; less when inductor's on-disk cache has the
+kernels from an earlier run).
 
 Then the logging overhead: the cost of one logged point of the training curve (5 metrics, buffered
 and flushed with log_batch to a fresh SQLite MLflow store), and its share of the training time of
@@ -30,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scaling_suite.device import (autocast, compile_model, compile_pays, compile_support, pick_device,
-                                  pick_precision)
+from scaling_suite.device import (COMPILE_PROBE_STEPS, autocast, compile_model, compile_pays, compile_support,
+                                  pick_device, pick_precision)
 from scaling_suite.model import GPT, ModelShape, flops_per_token
 from scaling_suite.plan import MODES, make_plan
 
@@ -100,17 +105,28 @@ def matmul_peak(device, dtype, seconds: float) -> float:
 
 def rate(fn, device, seconds: float) -> float:
     """Calls per second: the best of several short windows (robust to a busy neighbour)."""
-    fn()
+    return rates({"fn": fn}, device, seconds)["fn"]
+
+
+def rates(fns: dict, device, seconds: float, rounds: int = 3) -> dict:
+    """Calls per second of each function, timed in alternating short windows, best window each. The
+    speed of the reference machine drifts by +-25% over minutes (clocks, neighbours); alternating
+    makes every variant see the same drift, so their ratios hold where back-to-back timings did not."""
+    for fn in fns.values():
+        fn()
     sync(device)
-    windows, t_end = [], time.perf_counter() + seconds
-    while time.perf_counter() < t_end or len(windows) < 3:
-        t0, n = time.perf_counter(), 0
-        while n < 1 or time.perf_counter() - t0 < seconds / 5:
-            fn()
-            n += 1
-        sync(device)
-        windows.append(n / (time.perf_counter() - t0))
-    return max(windows)
+    best, t_end, done = dict.fromkeys(fns, 0.0), time.perf_counter() + seconds, 0
+    window = seconds / (rounds * len(fns))
+    while done < rounds or time.perf_counter() < t_end:
+        for name, fn in fns.items():
+            t0, n = time.perf_counter(), 0
+            while n < 2 or time.perf_counter() - t0 < window:
+                fn()
+                n += 1
+            sync(device)
+            best[name] = max(best[name], n / (time.perf_counter() - t0))
+        done += 1
+    return best
 
 
 def make_step(model, opt, x, precision, device):
@@ -124,36 +140,42 @@ def make_step(model, opt, x, precision, device):
 
 
 def measure(shape: ModelShape, batch: int, device, seconds: float, steps_typical: int) -> dict:
+    """Model FLOP/s of the reference, the suite's eager fp32 step and the suite's own step (its
+    precision and compile choices for a typical run of this size), timed interleaved."""
     x = torch.randint(0, shape.vocab_size, (batch, shape.context + 1), device=device)
-    tokens = batch * shape.context
-    out = {}
+    tokens, fpt = batch * shape.context, flops_per_token(shape)
     torch.manual_seed(0)
     ref = RefGPT(shape).to(device)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.1)   # plain: no fused/foreach
-    out["ref"] = rate(make_step(ref, ref_opt, x, "fp32", device), device, seconds) * tokens * ref.flops_per_token()
 
-    torch.manual_seed(0)
-    model = GPT(shape).to(device)
-    opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, fused=device.type in ("cpu", "cuda"))
-    prec = pick_precision(device, "auto", shape)
-    fpt = flops_per_token(shape)
-    eager_rate = rate(make_step(model, opt, x, "fp32", device), device, seconds)
-    out["eager"] = eager_rate * tokens * fpt
-    eager_prec_rate = eager_rate if prec == "fp32" else rate(make_step(model, opt, x, prec, device), device, seconds)
-    out["prec"] = prec
+    def suite_step(precision, compiled):
+        torch.manual_seed(0)
+        model = GPT(shape).to(device)
+        opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, fused=device.type in ("cpu", "cuda"))
+        return make_step(compile_model(model) if compiled else model, opt, x, precision, device)
+
+    # As train.py: the precision assumes the step will compile when it can and the run is long
+    # enough to time a few eager steps first; `auto` then compiles when the warm-up is repaid.
     why_not = compile_support(device)
-    out["compile"], out["warmup"], out["compiled"] = False, float("nan"), float("nan")
+    out = {"prec": pick_precision(device, "auto", shape, why_not is None and steps_typical > COMPILE_PROBE_STEPS)}
+    steps = {"ref": make_step(ref, ref_opt, x, "fp32", device), "eager": suite_step("fp32", False)}
+    if out["prec"] != "fp32":
+        steps["eager_prec"] = suite_step(out["prec"], False)
+    out["warmup"] = float("nan")
     if why_not is None:
-        step = make_step(compile_model(model), opt, x, prec, device)
+        steps["compiled"] = suite_step(out["prec"], True)
         t0 = time.perf_counter()
-        step()
+        steps["compiled"]()
         sync(device)
         out["warmup"] = time.perf_counter() - t0
-        compiled_rate = rate(step, device, seconds)
-        out["compiled"] = compiled_rate * tokens * fpt
-        # The suite's `auto` choice for a typical run of this size (eager steps timed, as train does).
-        out["compile"] = compile_pays(shape, 1 / eager_prec_rate, steps_typical)[0]
-    out["suite"] = out["compiled"] if out["compile"] else eager_prec_rate * tokens * fpt
+    r = rates(steps, device, seconds * len(steps))
+    out["ref"] = r["ref"] * tokens * ref.flops_per_token()
+    out["eager"] = r["eager"] * tokens * fpt
+    eager_prec = r.get("eager_prec", r["eager"])
+    out["compiled"] = r["compiled"] * tokens * fpt if "compiled" in r else float("nan")
+    # The suite's `auto` choice for a typical run of this size (eager steps timed, as train does).
+    out["compile"] = why_not is None and compile_pays(shape, 1 / eager_prec, steps_typical, out["prec"])[0]
+    out["suite"] = out["compiled"] if out["compile"] else eager_prec * tokens * fpt
     out["step_s"] = tokens * fpt / out["suite"]
     return out
 
@@ -193,7 +215,7 @@ def main():
         peaks["bf16"] = matmul_peak(device, torch.bfloat16, args.seconds)
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
     print(f"{'mode':>5} {'depth':>5} {'d':>4} {'N':>9} | {'ref GF/s':>8} {'MFU':>5} | {'eager':>6} | "
-          f"{'prec':>4} {'compile':>7} {'warm-up':>7} {'GF/s':>6} {'MFU':>5} | {'suite/ref':>9}")
+          f"{'prec':>4} {'compile':>7} {'warm-up':>7} {'GF/s':>6} {'MFU32':>5} {'MFU16':>5} | {'suite/ref':>9}")
     step_s = {}
     for mode in args.modes:
         plan = make_plan(mode)
@@ -203,12 +225,12 @@ def main():
             shape, batch = cfgs[0].shape(), cfgs[0].batch_tokens // cfgs[0].context
             r = measure(shape, batch, device, args.seconds, steps)
             step_s[(mode, depth)] = r["step_s"] * int(statistics.median(c.derived().log_every for c in cfgs))
-            peak = peaks[r["prec"]]
+            mfu16 = f"{r['suite'] / peaks['bf16']:>5.0%}" if r["prec"] == "bf16" else f"{'-':>5}"
             print(f"{mode:>5} {depth:>5} {shape.d_model:>4} {cfgs[0].derived().N:>9,} | {r['ref'] / 1e9:>8.1f} "
                   f"{r['ref'] / peaks['fp32']:>5.0%} | {r['eager'] / 1e9:>6.1f} | {r['prec']:>4} "
                   f"{'yes' if r['compile'] else 'no':>7} {r['warmup']:>6.0f}s {r['suite'] / 1e9:>6.1f} "
-                  f"{r['suite'] / peak:>5.0%} | {r['suite'] / r['ref']:>8.2f}x"
-                  + ("" if r["compile"] else f"   (compiled: {r['compiled'] / 1e9:.1f} GF/s)"))
+                  f"{r['suite'] / peaks['fp32']:>5.0%} {mfu16} | {r['suite'] / r['ref']:>8.2f}x"
+                  + ("" if r["compile"] else f"   (compiled: {r['compiled'] / 1e9:.1f} GF/s)"), flush=True)
     per_point = logging_cost_per_point()
     print(f"logging: {per_point * 1e6:.0f} µs per point of the curve (5 metrics, buffered, log_batch to SQLite); "
           "share of the training time: " + ", ".join(f"{m} {d}: {per_point / s:.2%}" for (m, d), s in step_s.items()))

@@ -99,7 +99,7 @@ def cmd_doctor(args) -> int:
 
     from . import data as data_lib
     from . import tracking
-    from .device import available_memory, pick_device, pick_precision
+    from .device import available_memory, compile_support, pick_device, pick_precision
     from .train import train
 
     problems = []
@@ -120,7 +120,9 @@ def cmd_doctor(args) -> int:
         check("memory available", lambda: f"{available_memory(device) / 2**30:.1f} GiB")
     cfg = from_preset("tiny", device=args.device or "auto")
     cfg = cfg.replace(D=20 * cfg.batch_tokens, eval_every=20)
-    check("precision", lambda: f"{pick_precision(device, 'auto', cfg.shape())} for the tiny preset" if device else "-")
+    check("precision", lambda: ", ".join(
+        f"{pick_precision(device, 'auto', cfg.shape(), c)} for the tiny preset {'compiled' if c else 'eager'}"
+        for c in (False, True) if not c or compile_support(device) is None) if device else "-")
     check("MLflow store", lambda: (tracking.init_store(), tracking.tracking_uri())[1])
     data = check("data (stdlib corpus)", lambda: data_lib.load_data(cfg.dataset))
     if data is not None:

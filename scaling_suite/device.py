@@ -16,13 +16,18 @@ import torch
 from .errors import SuiteError
 from .model import ModelShape
 
-# bf16 autocast on CPU pays only when the matmuls are big enough for the AMX/AVX-512-BF16 kernels
-# to beat the casts around them, and the attention heads wide enough: with 8-32-wide heads the bf16
-# attention path was 1.1-3x slower than fp32 at every width tried. Measured on the reference 2-core
-# AVX-512-BF16/AMX machine with benchmarks/throughput.py (README, "Precision rule"): head_dim 64 gave
-# bf16/fp32 = 1.2x at d_model 128-256, 1.6x at 384, 1.7x at 512.
+# bf16 autocast on CPU, eager: pays only when the matmuls are big enough for the AMX/AVX-512-BF16
+# kernels to beat the casts around them, and the attention heads wide enough: with 8-32-wide heads
+# the bf16 attention path was 1.1-3x slower than fp32 at every width tried. Measured on the
+# reference 2-core AVX-512-BF16/AMX machine with benchmarks/throughput.py (README, "Precision
+# rule"): head_dim 64 gave bf16/fp32 = 1.2x at d_model 128-256, 1.6x at 384, 1.7x at 512.
 CPU_BF16_MIN_WIDTH = 256
 CPU_BF16_MIN_HEAD = 64
+# Compiled, with AMX: inductor fuses the casts into the elementwise kernels, the projections run as
+# AMX bf16 GEMMs (4-5x the fp32 GEMMs at d_model 80) and narrow heads' attention stays fp32
+# (model.Attention). Compiled bf16 over compiled fp32, same machine, interleaved timing: 0.98x at
+# d_model 16, 1.16x at 32, 1.17-1.38x at 48-80 (quick), 1.5-1.7x at 64-192 (dev).
+CPU_BF16_MIN_WIDTH_COMPILED = 32
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -49,16 +54,25 @@ def pick_device(name: str = "auto") -> torch.device:
     raise SuiteError(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:<i> or mps")
 
 
-def cpu_has_bf16() -> bool:
+def cpu_flags() -> str:
     try:
-        flags = open("/proc/cpuinfo").read()
+        return open("/proc/cpuinfo").read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_bf16() -> bool:
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_precision(device: torch.device, requested: str, shape: ModelShape) -> str:
-    """fp32 or bf16 (autocast; master weights and the loss stay fp32)."""
+def cpu_has_amx() -> bool:
+    return "amx_bf16" in cpu_flags()
+
+
+def pick_precision(device: torch.device, requested: str, shape: ModelShape, compiled: bool = False) -> str:
+    """fp32 or bf16 (autocast; master weights and the loss stay fp32). COMPILED: whether the
+    training step is expected to be compiled (train.py decides it before the first step)."""
     if requested != "auto":
         if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise SuiteError("precision bf16 requested but this CUDA device does not support bf16")
@@ -67,6 +81,8 @@ def pick_precision(device: torch.device, requested: str, shape: ModelShape) -> s
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "mps":
         return "fp32"  # MPS autocast to bf16 is incomplete across macOS versions; fp32 is safe.
+    if compiled and shape.d_model >= CPU_BF16_MIN_WIDTH_COMPILED and cpu_has_amx():
+        return "bf16"
     head = shape.d_model // shape.n_head
     wide = shape.d_model >= CPU_BF16_MIN_WIDTH and head >= CPU_BF16_MIN_HEAD
     return "bf16" if wide and cpu_has_bf16() else "fp32"
@@ -141,9 +157,10 @@ class Placement:
                 "torch_version": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape, batch_size: int) -> Placement:
+def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape, batch_size: int,
+          compiled: bool = False) -> Placement:
     device = pick_device(device_name)
-    prec = pick_precision(device, precision, shape)
+    prec = pick_precision(device, precision, shape, compiled)
     free = available_memory(device)
     micro = micro_batch or plan_micro_batch(shape, batch_size, prec, free)
     return Placement(device, prec, micro, batch_size // micro, free)
@@ -180,17 +197,20 @@ def compile_cold_s(shape: ModelShape) -> float:
     return 10.0 + 5.0 * shape.depth
 
 
-def compile_gain(shape: ModelShape) -> float:
+def compile_gain(shape: ModelShape, precision: str = "fp32") -> float:
     """Share of an eager step compile is assumed to save, on the low side of what was measured
-    (benchmarks/throughput.py, reference CPU): 45% at d_model 16-32, where elementwise work and
-    dispatch dominate the step, 20-35% at 48-80."""
+    (benchmarks/throughput.py, reference CPU): fp32 45% at d_model 16-32, where elementwise work
+    and dispatch dominate the step, 20-35% at 48-80; bf16 40-60% (eager bf16 pays for its casts)."""
+    if precision == "bf16":
+        return 0.4
     return 0.4 if shape.d_model <= 32 else 0.2
 
 
-def compile_pays(shape: ModelShape, eager_step_s: float, steps_left: int) -> tuple[bool, str]:
+def compile_pays(shape: ModelShape, eager_step_s: float, steps_left: int,
+                 precision: str = "fp32") -> tuple[bool, str]:
     """Whether compiling now is repaid within the run: saved time > expected warm-up."""
     warm = COMPILE_WARM_S if shape in _compiled_shapes else compile_cold_s(shape)
-    saved = steps_left * eager_step_s * compile_gain(shape)
+    saved = steps_left * eager_step_s * compile_gain(shape, precision)
     why = f"{steps_left} steps left at {eager_step_s * 1e3:.0f} ms: ~{saved:.0f}s saved vs ~{warm:.0f}s warm-up"
     return saved > warm, why
 

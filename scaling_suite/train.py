@@ -22,8 +22,8 @@ import numpy as np
 from . import data as data_lib
 from . import earlystop
 from .config import Derived, RunConfig, make_config
-from .device import (COMPILE_PROBE_STEPS, autocast, compile_model, compile_pays, compile_support, place,
-                     process_memory, release_memory)
+from .device import (COMPILE_PROBE_STEPS, autocast, compile_model, compile_pays, compile_support, pick_device,
+                     place, process_memory, release_memory)
 from .errors import SuiteError
 from .model import GPT
 from .tracking import NullTracker, scratch_dir
@@ -170,7 +170,14 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     run, and may raise Pruned to stop it (tune.py reports the loss to an Optuna pruner)."""
     tracker = tracker or NullTracker()
     d = cfg.derived()
-    pl = place(cfg.device, cfg.precision, cfg.micro_batch, d.shape, d.batch_size)
+    # precision=auto on a CPU with AMX picks bf16 only for a compiled step (device.py): decided here
+    # from the config alone, so a resumed run keeps its precision.
+    device = pick_device(cfg.device)
+    why_not = compile_support(device) if cfg.compile != "false" else "compile=false"
+    if cfg.compile == "true" and why_not:
+        raise SuiteError(f"compile=true, but {why_not}")
+    compiled = why_not is None and (cfg.compile == "true" or d.steps > COMPILE_PROBE_STEPS)
+    pl = place(cfg.device, cfg.precision, cfg.micro_batch, d.shape, d.batch_size, compiled)
     data = data or data_lib.load_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size)
     if data.vocab_size != cfg.vocab_size:
         raise SuiteError(f"the data's vocabulary ({data.vocab_size}) differs from vocab_size ({cfg.vocab_size})")
@@ -253,9 +260,6 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     # The same function in fused kernels: losses agree with eager to float rounding
     # (tests/test_train.py). Evaluation stays eager, so it costs no second graph.
     fwd, compile_at, step_seconds = model, None, []
-    why_not = compile_support(pl.device) if cfg.compile != "false" else "compile=false"
-    if cfg.compile == "true" and why_not:
-        raise SuiteError(f"compile=true, but {why_not}")
     if why_not is None:
         compile_at = start if cfg.compile == "true" else start + COMPILE_PROBE_STEPS
     if compile_at is None or compile_at >= d.steps:
@@ -277,7 +281,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
             if cfg.compile == "true":
                 use, why = True, "compile=true"
             else:   # median of the timed eager steps, the first two (allocation) left out
-                use, why = compile_pays(d.shape, float(np.median(step_seconds[2:])), d.steps - step)
+                use, why = compile_pays(d.shape, float(np.median(step_seconds[2:])), d.steps - step, pl.precision)
             if use:
                 fwd = compile_model(model)
             tracker.set_tags({"compile": str(use).lower(), "compile_reason": why})

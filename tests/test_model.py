@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scaling_suite.model import GPT, ModelShape, count_params, flops_per_token
 
@@ -124,3 +125,23 @@ def test_mup_lr_groups_reach_the_optimizer(monkeypatch, token_cache):
     d = cfg.derived()
     assert seen and all(lrs == pytest.approx([lr_at(i, cfg, d) / 4, lr_at(i, cfg, d), lr_at(i, cfg, d)])
                         for i, lrs in enumerate(seen))
+
+
+@pytest.mark.parametrize("dial, attention_dtype", [((2, 16, 8, 256, 32), torch.float32),   # heads 8 wide
+                                                   ((1, 64, 64, 256, 32), torch.bfloat16)])  # 64 wide
+def test_cpu_bf16_autocast_attends_in_fp32_below_64_wide_heads(monkeypatch, dial, attention_dtype):
+    """Under CPU bf16 autocast the projections and the head run in bf16; the attention core of heads
+    under 64 wide runs in fp32 (model.Attention, device.py's precision rule). The loss stays within
+    bf16 rounding of the fp32 loss."""
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
+    torch.manual_seed(0)
+    model = GPT(ModelShape.from_dial(*dial))
+    x = torch.randint(0, 256, (4, dial[4]), generator=torch.Generator().manual_seed(1))
+    fp32 = model(x, x).item()
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, bf16 = model(x), model(x, x).item()
+    assert logits.dtype == torch.bfloat16
+    assert seen == [attention_dtype] * (2 * dial[0])
+    assert bf16 == pytest.approx(fp32, rel=1e-2) and bf16 != fp32

@@ -84,6 +84,34 @@ def test_compile_rule_weighs_the_warm_up():
     assert "steps left" in device.compile_pays(shape, 0.05, 100)[1]
 
 
+def test_cpu_precision_rule(monkeypatch):
+    """auto: bf16 on a CPU with AMX only for a compiled step at d_model >= 32, or for wide heads."""
+    from scaling_suite import device
+    from scaling_suite.model import ModelShape
+    cpu, pick = torch.device("cpu"), device.pick_precision
+    quick5, quick1 = ModelShape.from_dial(5, 16, 8, 256, 64), ModelShape.from_dial(1, 16, 8, 256, 64)
+    wide = ModelShape.from_dial(4, 64, 64, 256, 64)
+    monkeypatch.setattr(device, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    assert [pick(cpu, "auto", quick5, compiled=c) for c in (True, False)] == ["bf16", "fp32"]
+    assert pick(cpu, "auto", quick1, compiled=True) == "fp32"          # d_model 16: casts cost what AMX saves
+    assert pick(cpu, "auto", wide, compiled=False) == "bf16"           # the eager rule: heads >= 64 wide
+    assert pick(cpu, "fp32", quick5, compiled=True) == "fp32"          # asked for is what runs
+    monkeypatch.setattr(device, "cpu_has_amx", lambda: False)
+    assert pick(cpu, "auto", quick5, compiled=True) == "fp32"
+    assert device.compile_gain(quick5, "bf16") > device.compile_gain(quick5, "fp32")
+
+
+def test_bf16_training_follows_the_fp32_curve(stdlib):
+    """bf16 autocast (fp32 master weights, fp32 attention for narrow heads, fp32 loss): the curve of
+    the same run in fp32 within bf16 rounding."""
+    cfg = make_config(**{**SMALL, "D": 24 * 1024})
+    fp32 = train(cfg, data=stdlib, progress=False)
+    bf16 = train(cfg.replace(precision="bf16"), data=stdlib, progress=False)
+    assert [v for _, v in bf16.curve] == pytest.approx([v for _, v in fp32.curve], rel=1e-2)
+    assert [v for _, v in bf16.curve] != [v for _, v in fp32.curve]
+
+
 def test_compiled_step_keeps_the_numerics(stdlib):
     """torch.compile fuses kernels but computes the same function: same losses to float rounding."""
     from scaling_suite.device import compile_support
