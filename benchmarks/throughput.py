@@ -9,13 +9,17 @@ For every size of each mode (its width, depth, context, global batch and vocabul
 - ``eager``: the suite's model in fp32 without compile;
 - ``suite``: the suite's step as `train` runs it: its precision rule (device.pick_precision: bf16
   for a compiled step on an AMX CPU at d_model >= 32), fused AdamW, and compile when its `auto`
-  rule would compile a typical run of that size in the mode (device.compile_pays).
+  rule would compile a typical run of that size in the mode (device.compile_pays) on a machine
+  that has compiled the graph before (inductor's disk cache); where a fresh machine's cold
+  warm-up changes that choice, the row says so.
 Model FLOP/s = flops_per_token × tokens/s, each model counted by the suite's convention
-(6N + 6·depth·context·d_model, N = non-embedding + output head). MFU32 divides by the measured fp32
-matmul peak, MFU16 (bf16 steps) by the bf16 peak (best of square matmuls, 2·n³ FLOPs each): a bf16
-step's elementwise work, attention and optimizer stay fp32, so at these widths its MFU16 is small
-however fast the step. The figure of merit is suite/reference in model FLOP/s; the three steps of a
-size are timed in alternating windows (`rates`), so a drift of the machine's speed hits all alike.
+(6N + 6·depth·context·d_model, N = non-embedding + output head). MFU divides by the matmul peak
+of the step's precision (32: fp32, 16: bf16; square matmuls, 2·n³ FLOPs each, n the best of 512,
+1024, 2048): a bf16 step's elementwise work, attention and optimizer stay fp32, so at these widths
+its MFU against the bf16 peak is small however fast the step; the suite's compiled fp32 step is
+shown beside it. The figure of merit is suite/reference in model FLOP/s. The steps of a size and
+the two peaks are timed in alternating windows (`rates`), so a drift of the machine's speed hits
+all alike.
 `warm-up` is the first compiled step (trace + codegen; less when inductor's on-disk cache has the
 kernels from an earlier run).
 
@@ -35,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scaling_suite.device import (COMPILE_PROBE_STEPS, autocast, compile_model, compile_pays, compile_support,
-                                  pick_device, pick_precision)
+from scaling_suite.device import (COMPILE_PROBE_STEPS, COMPILE_WARM_S, autocast, compile_cold_s, compile_gain,
+                                  compile_model, compile_support, pick_device, pick_precision)
 from scaling_suite.model import GPT, ModelShape, flops_per_token
 from scaling_suite.plan import MODES, make_plan
 
@@ -94,13 +98,22 @@ def sync(device):
         torch.mps.synchronize()
 
 
-def matmul_peak(device, dtype, seconds: float) -> float:
-    best = 0.0
+def matmul_peak(device, dtype, seconds: float) -> tuple[float, int]:
+    """The best FLOP/s of square matmuls (2·n³ FLOPs each), and the n that reached it."""
+    best = (0.0, 0)
     for n in (512, 1024, 2048):
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        best = max(best, 2 * n ** 3 * rate(lambda: a @ b, device, seconds / 3))
+        best = max(best, (matmul_rate(device, dtype, n, seconds / 3)(), n))
     return best
+
+
+def matmul_rate(device, dtype, n: int, seconds: float = 0.0):
+    """A function returning square-matmul FLOP/s; with SECONDS > 0 it is timed once right away."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    if seconds:
+        r = 2 * n ** 3 * rate(lambda: a @ b, device, seconds)
+        return lambda: r
+    return lambda: a @ b
 
 
 def rate(fn, device, seconds: float) -> float:
@@ -139,9 +152,10 @@ def make_step(model, opt, x, precision, device):
     return step
 
 
-def measure(shape: ModelShape, batch: int, device, seconds: float, steps_typical: int) -> dict:
-    """Model FLOP/s of the reference, the suite's eager fp32 step and the suite's own step (its
-    precision and compile choices for a typical run of this size), timed interleaved."""
+def measure(shape: ModelShape, batch: int, device, seconds: float, steps_typical: int, peak_n: dict) -> dict:
+    """Model FLOP/s of the reference, the suite's eager fp32 step, its compiled fp32 step and its own
+    step (its precision and compile choices for a typical run of this size), with the matmul peaks
+    (square matmuls of PEAK_N[dtype]), all timed in the same alternating windows."""
     x = torch.randint(0, shape.vocab_size, (batch, shape.context + 1), device=device)
     tokens, fpt = batch * shape.context, flops_per_token(shape)
     torch.manual_seed(0)
@@ -157,25 +171,35 @@ def measure(shape: ModelShape, batch: int, device, seconds: float, steps_typical
     # As train.py: the precision assumes the step will compile when it can and the run is long
     # enough to time a few eager steps first; `auto` then compiles when the warm-up is repaid.
     why_not = compile_support(device)
-    out = {"prec": pick_precision(device, "auto", shape, why_not is None and steps_typical > COMPILE_PROBE_STEPS)}
+    prec = pick_precision(device, "auto", shape, why_not is None and steps_typical > COMPILE_PROBE_STEPS)
     steps = {"ref": make_step(ref, ref_opt, x, "fp32", device), "eager": suite_step("fp32", False)}
-    if out["prec"] != "fp32":
-        steps["eager_prec"] = suite_step(out["prec"], False)
-    out["warmup"] = float("nan")
+    if prec != "fp32":
+        steps["eager_prec"] = suite_step(prec, False)
+    warmup = {}
     if why_not is None:
-        steps["compiled"] = suite_step(out["prec"], True)
-        t0 = time.perf_counter()
-        steps["compiled"]()
-        sync(device)
-        out["warmup"] = time.perf_counter() - t0
+        for p in dict.fromkeys(["fp32", prec]):
+            steps[f"compiled_{p}"] = suite_step(p, True)
+            t0 = time.perf_counter()
+            steps[f"compiled_{p}"]()
+            sync(device)
+            warmup[p] = time.perf_counter() - t0
+    for dtype, n in peak_n.items():
+        steps[f"peak_{dtype}"] = matmul_rate(device, torch.float32 if dtype == "fp32" else torch.bfloat16, n)
     r = rates(steps, device, seconds * len(steps))
-    out["ref"] = r["ref"] * tokens * ref.flops_per_token()
-    out["eager"] = r["eager"] * tokens * fpt
+    gf = {k: v * tokens * fpt for k, v in r.items()}
+    out = {"prec": prec, "ref": r["ref"] * tokens * ref.flops_per_token(), "eager": gf["eager"],
+           "peaks": {dtype: r[f"peak_{dtype}"] * 2 * n ** 3 for dtype, n in peak_n.items()},
+           "fp32_compiled": gf.get("compiled_fp32", float("nan")), "warmup": warmup.get(prec, float("nan")),
+           "compiled": gf.get(f"compiled_{prec}", float("nan"))}
     eager_prec = r.get("eager_prec", r["eager"])
-    out["compiled"] = r["compiled"] * tokens * fpt if "compiled" in r else float("nan")
-    # The suite's `auto` choice for a typical run of this size (eager steps timed, as train does).
-    out["compile"] = why_not is None and compile_pays(shape, 1 / eager_prec, steps_typical, out["prec"])[0]
-    out["suite"] = out["compiled"] if out["compile"] else eager_prec * tokens * fpt
+    # The suite's `auto` choice for a typical run of this size (device.compile_pays, from the eager
+    # step as train times it): on a machine whose inductor cache has the graph (every study after
+    # the first) and on a fresh one (cold warm-up).
+    saved = steps_typical / eager_prec * compile_gain(shape, prec)
+    out["compile"] = why_not is None and saved > COMPILE_WARM_S
+    out["compile_cold"] = why_not is None and saved > compile_cold_s(shape)
+    out["eager_prec"] = eager_prec * tokens * fpt
+    out["suite"] = out["compiled"] if out["compile"] else out["eager_prec"]
     out["step_s"] = tokens * fpt / out["suite"]
     return out
 
@@ -210,12 +234,14 @@ def main():
     device = pick_device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"compile: {compile_support(device) or 'available'}")
-    peaks = {"fp32": matmul_peak(device, torch.float32, args.seconds)}
+    peak_n = {"fp32": matmul_peak(device, torch.float32, args.seconds)[1]}
     if device.type != "mps":
-        peaks["bf16"] = matmul_peak(device, torch.bfloat16, args.seconds)
-    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
-    print(f"{'mode':>5} {'depth':>5} {'d':>4} {'N':>9} | {'ref GF/s':>8} {'MFU':>5} | {'eager':>6} | "
-          f"{'prec':>4} {'compile':>7} {'warm-up':>7} {'GF/s':>6} {'MFU32':>5} {'MFU16':>5} | {'suite/ref':>9}")
+        peak_n["bf16"] = matmul_peak(device, torch.bfloat16, args.seconds)[1]
+    print("matmul peaks are timed with each size, in the same windows: square matmuls of n = "
+          + ", ".join(f"{n} ({k})" for k, n in peak_n.items()))
+    print(f"{'':>25} | {'reference':^14} | {'eager':>6} | {'fp32 compiled':^13} | {'the suite':^38} |")
+    print(f"{'mode':>5} {'depth':>5} {'d':>4} {'N':>9} | {'GF/s':>6} {'MFU32':>7} | {'GF/s':>6} | {'GF/s':>6} "
+          f"{'MFU32':>6} | {'prec':>4} {'compile':>7} {'warm-up':>7} {'GF/s':>6} {'MFU':>9} | {'suite/ref':>9}")
     step_s = {}
     for mode in args.modes:
         plan = make_plan(mode)
@@ -223,14 +249,20 @@ def main():
             cfgs = [p.config for p in plan.points if p.config.depth == depth]
             steps = int(statistics.median(c.derived().steps for c in cfgs))
             shape, batch = cfgs[0].shape(), cfgs[0].batch_tokens // cfgs[0].context
-            r = measure(shape, batch, device, args.seconds, steps)
+            r = measure(shape, batch, device, args.seconds, steps, peak_n)
             step_s[(mode, depth)] = r["step_s"] * int(statistics.median(c.derived().log_every for c in cfgs))
-            mfu16 = f"{r['suite'] / peaks['bf16']:>5.0%}" if r["prec"] == "bf16" else f"{'-':>5}"
-            print(f"{mode:>5} {depth:>5} {shape.d_model:>4} {cfgs[0].derived().N:>9,} | {r['ref'] / 1e9:>8.1f} "
-                  f"{r['ref'] / peaks['fp32']:>5.0%} | {r['eager'] / 1e9:>6.1f} | {r['prec']:>4} "
-                  f"{'yes' if r['compile'] else 'no':>7} {r['warmup']:>6.0f}s {r['suite'] / 1e9:>6.1f} "
-                  f"{r['suite'] / peaks['fp32']:>5.0%} {mfu16} | {r['suite'] / r['ref']:>8.2f}x"
-                  + ("" if r["compile"] else f"   (compiled: {r['compiled'] / 1e9:.1f} GF/s)"), flush=True)
+            pk = r["peaks"]
+            mfu = f"{r['suite'] / pk[r['prec']]:.0%} ({'16' if r['prec'] == 'bf16' else '32'})"
+            print(f"{mode:>5} {depth:>5} {shape.d_model:>4} {cfgs[0].derived().N:>9,} | {r['ref'] / 1e9:>6.1f} "
+                  f"{r['ref'] / pk['fp32']:>7.0%} | {r['eager'] / 1e9:>6.1f} | {r['fp32_compiled'] / 1e9:>6.1f} "
+                  f"{r['fp32_compiled'] / pk['fp32']:>6.0%} | {r['prec']:>4} {'yes' if r['compile'] else 'no':>7} "
+                  f"{r['warmup']:>6.0f}s {r['suite'] / 1e9:>6.1f} {mfu:>9} | {r['suite'] / r['ref']:>8.2f}x"
+                  + ("" if r["compile"] else f"   (compiled: {r['compiled'] / 1e9:.1f} GF/s)")
+                  + ("" if r["compile_cold"] == r["compile"] else
+                     f"   (cold cache: {'compiled' if r['compile_cold'] else 'eager'}, "
+                     f"{r['eager_prec'] / r['ref']:.2f}x)")
+                  + f"   peaks {pk['fp32'] / 1e9:.0f}" + (f"/{pk['bf16'] / 1e9:.0f}" if "bf16" in pk else ""),
+                  flush=True)
     per_point = logging_cost_per_point()
     print(f"logging: {per_point * 1e6:.0f} µs per point of the curve (5 metrics, buffered, log_batch to SQLite); "
           "share of the training time: " + ", ".join(f"{m} {d}: {per_point / s:.2%}" for (m, d), s in step_s.items()))

@@ -311,7 +311,8 @@ def _write_tokens(tok, texts: Iterator[str], path: Path) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------- cache
 
-def _cache_root(cache_dir: str | None) -> Path:
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The suite's cache: token memmaps here, compiled kernels and their warm-ups (device.py)."""
     root = cache_dir or os.environ.get("SCALING_SUITE_CACHE") or "~/.cache/scaling-suite"
     return Path(os.path.expanduser(root))
 
@@ -397,7 +398,7 @@ def load_data(dataset: str = "stdlib", tokenizer: str = "byte", vocab_size: int 
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     want = {"format": CACHE_FORMAT, "digest": digest, "content_digest": corpus.content_digest,
             "tokenizer": tokenizer, "vocab_size": vocab_size, "tokenizer_version": version(tokenizer)}
-    dest = _cache_root(cache_dir) / digest
+    dest = cache_root(cache_dir) / digest
     if dest.exists():
         try:
             train, val, tok, meta = _open(dest, want)

@@ -7,6 +7,7 @@ gradient accumulation, so the number of tokens per optimizer step is the same on
 from __future__ import annotations
 
 import gc
+import json
 import os
 from dataclasses import dataclass
 
@@ -170,9 +171,11 @@ def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape,
 # embeddings, SwiGLU, residual adds) into a few generated kernels. At the widths a CPU trains
 # (d_model 16-192) that work, not the matmuls, dominates an eager step: compiled steps were
 # 1.2-2x faster on the reference 2-core CPU (benchmarks/throughput.py). The price is a warm-up:
-# tracing plus C++ compilation of the kernels, paid once per model shape per process (the
-# inductor cache on disk makes later processes faster, which the rule below does not count on).
-COMPILE_WARM_S = 5.0    # a shape this process compiled before (guards and cache lookups)
+# tracing plus C++ compilation of the kernels, paid once per model shape per process, and mostly
+# once per machine: inductor keeps the compiled kernels on disk (under the suite's cache, so they
+# survive a reboot), and a later process of the same graph warms up in a few seconds. The rule
+# knows which graphs compiled here before from compile_warmups.json (with their last warm-up).
+COMPILE_WARM_S = 5.0    # a graph compiled before, in this process or on this machine
 COMPILE_PROBE_STEPS = 8 # eager steps timed before an `auto` decision
 _compiled_shapes: set = set()
 
@@ -206,12 +209,51 @@ def compile_gain(shape: ModelShape, precision: str = "fp32") -> float:
     return 0.4 if shape.d_model <= 32 else 0.2
 
 
-def compile_pays(shape: ModelShape, eager_step_s: float, steps_left: int,
-                 precision: str = "fp32") -> tuple[bool, str]:
-    """Whether compiling now is repaid within the run: saved time > expected warm-up."""
-    warm = COMPILE_WARM_S if shape in _compiled_shapes else compile_cold_s(shape)
+def compile_key(device: torch.device, shape: ModelShape, precision: str, micro_batch: int) -> str:
+    """What a compiled training graph depends on, as a key of the warm-up record."""
+    return f"torch {torch.__version__} | {device.type} | {precision} | micro_batch {micro_batch} | {shape}"
+
+
+def _warmup_record():
+    from .data import cache_root
+    return cache_root() / "compile_warmups.json"
+
+
+def known_warmups() -> dict:
+    try:
+        return json.loads(_warmup_record().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_warmup(key: str, seconds: float) -> None:
+    """Remember a measured warm-up (best effort: an unwritable cache only loses the hint)."""
+    path = _warmup_record()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**known_warmups(), key: round(seconds, 2)}, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def compile_pays(shape: ModelShape, eager_step_s: float, steps_left: int, precision: str = "fp32",
+                 key: str | None = None) -> tuple[bool, str]:
+    """Whether compiling now is repaid within the run: saved time > expected warm-up (5 s for a
+    shape compiled in this process or a graph KEY compiled on this machine before, else the cold
+    estimate)."""
+    if shape in _compiled_shapes:
+        warm, source = COMPILE_WARM_S, "compiled in this process"
+    elif key is not None and key in known_warmups():
+        # Compiled on this machine before, so its kernels are in inductor's disk cache (measured
+        # 2-4 s to load, depths 1-6); if that cache was emptied, one cold warm-up refills it.
+        warm, source = COMPILE_WARM_S, "kernels cached on this machine"
+    else:
+        warm, source = compile_cold_s(shape), "cold"
     saved = steps_left * eager_step_s * compile_gain(shape, precision)
-    why = f"{steps_left} steps left at {eager_step_s * 1e3:.0f} ms: ~{saved:.0f}s saved vs ~{warm:.0f}s warm-up"
+    why = (f"{steps_left} steps left at {eager_step_s * 1e3:.0f} ms: ~{saved:.0f}s saved vs ~{warm:.0f}s warm-up "
+           f"({source})")
     return saved > warm, why
 
 
@@ -221,6 +263,9 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     # A study or tuning process trains many shapes; past dynamo's default of 8 graphs per
     # function it would silently fall back to eager.
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+    # Inductor's on-disk kernel cache defaults to /tmp, which a reboot empties.
+    from .data import cache_root
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     # dynamic=False: every step has the same shapes; a size not seen before gets its own graph
     # rather than a slower shape-generic one.
     return torch.compile(model, dynamic=False)

@@ -22,8 +22,8 @@ import numpy as np
 from . import data as data_lib
 from . import earlystop
 from .config import Derived, RunConfig, make_config
-from .device import (COMPILE_PROBE_STEPS, autocast, compile_model, compile_pays, compile_support, pick_device,
-                     place, process_memory, release_memory)
+from .device import (COMPILE_PROBE_STEPS, autocast, compile_key, compile_model, compile_pays, compile_support,
+                     pick_device, place, process_memory, record_warmup, release_memory)
 from .errors import SuiteError
 from .model import GPT
 from .tracking import NullTracker, scratch_dir
@@ -260,6 +260,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     # The same function in fused kernels: losses agree with eager to float rounding
     # (tests/test_train.py). Evaluation stays eager, so it costs no second graph.
     fwd, compile_at, step_seconds = model, None, []
+    key = compile_key(pl.device, d.shape, pl.precision, pl.micro_batch)
     if why_not is None:
         compile_at = start if cfg.compile == "true" else start + COMPILE_PROBE_STEPS
     if compile_at is None or compile_at >= d.steps:
@@ -281,7 +282,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
             if cfg.compile == "true":
                 use, why = True, "compile=true"
             else:   # median of the timed eager steps, the first two (allocation) left out
-                use, why = compile_pays(d.shape, float(np.median(step_seconds[2:])), d.steps - step, pl.precision)
+                use, why = compile_pays(d.shape, float(np.median(step_seconds[2:])), d.steps - step, pl.precision, key)
             if use:
                 fwd = compile_model(model)
             tracker.set_tags({"compile": str(use).lower(), "compile_reason": why})
@@ -308,8 +309,9 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         opt.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - t_step)
         if step == compile_at and fwd is not model:   # the first compiled step carries the warm-up
-            tracker.log_metrics({"compile_seconds": step_seconds[-1] - float(np.median(step_seconds[2:-1] or [0]))},
-                                step=(step + 1) * cfg.batch_tokens)
+            warm = step_seconds[-1] - float(np.median(step_seconds[2:-1] or [0]))
+            tracker.log_metrics({"compile_seconds": warm}, step=(step + 1) * cfg.batch_tokens)
+            record_warmup(key, warm)
 
         tokens = (step + 1) * cfg.batch_tokens
         if (step + 1) % d.log_every == 0 or step + 1 == d.steps:

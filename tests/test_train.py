@@ -84,6 +84,24 @@ def test_compile_rule_weighs_the_warm_up():
     assert "steps left" in device.compile_pays(shape, 0.05, 100)[1]
 
 
+def test_compile_rule_remembers_graphs_compiled_on_this_machine(tmp_path, monkeypatch):
+    """A graph compiled here before loads from inductor's disk cache: the rule expects a short
+    warm-up for it, and only for it (the key names torch, device, precision, micro-batch, shape)."""
+    import json
+
+    from scaling_suite import device
+    monkeypatch.setenv("SCALING_SUITE_CACHE", str(tmp_path))
+    monkeypatch.setattr(device, "_compiled_shapes", set())
+    shape = make_config(**SMALL).shape()
+    key = device.compile_key(torch.device("cpu"), shape, "fp32", 4)
+    assert not device.compile_pays(shape, 0.05, 300, "fp32", key)[0]          # 6 s saved < 15 s cold
+    device.record_warmup(key, 14.2)
+    pays, why = device.compile_pays(shape, 0.05, 300, "fp32", key)
+    assert pays and "cached on this machine" in why                          # 6 s saved > 5 s
+    assert not device.compile_pays(shape, 0.05, 300, "fp32", key.replace("fp32", "bf16"))[0]
+    assert json.loads((tmp_path / "compile_warmups.json").read_text()) == {key: 14.2}
+
+
 def test_cpu_precision_rule(monkeypatch):
     """auto: bf16 on a CPU with AMX only for a compiled step at d_model >= 32, or for wide heads."""
     from scaling_suite import device
