@@ -8,7 +8,7 @@ For every size of each mode (its width, depth, context, global batch and vocabul
   (non-fused) AdamW, fp32, eager — the same head width as the suite, so the same number of heads;
 - ``eager``: the suite's model in fp32 without compile;
 - ``suite``: the suite's step as `train` runs it: its precision rule (device.pick_precision: bf16
-  for a compiled step on an AMX CPU at d_model >= 32), fused AdamW, and compile when its `auto`
+  for a compiled step on an AMX CPU at d_model >= 32, else fp32), fused AdamW, and compile when its `auto`
   rule would compile a typical run of that size in the mode (device.compile_pays) on a machine
   that has compiled the graph before (inductor's disk cache); where a fresh machine's cold
   warm-up changes that choice, the row says so.
@@ -168,13 +168,13 @@ def measure(shape: ModelShape, batch: int, device, seconds: float, steps_typical
         opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, fused=device.type in ("cpu", "cuda"))
         return make_step(compile_model(model) if compiled else model, opt, x, precision, device)
 
-    # As train.py: the precision assumes the step will compile when it can and the run is long
-    # enough to time a few eager steps first; `auto` then compiles when the warm-up is repaid.
+    # As train.py: eager steps in the eager precision, compiled ones in the compiled precision.
     why_not = compile_support(device)
-    prec = pick_precision(device, "auto", shape, why_not is None and steps_typical > COMPILE_PROBE_STEPS)
+    prec_eager = pick_precision(device, "auto", shape)
+    prec = pick_precision(device, "auto", shape, compiled=True)
     steps = {"ref": make_step(ref, ref_opt, x, "fp32", device), "eager": suite_step("fp32", False)}
-    if prec != "fp32":
-        steps["eager_prec"] = suite_step(prec, False)
+    if prec_eager != "fp32":
+        steps["eager_prec"] = suite_step(prec_eager, False)
     warmup = {}
     if why_not is None:
         for p in dict.fromkeys(["fp32", prec]):
@@ -187,19 +187,18 @@ def measure(shape: ModelShape, batch: int, device, seconds: float, steps_typical
         steps[f"peak_{dtype}"] = matmul_rate(device, torch.float32 if dtype == "fp32" else torch.bfloat16, n)
     r = rates(steps, device, seconds * len(steps))
     gf = {k: v * tokens * fpt for k, v in r.items()}
-    out = {"prec": prec, "ref": r["ref"] * tokens * ref.flops_per_token(), "eager": gf["eager"],
+    out = {"ref": r["ref"] * tokens * ref.flops_per_token(), "eager": gf["eager"],
            "peaks": {dtype: r[f"peak_{dtype}"] * 2 * n ** 3 for dtype, n in peak_n.items()},
            "fp32_compiled": gf.get("compiled_fp32", float("nan")), "warmup": warmup.get(prec, float("nan")),
-           "compiled": gf.get(f"compiled_{prec}", float("nan"))}
-    eager_prec = r.get("eager_prec", r["eager"])
+           "compiled": gf.get(f"compiled_{prec}", float("nan")), "eager_prec": gf.get("eager_prec", gf["eager"])}
     # The suite's `auto` choice for a typical run of this size (device.compile_pays, from the eager
     # step as train times it): on a machine whose inductor cache has the graph (every study after
     # the first) and on a fresh one (cold warm-up).
-    saved = steps_typical / eager_prec * compile_gain(shape, prec)
+    saved = steps_typical * tokens * fpt / out["eager_prec"] * compile_gain(shape, prec)
     out["compile"] = why_not is None and saved > COMPILE_WARM_S
     out["compile_cold"] = why_not is None and saved > compile_cold_s(shape)
-    out["eager_prec"] = eager_prec * tokens * fpt
     out["suite"] = out["compiled"] if out["compile"] else out["eager_prec"]
+    out["prec"] = prec if out["compile"] else prec_eager
     out["step_s"] = tokens * fpt / out["suite"]
     return out
 
@@ -259,8 +258,7 @@ def main():
                   f"{r['warmup']:>6.0f}s {r['suite'] / 1e9:>6.1f} {mfu:>9} | {r['suite'] / r['ref']:>8.2f}x"
                   + ("" if r["compile"] else f"   (compiled: {r['compiled'] / 1e9:.1f} GF/s)")
                   + ("" if r["compile_cold"] == r["compile"] else
-                     f"   (cold cache: {'compiled' if r['compile_cold'] else 'eager'}, "
-                     f"{r['eager_prec'] / r['ref']:.2f}x)")
+                     f"   (cold cache: eager {r['eager_prec'] / r['ref']:.2f}x)")
                   + f"   peaks {pk['fp32'] / 1e9:.0f}" + (f"/{pk['bf16'] / 1e9:.0f}" if "bf16" in pk else ""),
                   flush=True)
     per_point = logging_cost_per_point()

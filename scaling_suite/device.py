@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from .data import cache_root
 from .errors import SuiteError
 from .model import ModelShape
 
@@ -72,8 +73,8 @@ def cpu_has_amx() -> bool:
 
 
 def pick_precision(device: torch.device, requested: str, shape: ModelShape, compiled: bool = False) -> str:
-    """fp32 or bf16 (autocast; master weights and the loss stay fp32). COMPILED: whether the
-    training step is expected to be compiled (train.py decides it before the first step)."""
+    """fp32 or bf16 (autocast; master weights and the loss stay fp32) for an eager step or, with
+    COMPILED, a compiled one."""
     if requested != "auto":
         if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise SuiteError("precision bf16 requested but this CUDA device does not support bf16")
@@ -158,10 +159,11 @@ class Placement:
                 "torch_version": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape, batch_size: int,
-          compiled: bool = False) -> Placement:
+def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape, batch_size: int) -> Placement:
+    """Where and how the eager steps and evaluations run (train.py may compile later steps in
+    pick_precision(..., compiled=True))."""
     device = pick_device(device_name)
-    prec = pick_precision(device, precision, shape, compiled)
+    prec = pick_precision(device, precision, shape)
     free = available_memory(device)
     micro = micro_batch or plan_micro_batch(shape, batch_size, prec, free)
     return Placement(device, prec, micro, batch_size // micro, free)
@@ -175,6 +177,9 @@ def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape,
 # once per machine: inductor keeps the compiled kernels on disk (under the suite's cache, so they
 # survive a reboot), and a later process of the same graph warms up in a few seconds. The rule
 # knows which graphs compiled here before from compile_warmups.json (with their last warm-up).
+# Inductor's on-disk kernel cache defaults to /tmp, which a reboot empties. Its place is fixed when
+# torch._dynamo is first imported, so it is set here, on import of this module.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 COMPILE_WARM_S = 5.0    # a graph compiled before, in this process or on this machine
 COMPILE_PROBE_STEPS = 8 # eager steps timed before an `auto` decision
 _compiled_shapes: set = set()
@@ -201,9 +206,10 @@ def compile_cold_s(shape: ModelShape) -> float:
 
 
 def compile_gain(shape: ModelShape, precision: str = "fp32") -> float:
-    """Share of an eager step compile is assumed to save, on the low side of what was measured
-    (benchmarks/throughput.py, reference CPU): fp32 45% at d_model 16-32, where elementwise work
-    and dispatch dominate the step, 20-35% at 48-80; bf16 40-60% (eager bf16 pays for its casts)."""
+    """Share of an eager step a compiled step of PRECISION is assumed to save, on the low side of
+    what was measured (benchmarks/throughput.py, reference CPU): fp32 45% at d_model 16-32, where
+    elementwise work and dispatch dominate the step, 20-35% at 48-80; compiled bf16 (AMX GEMMs)
+    against the eager fp32 step 45-60% at d_model 32-192."""
     if precision == "bf16":
         return 0.4
     return 0.4 if shape.d_model <= 32 else 0.2
@@ -215,7 +221,6 @@ def compile_key(device: torch.device, shape: ModelShape, precision: str, micro_b
 
 
 def _warmup_record():
-    from .data import cache_root
     return cache_root() / "compile_warmups.json"
 
 
@@ -263,9 +268,6 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     # A study or tuning process trains many shapes; past dynamo's default of 8 graphs per
     # function it would silently fall back to eager.
     torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
-    # Inductor's on-disk kernel cache defaults to /tmp, which a reboot empties.
-    from .data import cache_root
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     # dynamic=False: every step has the same shapes; a size not seen before gets its own graph
     # rather than a slower shape-generic one.
     return torch.compile(model, dynamic=False)

@@ -26,7 +26,7 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
     from analysis.fit import fit_kaplan
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
-    runs = newest_per_config(load.fitting_runs(load.load_runs(parent_run_id=parent.run_id, client=client)), client)
+    runs = newest_per_config(load.fitting_runs(load.load_runs(parent_run_id=parent.run_id, client=client)))
     out = tracking.scratch_dir() / "analysis"
     if runs.empty:
         print("no finished runs to analyze")
@@ -37,7 +37,7 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
     result = report.build_report(runs, curves, out_dir=out, loss_col="final_val_loss", n_bootstrap=n_bootstrap,
                                  source=f"MLflow study {parent.run_id}", notes=notes)
     facts = {"learning_rate": lr_facts(getattr(study, "lr_info", None) or {}, runs),
-             "early_stop": early_stop_errors(client, runs["run_id"]), "compute": compute_spent(client, runs),
+             "early_stop": early_stop_errors(runs), "compute": compute_spent(runs),
              "wall_seconds": study.wall_seconds, "planned_seconds": planned_seconds,
              "monotone_in_N": monotone_in_N(runs),
              "artifact_uri": client.get_run(parent.run_id).info.artifact_uri}
@@ -68,17 +68,15 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
     return result
 
 
-def compute_spent(client, runs) -> dict:
+def compute_spent(runs) -> dict:
     """FLOPs the study's runs actually computed (their C_spent: a WSD branch computes only its
     cooldown, plan.py) against the same runs trained independently (the sum of their C)."""
-    independent = float(runs["C"].astype(float).sum())
-    spent, branches = 0.0, 0
-    for rid, C in zip(runs["run_id"], runs["C"].astype(float)):
-        r = client.get_run(rid)
-        spent += r.data.metrics.get("C_spent", C)     # runs from before C_spent existed: all of C
-        branches += "branch_of" in r.data.tags
-    return {"C_spent": spent, "C_independent": independent,
-            "C_spent_ratio": spent / independent if independent > 0 else math.nan, "branches": branches}
+    C = runs["C"].astype(float)
+    spent = runs["C_spent"].astype(float).fillna(C)     # runs from before C_spent existed: all of C
+    independent = float(C.sum())
+    return {"C_spent": float(spent.sum()), "C_independent": independent,
+            "C_spent_ratio": float(spent.sum()) / independent if independent > 0 else math.nan,
+            "branches": int(runs["branch_of"].notna().sum())}
 
 
 def lr_facts(info: dict, runs) -> dict:
@@ -102,7 +100,7 @@ def lr_facts(info: dict, runs) -> dict:
     return out
 
 
-def newest_per_config(runs, client):
+def newest_per_config(runs):
     """One row per configuration. A study re-run after a code change retrains its configurations
     (sweep.run_child matches the code version), and the older finished run stays beside the new one
     under the parent: fitting both would count that point twice. Keeps the newest run of each."""
@@ -112,34 +110,25 @@ def newest_per_config(runs, client):
 
     cols = [f"param_{f.name}" if f"param_{f.name}" in runs else f.name for f in fields(RunConfig)
             if f"param_{f.name}" in runs or f.name in runs]
-    if runs.empty or not cols:
+    if runs.empty or not cols or not runs.duplicated(cols).any():
         return runs
-    dup = runs.duplicated(cols, keep=False)
-    if not dup.any():
-        return runs
-    start = [client.get_run(rid).info.start_time if d else 0 for rid, d in zip(runs["run_id"], dup)]
-    keep = runs.assign(_start=start).sort_values("_start").drop_duplicates(cols, keep="last")
+    keep = runs.sort_values("start_time", kind="stable").drop_duplicates(cols, keep="last")
     print(f"{len(runs) - len(keep)} older run(s) of configurations that were re-run (new code version) left out of the fit")
-    return keep.drop(columns="_start").sort_index().reset_index(drop=True)
+    return keep.sort_index().reset_index(drop=True)
 
 
-def early_stop_errors(client, run_ids) -> dict:
+def early_stop_errors(runs) -> dict:
     """Relative error of the final-loss prediction made at predict_from, against the real end."""
-    errs, saves, stable = [], [], []
-    for rid in run_ids:
-        m = client.get_run(rid).data.metrics
-        if "predict_error" in m:
-            errs.append(abs(m["predict_error"]))
-        if "predict_error_stable" in m:
-            stable.append(abs(m["predict_error_stable"]))
-        if "early_stop_saving" in m:
-            saves.append(m["early_stop_saving"])
+    def finite(col):
+        return runs[col].astype(float).dropna().to_numpy()
+    errs, stable, saves = np.abs(finite("predict_error")), np.abs(finite("predict_error_stable")), \
+        finite("early_stop_saving")
     out = {"n_runs": len(errs)}
-    if errs:
+    if len(errs):
         out.update(predict_error_median=float(np.median(errs)), predict_error_max=float(np.max(errs)))
-    if stable:
+    if len(stable):
         out.update(stable_error_median=float(np.median(stable)), stable_error_max=float(np.max(stable)))
-    if saves:
+    if len(saves):
         out["early_stop_saving"] = float(np.mean(saves))
     return out
 

@@ -23,7 +23,7 @@ from . import data as data_lib
 from . import earlystop
 from .config import Derived, RunConfig, make_config
 from .device import (COMPILE_PROBE_STEPS, autocast, compile_key, compile_model, compile_pays, compile_support,
-                     pick_device, place, process_memory, record_warmup, release_memory)
+                     pick_precision, place, process_memory, record_warmup, release_memory)
 from .errors import SuiteError
 from .model import GPT
 from .tracking import NullTracker, scratch_dir
@@ -170,14 +170,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     run, and may raise Pruned to stop it (tune.py reports the loss to an Optuna pruner)."""
     tracker = tracker or NullTracker()
     d = cfg.derived()
-    # precision=auto on a CPU with AMX picks bf16 only for a compiled step (device.py): decided here
-    # from the config alone, so a resumed run keeps its precision.
-    device = pick_device(cfg.device)
-    why_not = compile_support(device) if cfg.compile != "false" else "compile=false"
-    if cfg.compile == "true" and why_not:
-        raise SuiteError(f"compile=true, but {why_not}")
-    compiled = why_not is None and (cfg.compile == "true" or d.steps > COMPILE_PROBE_STEPS)
-    pl = place(cfg.device, cfg.precision, cfg.micro_batch, d.shape, d.batch_size, compiled)
+    pl = place(cfg.device, cfg.precision, cfg.micro_batch, d.shape, d.batch_size)
     data = data or data_lib.load_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size)
     if data.vocab_size != cfg.vocab_size:
         raise SuiteError(f"the data's vocabulary ({data.vocab_size}) differs from vocab_size ({cfg.vocab_size})")
@@ -259,8 +252,15 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     # timing a few eager steps, and only when the time saved repays the warm-up within this run.
     # The same function in fused kernels: losses agree with eager to float rounding
     # (tests/test_train.py). Evaluation stays eager, so it costs no second graph.
-    fwd, compile_at, step_seconds = model, None, []
-    key = compile_key(pl.device, d.shape, pl.precision, pl.micro_batch)
+    # precision=auto may differ for compiled steps (device.pick_precision: bf16 on an AMX CPU at
+    # d_model >= 32): eager steps and every evaluation run in pl.precision, compiled steps in
+    # step_precision, chosen with the compile.
+    fwd, compile_at, step_seconds, step_precision = model, None, [], pl.precision
+    why_not = compile_support(pl.device) if cfg.compile != "false" else "compile=false"
+    if cfg.compile == "true" and why_not:
+        raise SuiteError(f"compile=true, but {why_not}")
+    compiled_precision = pick_precision(pl.device, cfg.precision, d.shape, compiled=True)
+    key = compile_key(pl.device, d.shape, compiled_precision, pl.micro_batch)
     if why_not is None:
         compile_at = start if cfg.compile == "true" else start + COMPILE_PROBE_STEPS
     if compile_at is None or compile_at >= d.steps:
@@ -282,10 +282,12 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
             if cfg.compile == "true":
                 use, why = True, "compile=true"
             else:   # median of the timed eager steps, the first two (allocation) left out
-                use, why = compile_pays(d.shape, float(np.median(step_seconds[2:])), d.steps - step, pl.precision, key)
+                use, why = compile_pays(d.shape, float(np.median(step_seconds[2:])), d.steps - step,
+                                        compiled_precision, key)
             if use:
-                fwd = compile_model(model)
-            tracker.set_tags({"compile": str(use).lower(), "compile_reason": why})
+                fwd, step_precision = compile_model(model), compiled_precision
+            tracker.set_tags({"compile": str(use).lower(), "compile_reason": why, "precision": step_precision,
+                              **({"precision_eager": pl.precision} if step_precision != pl.precision else {})})
         t_step = time.perf_counter()
         lr = lr_at(step, cfg, d)
         for g in opt.param_groups:
@@ -294,7 +296,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         loss_sum = torch.zeros((), device=pl.device)
         for m in range(micro_steps):
             mb = batch[m * pl.micro_batch:(m + 1) * pl.micro_batch]
-            with autocast(pl.device, pl.precision):
+            with autocast(pl.device, step_precision):
                 loss = fwd(mb[:, :-1], mb[:, 1:])
             # Equal micro-batches: the mean over the global batch is the mean of micro means.
             (loss / micro_steps).backward()

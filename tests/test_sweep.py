@@ -228,18 +228,8 @@ def test_a_rerun_config_is_fitted_once_from_its_newest_run():
 
     from scaling_suite.study_report import newest_per_config
 
-    class Info:
-        def __init__(self, t):
-            self.start_time = t
-
-    class Client:
-        times = {"old": 1, "new": 2, "other": 3}
-
-        def get_run(self, rid):
-            return type("Run", (), {"info": Info(self.times[rid])})()
-
-    runs = pd.DataFrame({"run_id": ["old", "other", "new"], "depth": ["1", "2", "1"], "param_C": ["6e11"] * 3,
-                         "final_val_loss": [2.0, 1.9, 2.1]})
-    kept = newest_per_config(runs, Client())
+    runs = pd.DataFrame({"run_id": ["old", "other", "new"], "start_time": [1, 3, 2], "depth": ["1", "2", "1"],
+                         "param_C": ["6e11"] * 3, "final_val_loss": [2.0, 1.9, 2.1]})
+    kept = newest_per_config(runs)
     assert sorted(kept["run_id"]) == ["new", "other"]
-    assert newest_per_config(kept, Client()).equals(kept)
+    assert newest_per_config(kept).equals(kept)

@@ -150,6 +150,35 @@ def test_compile_true_without_support_is_one_line(stdlib, monkeypatch):
         train(make_config(**SMALL, compile="true"), data=stdlib, progress=False)
 
 
+def test_auto_precision_is_bf16_for_compiled_steps_only(stdlib, monkeypatch):
+    """precision=auto on an AMX CPU: the timed eager steps and every evaluation run fp32, the
+    compiled steps bf16; the tags say so. (compile_model is the identity here: the test is about
+    which autocast wraps which step, not about inductor.)"""
+    from scaling_suite import device
+    from scaling_suite import train as train_mod
+    from scaling_suite.tracking import NullTracker
+
+    class Tags(NullTracker):
+        tags = {}
+
+        def set_tags(self, tags):
+            self.tags.update(tags)
+
+    used = []
+    monkeypatch.setattr(device, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(train_mod, "compile_support", lambda dev: None)
+    monkeypatch.setattr(train_mod, "compile_model", lambda m: m)
+    monkeypatch.setattr(train_mod, "compile_pays", lambda *a: (True, "test"))
+    monkeypatch.setattr(train_mod, "record_warmup", lambda *a: None)
+    monkeypatch.setattr(train_mod, "autocast", lambda dev, prec: used.append(prec) or device.autocast(dev, prec))
+    cfg = make_config(**{**SMALL, "precision": "auto", "compile": "auto", "D": 12 * 1024, "eval_every": 6})
+    tracker = Tags()
+    train(cfg, tracker=tracker, data=stdlib, progress=False)
+    steps = cfg.derived().steps
+    assert tracker.tags["precision"] == "bf16" and tracker.tags["precision_eager"] == "fp32"
+    assert used.count("bf16") == steps - 8 and used.count("fp32") > 8        # 8 timed steps + evaluations
+
+
 # WSD cooldown branching (Hägele et al. 2024 §3.2): a trunk at constant lr checkpoints at a shorter
 # run's cooldown start; the branch cools down from there.
 WSD = dict(SMALL, schedule="wsd", D=32 * 1024)
