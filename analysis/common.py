@@ -37,6 +37,20 @@ def percentile_interval(draws, level: float, axis=0):
     return np.nanpercentile(draws, q, axis=axis), np.nanpercentile(draws, 100 - q, axis=axis)
 
 
+def fmt(v, spec: str = ".3g") -> str:
+    """A number from a report (jsonable: NaN and inf are None there) for a line of text."""
+    return "nan" if v is None else format(v, spec)
+
+
+def format_interval(iv, spec: str = ".3g") -> str:
+    """'[lo, hi]' of an interval from a report (jsonable: an infinite end is None there, and means
+    unbounded: -inf below, inf above); '' when there is none."""
+    if iv is None or len(iv) != 2 or (iv[0] is None and iv[1] is None):
+        return ""
+    lo, hi = (float("-inf") if iv[0] is None else iv[0]), (float("inf") if iv[1] is None else iv[1])
+    return f"[{lo:{spec}}, {hi:{spec}}]"
+
+
 def jsonable(obj):
     """Recursively convert numpy scalars/arrays and tuples to JSON types; non-finite floats -> None."""
     if isinstance(obj, dict):

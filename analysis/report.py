@@ -17,7 +17,7 @@ import pandas as pd
 from scaling_suite.errors import SuiteError
 
 from . import allocation, extrapolate, plots
-from .common import jsonable
+from .common import fmt, format_interval, jsonable
 from .fit import fit_chinchilla, fit_kaplan, fit_power_law, holdout_largest, loo_errors
 from .inputs import add_arguments, load_inputs  # noqa: F401  (CLI plumbing lives in inputs.py)
 
@@ -244,15 +244,16 @@ def summary(result: dict) -> str:
     if "chinchilla" in s:
         p, iv = s["chinchilla"]["params"], s["chinchilla"]["intervals"]
         lines.append("Chinchilla fit: " + ", ".join(
-            f"{k} {v:.4g}" + (f" [{iv[k][0]:.4g}, {iv[k][1]:.4g}]" if k in iv and iv[k][0] is not None else "")
+            f"{k} {fmt(v, '.4g')} {format_interval(iv.get(k), '.4g')}".rstrip()
             for k, v in p.items()) + f"; objective {s['chinchilla']['objective']:.5e}")
     for key in ("allocation_parametric", "allocation_isoflop", "allocation_envelope"):
         if key in s:
-            lines.append(f"{key.replace('_', ' ')}: N_opt ∝ C^{s[key]['a']:.3f}, D_opt ∝ C^{s[key]['b']:.3f}")
+            lines.append(f"{key.replace('_', ' ')}: N_opt ∝ C^{fmt(s[key]['a'], '.3f')}, "
+                         f"D_opt ∝ C^{fmt(s[key]['b'], '.3f')}")
     for e in result["extrapolations"]:
         iv = e["interval"]
-        lines.append(f"loss at {e['target']} = {e['value']:.3g}: {e['loss']:.4f}"
-                     + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "") + f" ({e['via']})"
+        lines.append(f"loss at {e['target']} = {fmt(e['value'])}: {fmt(e['loss'], '.4f')}"
+                     + f" {format_interval(iv, '.4f')}".rstrip() + f" ({e['via']})"
                      + (f" WARNING: {e['warning']}" if e["warning"] else ""))
     if result["skipped"]:
         lines.append(f"skipped: {', '.join(result['skipped'])} (reasons in report.md)")

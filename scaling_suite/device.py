@@ -177,6 +177,7 @@ def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape,
 # once per machine: inductor keeps the compiled kernels on disk (under the suite's cache, so they
 # survive a reboot), and a later process of the same graph warms up in a few seconds. The rule
 # knows which graphs compiled here before from compile_warmups.json (with their last warm-up).
+#
 # Inductor's on-disk kernel cache defaults to /tmp, which a reboot empties. Its place is fixed when
 # torch._dynamo is first imported, so it is set here, on import of this module.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))

@@ -311,7 +311,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         opt.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - t_step)
         if step == compile_at and fwd is not model:   # the first compiled step carries the warm-up
-            warm = step_seconds[-1] - float(np.median(step_seconds[2:-1] or [0]))
+            warm = max(0.0, step_seconds[-1] - float(np.median(step_seconds[2:-1] or [0])))
             tracker.log_metrics({"compile_seconds": warm}, step=(step + 1) * cfg.batch_tokens)
             record_warmup(key, warm)
 

@@ -153,3 +153,21 @@ def test_cli_subprocess_exit_code_and_single_line(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: CSV file not found") and proc.stderr.count("\n") == 1
+
+
+def test_summaries_print_unbounded_intervals_and_missing_numbers():
+    """A report is JSON-safe: an infinite interval end or a NaN estimate is None there. The printed
+    summaries show them (inf, nan) instead of failing (seen on a real quick study: a bootstrap
+    upper bound of the Chinchilla fit at +inf)."""
+    from analysis.common import fmt, format_interval
+    from analysis.report import summary
+    assert format_interval((0.1, None)) == "[0.1, inf]" and format_interval((None, 2.0)) == "[-inf, 2]"
+    assert format_interval(None) == "" and format_interval((None, None)) == "" and fmt(None) == "nan"
+    result = {"data": {"n_runs": 13, "source": "test"}, "skipped": {}, "files": ["out/report.md"],
+              "sections": {"chinchilla": {"params": {"E": 0.6, "A": None}, "intervals": {"E": [0.1, None]},
+                                          "objective": 1e-3},
+                           "allocation_isoflop": {"a": None, "b": 0.5}},
+              "extrapolations": [{"target": "N", "value": 1e9, "loss": None, "interval": [None, 2.0],
+                                  "via": "test", "warning": ""}]}
+    text = summary(result)
+    assert "E 0.6 [0.1, inf]" in text and "A nan" in text and "C^nan" in text and "nan [-inf, 2.0000]" in text
