@@ -9,9 +9,9 @@ For every size of each mode (its width, depth, context, global batch and vocabul
 - ``eager``: the suite's model in fp32 without compile;
 - ``suite``: the suite's step as `train` runs it: its precision rule (device.pick_precision: bf16
   for a compiled step on an AMX CPU at d_model >= 32, else fp32), fused AdamW, and compile when its `auto`
-  rule would compile a typical run of that size in the mode (device.compile_pays) on a machine
-  that has compiled the graph before (inductor's disk cache); where a fresh machine's cold
-  warm-up changes that choice, the row says so.
+  rule would compile a typical run of that size in the mode (device.compile_pays) when the graph
+  is expected to load in COMPILE_WARM_S (compiled before); where a fresh machine's cold warm-up
+  changes that choice, the row says so.
 Model FLOP/s = flops_per_token × tokens/s, each model counted by the suite's convention
 (6N + 6·depth·context·d_model, N = non-embedding + output head). MFU divides by the matmul peak
 of the step's precision (32: fp32, 16: bf16; square matmuls, 2·n³ FLOPs each, n the best of 512,
@@ -192,8 +192,7 @@ def measure(shape: ModelShape, batch: int, device, seconds: float, steps_typical
            "fp32_compiled": gf.get("compiled_fp32", float("nan")), "warmup": warmup.get(prec, float("nan")),
            "compiled": gf.get(f"compiled_{prec}", float("nan")), "eager_prec": gf.get("eager_prec", gf["eager"])}
     # The suite's `auto` choice for a typical run of this size (device.compile_pays, from the eager
-    # step as train times it): on a machine whose inductor cache has the graph (every study after
-    # the first) and on a fresh one (cold warm-up).
+    # step as train times it): with the graph compiled before (COMPILE_WARM_S) and cold.
     saved = steps_typical * tokens * fpt / out["eager_prec"] * compile_gain(shape, prec)
     out["compile"] = why_not is None and saved > COMPILE_WARM_S
     out["compile_cold"] = why_not is None and saved > compile_cold_s(shape)

@@ -23,7 +23,7 @@ from . import data as data_lib
 from . import earlystop
 from .config import Derived, RunConfig, make_config
 from .device import (COMPILE_PROBE_STEPS, autocast, compile_key, compile_model, compile_pays, compile_support,
-                     pick_precision, place, process_memory, record_warmup, release_memory)
+                     compiled_shapes, pick_precision, place, process_memory, record_warmup, release_memory)
 from .errors import SuiteError
 from .model import GPT
 from .tracking import NullTracker, scratch_dir
@@ -284,6 +284,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
             else:   # median of the timed eager steps, the first two (allocation) left out
                 use, why = compile_pays(d.shape, float(np.median(step_seconds[2:])), d.steps - step,
                                         compiled_precision, key)
+            fresh = d.shape not in compiled_shapes()   # the process's first compile of it: worth recording
             if use:
                 fwd, step_precision = compile_model(model), compiled_precision
             tracker.set_tags({"compile": str(use).lower(), "compile_reason": why, "precision": step_precision,
@@ -313,7 +314,8 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         if step == compile_at and fwd is not model:   # the first compiled step carries the warm-up
             warm = max(0.0, step_seconds[-1] - float(np.median(step_seconds[2:-1] or [0])))
             tracker.log_metrics({"compile_seconds": warm}, step=(step + 1) * cfg.batch_tokens)
-            record_warmup(key, warm)
+            if fresh:
+                record_warmup(key, warm)
 
         tokens = (step + 1) * cfg.batch_tokens
         if (step + 1) % d.log_every == 0 or step + 1 == d.steps:
