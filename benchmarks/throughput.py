@@ -100,19 +100,13 @@ def sync(device):
 
 def matmul_peak(device, dtype, seconds: float) -> tuple[float, int]:
     """The best FLOP/s of square matmuls (2·n³ FLOPs each), and the n that reached it."""
-    best = (0.0, 0)
-    for n in (512, 1024, 2048):
-        best = max(best, (matmul_rate(device, dtype, n, seconds / 3)(), n))
-    return best
+    return max((2 * n ** 3 * rate(matmul(device, dtype, n), device, seconds / 3), n) for n in (512, 1024, 2048))
 
 
-def matmul_rate(device, dtype, n: int, seconds: float = 0.0):
-    """A function returning square-matmul FLOP/s; with SECONDS > 0 it is timed once right away."""
+def matmul(device, dtype, n: int):
+    """One n×n matmul, as a function to time."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    if seconds:
-        r = 2 * n ** 3 * rate(lambda: a @ b, device, seconds)
-        return lambda: r
     return lambda: a @ b
 
 
@@ -184,7 +178,7 @@ def measure(shape: ModelShape, batch: int, device, seconds: float, steps_typical
             sync(device)
             warmup[p] = time.perf_counter() - t0
     for dtype, n in peak_n.items():
-        steps[f"peak_{dtype}"] = matmul_rate(device, torch.float32 if dtype == "fp32" else torch.bfloat16, n)
+        steps[f"peak_{dtype}"] = matmul(device, torch.float32 if dtype == "fp32" else torch.bfloat16, n)
     r = rates(steps, device, seconds * len(steps))
     gf = {k: v * tokens * fpt for k, v in r.items()}
     out = {"ref": r["ref"] * tokens * ref.flops_per_token(), "eager": gf["eager"],

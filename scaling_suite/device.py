@@ -6,6 +6,7 @@ gradient accumulation, so the number of tokens per optimizer step is the same on
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -56,7 +57,9 @@ def pick_device(name: str = "auto") -> torch.device:
     raise SuiteError(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:<i> or mps")
 
 
+@functools.cache
 def cpu_flags() -> str:
+    """/proc/cpuinfo, read once ("" where there is none)."""
     try:
         return open("/proc/cpuinfo").read()
     except OSError:

@@ -12,6 +12,7 @@ depth together, the way Kaplan et al. 2020 (§3.1) found loss to depend on N and
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -100,14 +101,13 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))      # (B, H, T, hd) each
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and C // self.n_head < 64:
-            # CPU bf16 autocast: the projections run in bf16 (AMX GEMMs, 4-5x fp32 at these widths)
-            # but the attention core of heads under 64 wide in fp32, where PyTorch's CPU attention
-            # kernel is 3-4x faster than in bf16 (measured, device.py's precision rule).
-            with torch.autocast("cpu", enabled=False):
-                q, k = apply_rope(q.float(), cos, sin), apply_rope(k.float(), cos, sin)
-                y = F.scaled_dot_product_attention(q, k, v.float(), is_causal=True, scale=self.scale)
-        else:
+        # CPU bf16 autocast: the projections run in bf16 (AMX GEMMs, 4-5x fp32 at these widths) but
+        # the attention core of heads under 64 wide in fp32, where PyTorch's CPU attention kernel is
+        # 3-4x faster than in bf16 (measured, device.py's precision rule).
+        fp32_core = x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and C // self.n_head < 64
+        if fp32_core:
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if fp32_core else nullcontext():
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return self.o(y.transpose(1, 2).reshape(B, T, C))

@@ -164,21 +164,21 @@ def summary(result: dict, facts: dict, plan) -> str:
     a = facts["alpha_N"]
     if "value" in a:
         iv = a.get("interval")
-        lines.append(f"L(N): alpha_N = {a['value']:.3f} {_iv(iv)}".rstrip()
+        lines.append(f"L(N): alpha_N = {a['value']:.3f} {format_interval(iv)}".rstrip()
                      + f"  (Kaplan et al. 2020: {KAPLAN_ALPHA_N}; {a['convention']})")
     for key, name in (("allocation_isoflop", "IsoFLOP (approach 2)"), ("allocation_envelope", "envelope (approach 1)"),
                       ("allocation_parametric", "parametric (approach 3)")):
         if key in s:
             al = s[key]
-            lines.append(f"{name}: N_opt ∝ C^{fmt(al['a'], '.3f')} {_iv(al.get('a_interval'))}, "
-                         f"D_opt ∝ C^{fmt(al['b'], '.3f')} {_iv(al.get('b_interval'))}  (Chinchilla ≈ {CHINCHILLA_A})")
+            lines.append(f"{name}: N_opt ∝ C^{fmt(al['a'], '.3f')} {format_interval(al.get('a_interval'))}, "
+                         f"D_opt ∝ C^{fmt(al['b'], '.3f')} {format_interval(al.get('b_interval'))}  (Chinchilla ≈ {CHINCHILLA_A})")
             for row in al.get("table", [])[:8] if key == "allocation_isoflop" else []:
                 ratio = row["D_opt"] / row["N_opt"] if row["D_opt"] is not None and row["N_opt"] else None
                 lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])}, D*={fmt(row['D_opt'])}, "
                              f"D/N={fmt(ratio, '.1f')}")
     if "chinchilla" in s:
         p, iv = s["chinchilla"]["params"], s["chinchilla"].get("intervals", {})
-        lines.append("Chinchilla L(N,D): " + ", ".join(f"{k}={fmt(v, '.4g')}{_iv(iv.get(k))}" for k, v in p.items()))
+        lines.append("Chinchilla L(N,D): " + ", ".join(f"{k}={fmt(v, '.4g')}{format_interval(iv.get(k))}" for k, v in p.items()))
     for key, label in (("chinchilla_loo", "leave-one-out"), ("chinchilla_holdout_N", "held-out largest N"),
                        ("chinchilla_holdout_C", "held-out largest C"), ("L_N_holdout", "L(N) held-out largest N")):
         if key in s and _finite(s[key].get("mean_abs_rel_error")):
@@ -186,7 +186,7 @@ def summary(result: dict, facts: dict, plan) -> str:
     for e in result.get("extrapolations", []):
         iv = e.get("interval")
         lines.append(f"predicted loss at {e['target']}={fmt(e['value'])}: {fmt(e['loss'], '.3f')}"
-                     + f" {_iv(iv)}".rstrip() + f" via {e['via']}, "
+                     + f" {format_interval(iv)}".rstrip() + f" via {e['via']}, "
                      f"{fmt(e['extrapolation_factor'])}× beyond the data" + (" (!)" if e.get("warning") else ""))
     c = facts["compute"]
     lines.append(f"compute: {c['C_spent']:.3g} FLOPs spent; the same runs trained independently: "
@@ -211,10 +211,6 @@ def summary(result: dict, facts: dict, plan) -> str:
     lines += [f"plots (logged to the study run, {where}/analysis):"]
     lines += [f"    {Path(f).name}" for f in result.get("files", []) if f.endswith(".png")]
     return "\n".join(lines)
-
-
-def _iv(iv) -> str:
-    return format_interval(iv)
 
 
 def _finite(v) -> bool:
