@@ -111,6 +111,7 @@ def test_published_grid_fit_reproduces_besiroglu():
         assert res.params[k] == pytest.approx(v, rel=0.005), k
     assert res.objective <= 1.0183e-3
     assert res.converged
+    assert res.identified, res.extras["unidentified"]       # both terms seen across the 240 runs
     # The same objective, evaluated independently with scipy's Huber on the reported parameters.
     from scipy.special import huber
     pred = np.log(laws.chinchilla(N, D, **res.params))
@@ -146,6 +147,7 @@ def test_power_law_free_and_fixed_offset_recovered():
     assert pure.params["alpha"] == pytest.approx(0.076, rel=1e-6)
     assert pure.params["A"] == pytest.approx(30.0, rel=1e-6)
     assert "(fixed)" in pure.report()
+    assert res.identified and pure.identified
 
 
 def test_learning_curve_prediction_of_final_loss():
@@ -164,6 +166,36 @@ def test_kaplan_form_recovered():
     res = fit_kaplan(N.ravel(), D.ravel(), loss)
     for k, v in truth.items():
         assert res.params[k] == pytest.approx(v, rel=1e-3), k
+    assert res.identified, res.extras["unidentified"]
+
+
+# Two real quick studies of this suite (`make quick`, 13 IsoFLOP runs each, final_val_loss), same
+# configurations: lr 3e-3 fixed (commit 1746b48) and lr=auto's DeepSeek rule, 0.0088-0.0105 (1fccd24).
+QUICK_DEPTH_N = {1: (3376, 7472), 2: (26784, 34976), 3: (83280, 95568), 4: (201280, 217664), 5: (397680, 418160)}
+QUICK_DEPTH = [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5]
+QUICK_D = [11771904, 23543808, 47079424, 2555904, 5120000, 10240000, 950272, 1908736, 3817472, 425984, 851968,
+           1712128, 901120]
+QUICK_LOSS_LR3E3 = [1.9238, 1.8412, 1.7874, 1.9036, 1.6128, 1.4267, 2.4351, 1.9949, 1.555, 2.7312, 2.3579, 1.833,
+                    2.2951]
+QUICK_LOSS_RULE = [1.8004, 1.7708, 1.7487, 1.7128, 1.5032, 1.3751, 2.4582, 2.0211, 1.722, 2.7693, 2.6072, 1.8672,
+                   2.3844]
+
+
+def test_term_seen_at_one_size_is_flagged_not_identified():
+    # With the rule's lr the larger models gain nothing over depth 2 at these token counts: the N
+    # term of both laws is seen at the smallest size only. The fits drifted to alpha = 32 (A = 6e123)
+    # and Kaplan alpha_N = 2.15 with a tight bootstrap interval; they must say "not identified".
+    Nn, N = (np.array([QUICK_DEPTH_N[d][i] for d in QUICK_DEPTH], dtype=float) for i in (0, 1))
+    D, rule, lr3 = np.array(QUICK_D, dtype=float), np.array(QUICK_LOSS_RULE), np.array(QUICK_LOSS_LR3E3)
+    for fit, exponent in ((fit_chinchilla(N, D, rule, grid="coarse"), "alpha"), (fit_kaplan(Nn, D, rule), "alpha_N")):
+        assert not fit.identified
+        assert set(fit.extras["unidentified"]) == {exponent}
+        assert fit.extras["support"][exponent] | {"threshold": 0} == {"input": "N", "seen": 1, "distinct": 5,
+                                                                       "threshold": 0}
+        assert "not identified" in fit.report()
+    # The fixed-lr study: its N term is seen at every size, so its Chinchilla fit stands.
+    good = fit_chinchilla(N, D, lr3, grid="coarse")
+    assert good.identified and good.extras["support"]["alpha"]["seen"] == 5
 
 
 def test_loglinear_slope_and_interval():
