@@ -167,7 +167,8 @@ def _bootstrap(fit: FitResult, model, logs, logy, n_bootstrap, seed, n_starts) -
     samples = model.natural(bx)
     intervals = {k: tuple(float(v) for v in percentile_interval(samples[k], fit.level))
                  for k in fit.params if k not in model.fixed}
-    stderr = {k: float(np.std(samples[k], ddof=1)) for k in intervals}
+    with np.errstate(over="ignore", invalid="ignore"):     # draws of a degenerate term can be inf
+        stderr = {k: float(np.std(samples[k], ddof=1)) for k in intervals}
     ex = dict(fit.extras, stderr_method="bootstrap", bootstrap_converged=float(bconv.mean()),
               seed=seed, bootstrap_starts=int(starts.shape[0]))
     return replace(fit, intervals=intervals, stderr=stderr, n_bootstrap=n_bootstrap, extras=ex,

@@ -22,6 +22,9 @@ from .fit import fit_chinchilla, fit_kaplan, fit_power_law, holdout_largest, loo
 from .inputs import add_arguments, load_inputs  # noqa: F401  (CLI plumbing lives in inputs.py)
 
 SKIPPABLE = (SuiteError, ValueError, ArithmeticError, np.linalg.LinAlgError)
+# (law, exponent) -> the amplitude of the same term, not identified with it (fit.term_support).
+_AMPLITUDE = {("chinchilla", "alpha"): "A", ("chinchilla", "beta"): "B", ("kaplan", "alpha_N"): "N_c",
+              ("kaplan", "alpha_D"): "D_c", ("power_law", "alpha"): "A"}
 
 
 class _Report:
@@ -53,6 +56,22 @@ class _Report:
             path = self.out / f"{name}.png"
             if self.run(f"plot {name}", fn, *args, path=path, **kw) is not None:
                 self.files.append(str(path))
+
+    def fit_metrics(self, prefix, fit, only=None):
+        """`<prefix>_<param>` metrics of a fit, except the terms it does not identify (an MLflow
+        metric carries no warning), and `<prefix>_identified` (1/0)."""
+        bad = {k for e in fit.extras.get("unidentified", {}) for k in (e, _AMPLITUDE.get((fit.model, e)))}
+        for k, v in fit.params.items():
+            if k not in bad and (only is None or k in only):
+                self.metrics[f"{prefix}_{k}"] = v
+        self.metrics[f"{prefix}_identified"] = float(fit.identified)
+
+    def needs_identified(self, name, fit, label) -> bool:
+        """True if `fit` identifies every term; else skip section `name`, which is derived from it."""
+        if fit.identified:
+            return True
+        self.skipped[name] = f"the {label} fit does not identify {', '.join(fit.extras['unidentified'])} (see its section)"
+        return False
 
     def extrapolation(self, key, fn, fit, target):
         ex = self.run(f"extrapolation {key}", fn, fit, target)
@@ -124,7 +143,7 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
                                    f"{_distinct(N)} N, {_distinct(D)} D")
     if chin is not None:
         R.add("chinchilla", chin)
-        R.metrics.update({f"chinchilla_{k}": v for k, v in chin.params.items()})
+        R.fit_metrics("chinchilla", chin)
         loo = R.run("chinchilla LOO", loo_errors, chin, N, D, loss=y)
         if loo is not None:
             summary = {"mean_abs_rel_error": float(np.mean(np.abs(loo))), "max_abs_rel_error": float(np.max(np.abs(loo)))}
@@ -141,12 +160,16 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
         kap = R.run("kaplan", fit_kaplan, N, D, y)
         if kap is not None:
             R.add("kaplan", kap)
-        par = R.run("allocation parametric", allocation.from_parametric, chin)
+        # Allocation and extrapolation need both terms of the law; from a law that the data do not
+        # identify they would be numbers without meaning (e.g. a = 0.013 from alpha = 47).
+        if R.needs_identified("allocation parametric", chin, "Chinchilla"):
+            par = R.run("allocation parametric", allocation.from_parametric, chin)
         if par is not None:
             R.add("allocation_parametric", par)
             R.metrics["alloc_a_parametric"] = par.a
-        R.extrapolation("N_chinchilla", extrapolate.at_N, chin, target_N)
-        R.extrapolation("C_chinchilla", extrapolate.at_C, chin, target_C)
+        if R.needs_identified("extrapolation with the Chinchilla law", chin, "Chinchilla"):
+            R.extrapolation("N_chinchilla", extrapolate.at_N, chin, target_N)
+            R.extrapolation("C_chinchilla", extrapolate.at_C, chin, target_C)
         R.figure("residuals_chinchilla", plots.residuals, chin, N, D, loss=y)
 
     # One-variable laws per design (Kaplan et al. 2020 §1.2 forms with an offset).
@@ -158,14 +181,15 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
         if f is None:
             continue
         R.add(f"L_{x_name}_{design}", f)
-        R.metrics[f"L_{x_name}_alpha"] = f.params["alpha"]
+        R.fit_metrics(f"L_{x_name}", f, only=("alpha",))
         h = R.run(f"L({x_name}) holdout", holdout_largest, f, g[x_name], loss=g[loss_col])
         if h is not None:
             R.add(f"L_{x_name}_holdout", h, f"L({x_name}) held out the largest {x_name} ({h['n_heldout']} runs): "
                   f"mean |rel. error| {_num(h['mean_abs_rel_error'], '.4f')}")
         if x_name == "N":
             lN = f
-            R.extrapolation("N_L_N", extrapolate.at_N, f, target_N)
+            if R.needs_identified("extrapolation with L(N)", f, "L(N)"):
+                R.extrapolation("N_L_N", extrapolate.at_N, f, target_N)
         else:
             lD = f
     if not groups:
@@ -197,8 +221,9 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
         R.skipped["L(C) envelope"] = f"{len(pts)} envelope points; a fit of E + A C^-alpha needs >= 4"
     if lC is not None:
         R.add("L_C_envelope", lC)
-        R.metrics["L_C_alpha"] = lC.params["alpha"]
-        R.extrapolation("C_L_C", extrapolate.at_C, lC, target_C)
+        R.fit_metrics("L_C", lC, only=("alpha",))
+        if R.needs_identified("extrapolation with L(C)", lC, "L(C)"):
+            R.extrapolation("C_L_C", extrapolate.at_C, lC, target_C)
     allocs = [a for a in (iso, env, par) if a is not None]
 
     # Figures.
@@ -246,6 +271,9 @@ def summary(result: dict) -> str:
         lines.append("Chinchilla fit: " + ", ".join(
             f"{k} {fmt(v, '.4g')} {format_interval(iv.get(k), '.4g')}".rstrip()
             for k, v in p.items()) + f"; objective {s['chinchilla']['objective']:.5e}")
+    for name, sec in s.items():
+        for msg in (sec.get("extras") or {}).get("unidentified", {}).values() if isinstance(sec, dict) else ():
+            lines.append(f"WARNING {name}: {msg}")
     for key in ("allocation_parametric", "allocation_isoflop", "allocation_envelope"):
         if key in s:
             lines.append(f"{key.replace('_', ' ')}: N_opt ∝ C^{fmt(s[key]['a'], '.3f')}, "

@@ -48,7 +48,10 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
         k = fit_kaplan(runs["N_nonembed"].to_numpy(float), runs["D"].to_numpy(float),
                        runs["final_val_loss"].to_numpy(float), n_bootstrap=n_bootstrap)
         facts["alpha_N"] = {"value": k.params["alpha_N"], "interval": k.intervals.get("alpha_N"),
-                            "convention": "N_nonembed, Kaplan et al. 2020 eq. 1.5 form"}
+                            "convention": "N_nonembed, Kaplan et al. 2020 eq. 1.5 form",
+                            "support": k.extras["support"]["alpha_N"]}
+        if "alpha_N" in k.extras["unidentified"]:
+            facts["alpha_N"]["unidentified"] = k.extras["unidentified"]["alpha_N"]
     except Exception as e:  # noqa: BLE001 — a section the data cannot support is skipped, with why
         facts["alpha_N"] = {"skipped": f"{type(e).__name__}: {e}"}
     (out / "study.json").write_text(json.dumps(facts, indent=1, default=_json))
@@ -59,7 +62,7 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
     es = facts["early_stop"]
     metrics.update({k: es[k] for k in ("predict_error_median", "predict_error_max", "early_stop_saving")
                     if _finite(es.get(k))})
-    if _finite(facts["alpha_N"].get("value")):
+    if _finite(facts["alpha_N"].get("value")) and "unidentified" not in facts["alpha_N"]:
         metrics["alpha_N"] = facts["alpha_N"]["value"]
     metrics.update({k: v for k, v in facts["compute"].items() if _finite(v)})
     parent.log_metrics(metrics, step=0)
@@ -162,7 +165,12 @@ def summary(result: dict, facts: dict, plan) -> str:
     if lr.get("warning"):
         lines.append(f"warning: {lr['warning']}")
     a = facts["alpha_N"]
-    if "value" in a:
+    if "unidentified" in a:
+        lines.append(f"L(N): alpha_N NOT IDENTIFIED by these runs ({a['convention']}): the N term moves the "
+                     f"fitted loss at {a['support']['seen']} of {a['support']['distinct']} sizes; the fit's "
+                     f"{fmt(a['value'], '.3f')} {format_interval(a.get('interval'))} is not a measurement. "
+                     "Sizes must differ in loss beyond the noise at fixed D (an n_sweep design, or lr tuned per size)")
+    elif "value" in a:
         iv = a.get("interval")
         lines.append(f"L(N): alpha_N = {a['value']:.3f} {format_interval(iv)}".rstrip()
                      + f"  (Kaplan et al. 2020: {KAPLAN_ALPHA_N}; {a['convention']})")
@@ -179,6 +187,8 @@ def summary(result: dict, facts: dict, plan) -> str:
     if "chinchilla" in s:
         p, iv = s["chinchilla"]["params"], s["chinchilla"].get("intervals", {})
         lines.append("Chinchilla L(N,D): " + ", ".join(f"{k}={fmt(v, '.4g')}{format_interval(iv.get(k))}" for k, v in p.items()))
+        for msg in (s["chinchilla"].get("extras") or {}).get("unidentified", {}).values():
+            lines.append(f"    WARNING: {msg}")
     for key, label in (("chinchilla_loo", "leave-one-out"), ("chinchilla_holdout_N", "held-out largest N"),
                        ("chinchilla_holdout_C", "held-out largest C"), ("L_N_holdout", "L(N) held-out largest N")):
         if key in s and _finite(s[key].get("mean_abs_rel_error")):

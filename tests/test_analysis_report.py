@@ -171,3 +171,36 @@ def test_summaries_print_unbounded_intervals_and_missing_numbers():
                                   "via": "test", "warning": ""}]}
     text = summary(result)
     assert "E 0.6 [0.1, inf]" in text and "A nan" in text and "C^nan" in text and "nan [-inf, 2.0000]" in text
+
+
+def test_unidentified_law_is_reported_not_used(tmp_path):
+    """A real quick study whose N term is seen at one size only (tests/test_analysis_fit.py): the
+    report keeps the Chinchilla fit with its warning, but derives no allocation or extrapolation from
+    it and logs none of the unidentified parameters as metrics; the study summary says alpha_N is
+    not identified instead of printing it as a measurement."""
+    from types import SimpleNamespace
+
+    from analysis.fit import fit_kaplan
+    from analysis.report import summary as report_summary
+    from scaling_suite import study_report
+    from test_analysis_fit import QUICK_D, QUICK_DEPTH, QUICK_DEPTH_N, QUICK_LOSS_RULE
+    N = np.array([QUICK_DEPTH_N[d][1] for d in QUICK_DEPTH], dtype=float)
+    D = np.array(QUICK_D, dtype=float)
+    runs = pd.DataFrame({"N": N, "D": D, "C": 6 * N * D, "loss": QUICK_LOSS_RULE,
+                         "C_budget": np.repeat([2.4e12], 13)})
+    res = build_report(runs, None, out_dir=tmp_path, grid="coarse", n_bootstrap=20, make_plots=False)
+    assert "chinchilla" in res["sections"] and res["sections"]["chinchilla"]["extras"]["unidentified"]
+    assert "does not identify alpha" in res["skipped"]["allocation parametric"]
+    assert not any("Chinchilla" in e["via"] for e in res["extrapolations"])
+    m = res["metrics"]
+    assert m["chinchilla_identified"] == 0.0 and "chinchilla_alpha" not in m and "chinchilla_A" not in m
+    assert "chinchilla_beta" in m and "chinchilla_E" in m
+    assert "WARNING chinchilla: alpha and A not identified" in report_summary(res)
+    k = fit_kaplan(np.array([QUICK_DEPTH_N[d][0] for d in QUICK_DEPTH], dtype=float), D, runs["loss"])
+    facts = {"alpha_N": {"value": k.params["alpha_N"], "interval": None, "convention": "N_nonembed",
+                         "support": k.extras["support"]["alpha_N"], "unidentified": k.extras["unidentified"]["alpha_N"]},
+             "compute": {"C_spent": 1.0, "C_independent": 1.0, "C_spent_ratio": 1.0, "branches": 0},
+             "early_stop": {}, "monotone_in_N": {}, "planned_seconds": None, "wall_seconds": 1.0}
+    text = study_report.summary(res, facts, SimpleNamespace(mode="quick"))
+    assert "alpha_N NOT IDENTIFIED by these runs" in text and "at 1 of 5 sizes" in text
+    assert "alpha_N = " not in text and "    WARNING: alpha and A not identified" in text
