@@ -262,8 +262,8 @@ def _n_distinct(logx, rel=0.01) -> int:
 
 def term_support(model, X, logs, logy, names) -> tuple[dict, dict]:
     """(support, unidentified) of a fit's power-law terms on its data (log inputs `logs` named
-    `names`). support: exponent -> {input, seen (distinct input values where the term moves the
-    log loss by >= threshold), distinct, threshold}; unidentified: exponent -> a one-line reason,
+    `names`). support: exponent -> {input, amplitude, seen (distinct input values where the term
+    moves the log loss by >= threshold), distinct, threshold}; unidentified: exponent -> a one-line reason,
     for terms seen at fewer than MIN_SUPPORT distinct values."""
     with np.errstate(all="ignore"):
         resid = model.forward(np.asarray(X, dtype=float)[None], model.prepare(logs))[0][0] - logy
@@ -272,11 +272,11 @@ def term_support(model, X, logs, logy, names) -> tuple[dict, dict]:
     thr = max(SUPPORT_FLOOR, rms)
     support, unidentified = {}, {}
     for exp_name, (inp, amp, share) in shares.items():
-        lx = logs[list(model.inputs).index(inp)] if inp in model.inputs else logs[0]
-        inp = names[list(model.inputs).index(inp)] if inp in model.inputs else names[0]
+        i = model.inputs.index(inp)
+        lx, inp = logs[i], names[i]
         seen_lx = lx[np.nan_to_num(share, nan=0.0) >= thr]
         seen, distinct = (_n_distinct(seen_lx) if seen_lx.size else 0), _n_distinct(lx)
-        support[exp_name] = {"input": inp, "seen": seen, "distinct": distinct, "threshold": thr}
+        support[exp_name] = {"input": inp, "amplitude": amp, "seen": seen, "distinct": distinct, "threshold": thr}
         if seen < MIN_SUPPORT:
             where = f" (only at {inp} <= {np.exp(seen_lx.max()):.3g})" if seen and seen_lx.max() < lx.max() else ""
             unidentified[exp_name] = (

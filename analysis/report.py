@@ -22,9 +22,6 @@ from .fit import fit_chinchilla, fit_kaplan, fit_power_law, holdout_largest, loo
 from .inputs import add_arguments, load_inputs  # noqa: F401  (CLI plumbing lives in inputs.py)
 
 SKIPPABLE = (SuiteError, ValueError, ArithmeticError, np.linalg.LinAlgError)
-# (law, exponent) -> the amplitude of the same term, not identified with it (fit.term_support).
-_AMPLITUDE = {("chinchilla", "alpha"): "A", ("chinchilla", "beta"): "B", ("kaplan", "alpha_N"): "N_c",
-              ("kaplan", "alpha_D"): "D_c", ("power_law", "alpha"): "A"}
 
 
 class _Report:
@@ -60,7 +57,8 @@ class _Report:
     def fit_metrics(self, prefix, fit, only=None):
         """`<prefix>_<param>` metrics of a fit, except the terms it does not identify (an MLflow
         metric carries no warning), and `<prefix>_identified` (1/0)."""
-        bad = {k for e in fit.extras.get("unidentified", {}) for k in (e, _AMPLITUDE.get((fit.model, e)))}
+        sup = fit.extras.get("support", {})
+        bad = {k for e in fit.extras.get("unidentified", {}) for k in (e, sup[e]["amplitude"])}
         for k, v in fit.params.items():
             if k not in bad and (only is None or k in only):
                 self.metrics[f"{prefix}_{k}"] = v
@@ -272,8 +270,8 @@ def summary(result: dict) -> str:
             f"{k} {fmt(v, '.4g')} {format_interval(iv.get(k), '.4g')}".rstrip()
             for k, v in p.items()) + f"; objective {s['chinchilla']['objective']:.5e}")
     for name, sec in s.items():
-        for msg in (sec.get("extras") or {}).get("unidentified", {}).values() if isinstance(sec, dict) else ():
-            lines.append(f"WARNING {name}: {msg}")
+        unidentified = sec.get("extras", {}).get("unidentified", {}) if isinstance(sec, dict) else {}
+        lines += [f"WARNING {name}: {msg}" for msg in unidentified.values()]
     for key in ("allocation_parametric", "allocation_isoflop", "allocation_envelope"):
         if key in s:
             lines.append(f"{key.replace('_', ' ')}: N_opt ∝ C^{fmt(s[key]['a'], '.3f')}, "
