@@ -34,7 +34,8 @@ def percentile_interval(draws, level: float, axis=0):
     (a draw can leave a law's domain, e.g. an overflowing extrapolation)."""
     q = 100 * (1 - level) / 2
     draws = np.asarray(draws, dtype=float)
-    return np.nanpercentile(draws, q, axis=axis), np.nanpercentile(draws, 100 - q, axis=axis)
+    with np.errstate(invalid="ignore"):     # inf draws (a degenerate term) interpolate to inf or nan
+        return np.nanpercentile(draws, q, axis=axis), np.nanpercentile(draws, 100 - q, axis=axis)
 
 
 def fmt(v, spec: str = ".3g") -> str:

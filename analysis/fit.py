@@ -45,8 +45,19 @@ class FitResult:
         return not self.extras.get("unidentified")
 
     def predict(self, *inputs):
-        """The fitted law at the given inputs (N, D for chinchilla/kaplan; x for the others)."""
-        return LAWS[self.model](*inputs, **self.params)
+        """The fitted law at the given inputs (N, D for chinchilla/kaplan; x for the others). Laws
+        fitted in log space are evaluated there, from the optimiser's coordinates: a degenerate fit's
+        amplitude can overflow as a float (A = inf) where its log-space prediction is finite."""
+        coords = self.extras.get("coords")
+        if coords is None or self.model not in ("chinchilla", "kaplan", "power_law"):
+            return LAWS[self.model](*inputs, **self.params)
+        arrs = np.broadcast_arrays(*[np.asarray(x, dtype=float) for x in inputs])
+        model = _log_model(self)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            logs = tuple(np.log(a.ravel()) for a in arrs)
+            logp = model.forward(np.asarray(list(coords.values()), dtype=float)[None], model.prepare(logs))[0][0]
+        out = np.exp(logp).reshape(arrs[0].shape)
+        return out if out.ndim else float(out)
 
     def predict_interval(self, *inputs, level: float | None = None):
         """Percentile band (lo, hi) of the prediction over the bootstrap draws, or None without them."""
@@ -449,8 +460,11 @@ def loo_errors(fit: FitResult, *inputs, loss) -> np.ndarray:
         X, _, _ = optim.grouped_refits(
             lambda ww, g: optim.huber_objective(model, logs, logy, delta, ww, g), w, starts,
             f_floor=optim.exact_fit_floor(n))
-        nat = model.natural(X)
-        pred[folds] = model.law(*[a[folds] for a in arrs], **{k: v for k, v in nat.items()})
+        # Each fold's law at its own left-out point, in log space (a degenerate fold's amplitude can
+        # overflow as a float, and inf * 0 would make its prediction NaN).
+        with np.errstate(all="ignore"):
+            logpred = model.forward(X, model.prepare(logs))[0]
+        pred[folds] = np.exp(logpred[np.arange(folds.size), folds])
     return (pred - y) / y
 
 

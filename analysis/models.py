@@ -44,7 +44,8 @@ class LogModel:
     prepare: Callable = _prepare_pairs  # logs -> per-fit constants handed to forward
 
     def natural(self, X: np.ndarray) -> dict:
-        Z = self.to_natural(np.atleast_2d(X))
+        with np.errstate(over="ignore"):    # exp(log A) of a degenerate fit is inf: reported, not raised
+            Z = self.to_natural(np.atleast_2d(X))
         out = {k: Z[:, i] for i, k in enumerate(self.params)}
         out.update({k: np.full(Z.shape[0], v) for k, v in self.fixed.items()})
         return out

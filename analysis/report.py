@@ -225,9 +225,12 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
     allocs = [a for a in (iso, env, par) if a is not None]
 
     # Figures.
-    R.figure("loss_vs_N", plots.loss_vs_N, df, fit=lN or chin, target_N=target_N, loss_col=loss_col)
+    # The law drawn through the points (and out to target_N) only where the data identify it.
+    drawn = [f for f in (lN, chin) if f is not None and f.identified]
+    R.figure("loss_vs_N", plots.loss_vs_N, df, fit=drawn[0] if drawn else None, target_N=target_N, loss_col=loss_col)
     R.figure("loss_vs_D", plots.loss_vs_D, df, fit=lD, loss_col=loss_col)
-    R.figure("loss_vs_C", plots.loss_vs_C, df, curves_df, env, lC, loss_col=loss_col)
+    R.figure("loss_vs_C", plots.loss_vs_C, df, curves_df, env, lC if lC is not None and lC.identified else None,
+             loss_col=loss_col)
     if allocs:
         R.figure("allocation", plots.optimal_allocation, allocs)
     if curves_df is not None and len(curves_df):
