@@ -169,8 +169,8 @@ def summary(result: dict, facts: dict, plan) -> str:
         lines.append(f"L(N): alpha_N NOT IDENTIFIED by these runs ({a['convention']}): the N term moves the "
                      f"fitted loss at {a['support']['seen']} of {a['support']['distinct']} sizes; the fit's "
                      f"{fmt(a['value'], '.3f')} {format_interval(a.get('interval'))} is not a measurement. "
-                     "To identify it the sizes must differ in loss beyond the noise: an n_sweep design, or lrs tuned "
-                     "per size (`scaling-suite tune --mode quick`, then lr=auto)")
+                     "The larger sizes must beat the smaller beyond the noise at comparable D: an n_sweep design "
+                     "separates N from D, and per-size tuned lrs (`scaling-suite tune`) remove the lr confound")
     elif "value" in a:
         iv = a.get("interval")
         lines.append(f"L(N): alpha_N = {a['value']:.3f} {format_interval(iv)}".rstrip()
