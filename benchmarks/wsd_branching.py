@@ -45,7 +45,7 @@ def run_one(plan, experiment: str, bootstrap: int) -> dict:
             "a": iso.get("a"), "a_interval": iso.get("a_interval"),
             "a_skipped": iso.get("skipped"),
             "alpha_N": alpha.get("value"), "alpha_N_interval": alpha.get("interval"),
-            "alpha_N_skipped": alpha.get("skipped")}
+            "alpha_N_skipped": alpha.get("skipped"), "alpha_N_identified": "unidentified" not in alpha}
 
 
 def _interval(iv) -> bool:
@@ -105,7 +105,8 @@ def main() -> None:
         c = r["compute"]
         lines.append(f"{name:14s}{r['runs']:>6d}{c.get('C_spent', float('nan')):>14.4g}"
                      f"{c.get('C_independent', float('nan')):>14.4g}{r['wall_seconds']:>9.0f}   "
-                     f"{fmt(r['a'], r['a_interval']):28s}{fmt(r['alpha_N'], r['alpha_N_interval'])}")
+                     f"{fmt(r['a'], r['a_interval']):28s}{fmt(r['alpha_N'], r['alpha_N_interval'])}"
+                     + ("" if r["alpha_N_identified"] else "  NOT IDENTIFIED (analysis/fit.py term_support)"))
         if r["failed"] or r["skipped"]:
             lines.append(f"{'':14s}({r['failed']} failed, {r['skipped']} reused from an earlier attempt)")
         if r["a_skipped"]:
