@@ -5,6 +5,8 @@ Every fitter works the same way (Hoffmann et al. 2022 App. D.2, made reproducibl
 delta = 1e-3, by L-BFGS from every point of a start grid, keep the lowest objective. Intervals are
 percentile bootstrap intervals over points resampled with replacement (Besiroglu et al. §3 use the
 same, with 4,000 resamples). `optim.py` does the minimising; `models.py` holds the log-space laws.
+Every fit also says whether the data identify each power-law term (`term_support`): an interval is
+only as good as the term it bounds, and a term seen at one or two sizes has none worth the name.
 """
 
 from __future__ import annotations
