@@ -78,6 +78,26 @@ def find_law(client, key: str):
     return next((r for r in runs if "lr_law_c" in r.data.metrics), None)
 
 
+# Laws measured on the reference machine, used by lr=auto when this machine has no tuning run for a
+# study's law key (a fresh clone): today the quick mode's shapes on the default corpus. Tuned with
+# `scaling-suite tune --mode quick --trials 6 --lr_min 2e-3 --lr_max 1.2e-1` (4 sizes, N 7.5k-218k, at
+# D/N = 20) twice: c = 181, k = 0.881 and c = 176.7, k = 0.878 (2026-11-28; per-size optima 0.0855
+# at the range's edge, 0.0091, 0.0155, 0.0029). Each fit's own k interval is wide ([-0.39, 2.15]), so
+# this is a default schedule of lrs, not a measurement to cite. Why it is there: with the DeepSeek rule
+# (~0.01 at every quick size) the sizes above depth 2 gained nothing and no fitted L(N) was
+# identified in three quick studies; with this law the L(N) and Chinchilla fits were (README "Analysis").
+PRESET_LAWS = (
+    {"fields": {"dataset": "stdlib", "tokenizer": "byte", "vocab_size": 256, "aspect": 16, "head_dim": 8,
+                "context": 64, "batch_tokens": 8192, "schedule": "cosine", "parametrization": "standard"},
+     "c": 176.7, "k": 0.8779, "tuned": "the reference 2-core CPU, `scaling-suite tune --mode quick`, 2026-11-28"},
+)
+
+
+def preset_law(cfg: RunConfig) -> dict | None:
+    """The preset law whose fields all match cfg, or None."""
+    return next((p for p in PRESET_LAWS if all(getattr(cfg, f) == v for f, v in p["fields"].items())), None)
+
+
 def rule_lr(cfg: RunConfig) -> float:
     """The fallback without a law: eta_opt = 0.3118 C^-0.125 (Bi et al. 2024, "DeepSeek LLM", §3.1,
     eq. 1, C in FLOPs). Fitted at 1e17-3e20 FLOPs with their batch and schedule, so at this suite's
@@ -104,8 +124,9 @@ def resolve_lr(plan, data, lr=None, client=None):
 
     lr a number: that value everywhere (lr_source=fixed). lr None ("auto"): the newest law whose
     key matches the plan's data and design; under parametrization=mup its tuned base lr for every
-    width (lr_source=mup), else c N^-k per size (lr_source=law); without a law, rule_lr per run
-    (lr_source=rule). info holds lr, lr_source, lr_law_run_id (or "-") and a description.
+    width (lr_source=mup), else c N^-k per size (lr_source=law); without one, a PRESET_LAWS entry
+    whose fields match (lr_source=preset), else rule_lr per run (lr_source=rule). info holds lr,
+    lr_source, lr_law_run_id (or "-") and a description.
     """
     from .plan import Point
 
@@ -120,7 +141,14 @@ def resolve_lr(plan, data, lr=None, client=None):
         client = client or tracking.init_store()
         key, _ = law_key(first, data.digest)
         run = find_law(client, key)
-        if run is None:
+        preset = preset_law(first) if run is None else None
+        if preset is not None:
+            c, k = preset["c"], preset["k"]
+            new = [p.config.replace(lr=c * p.config.derived().N ** -k) for p in plan.points]
+            info.update(lr_source="preset", lr_rule=f"no tuned law on this machine; the preset law for these shapes: "
+                        f"lr = {c:.4g} N^-{k:.4f} (tuned on {preset['tuned']}; tune.PRESET_LAWS); run "
+                        "`scaling-suite tune` to fit your own")
+        elif run is None:
             # The rule falls with C; runs that share a WSD trunk must share an lr, so a branching
             # plan takes each size's rule at that size's largest budget (its trunk's).
             top: dict[int, float] = {}

@@ -126,6 +126,25 @@ def test_lr_auto_uses_the_matching_law_else_the_rule(mlflow_store, token_cache):
     assert {p.config.lr for p in mupped.points} == {0.02}
 
 
+def test_lr_auto_on_a_fresh_machine_uses_the_preset_law_for_quick(mlflow_store, token_cache):
+    from scaling_suite import data as data_lib
+
+    plan = plan_lib.make_plan("quick")
+    first = plan.points[0].config
+    data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
+    preset = tune.preset_law(first)
+    assert preset is not None
+    lrs, info = tune.resolve_lr(plan, data)
+    assert info["lr_source"] == "preset" and "tune.PRESET_LAWS" in info["lr_rule"]
+    assert [p.config.lr for p in lrs.points] == pytest.approx(
+        [preset["c"] * p.config.derived().N ** -preset["k"] for p in plan.points])
+    assert max(p.config.lr for p in lrs.points) / min(p.config.lr for p in lrs.points) > 10   # falls with N
+    # Other shapes or another schedule: not the preset's (the rule); a law tuned here wins over it.
+    assert tune.resolve_lr(plan_lib.make_plan("quick", overrides={"schedule": "wsd"}), data)[1]["lr_source"] == "rule"
+    law_id = _fake_law(first, data.digest, 0.2, 0.25)
+    assert tune.resolve_lr(plan, data)[1]["lr_law_run_id"] == law_id
+
+
 def test_fixed_lr_over_a_decade_warns():
     import pandas as pd
 
