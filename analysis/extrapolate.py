@@ -80,7 +80,8 @@ def _optimal_D_for_N(N, p):
     N = G (C/6)^a gives C/6 = (N/G)^(1/a), and D = (C/6)/N)."""
     a, _ = laws.chinchilla_optimal_exponents(p["alpha"], p["beta"])
     G = laws.chinchilla_G(p["A"], p["B"], p["alpha"], p["beta"])
-    return (N / G) ** (1.0 / a) / N
+    with np.errstate(over="ignore"):    # a bootstrap draw with a huge exponent: inf, dropped by the band
+        return (N / G) ** (1.0 / a) / N
 
 
 def at_N(fit: FitResult, N: float = DEFAULT_TARGET_N, level: float | None = None) -> Extrapolation:

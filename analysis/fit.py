@@ -69,7 +69,8 @@ class FitResult:
         cols = [np.asarray(x, dtype=float)[None, ...] for x in inputs]
         shape = (-1,) + (1,) * np.ndim(inputs[0])      # draws down axis 0, inputs after it
         draws = {k: np.asarray(v).reshape(shape) for k, v in self.samples.items()}
-        return percentile_interval(LAWS[self.model](*cols, **draws), level)
+        with np.errstate(over="ignore", invalid="ignore"):    # draws of a degenerate term: inf/NaN, dropped
+            return percentile_interval(LAWS[self.model](*cols, **draws), level)
 
     def report(self) -> str:
         ex = self.extras

@@ -185,6 +185,7 @@ def summary(result: dict, facts: dict, plan) -> str:
                 ratio = row["D_opt"] / row["N_opt"] if row["D_opt"] is not None and row["N_opt"] else None
                 lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])}, D*={fmt(row['D_opt'])}, "
                              f"D/N={fmt(ratio, '.1f')}")
+            lines += [f"    budget {b} left out: {why}" for b, why in (al.get("skipped") or {}).items()]
     if "chinchilla" in s:
         p, iv = s["chinchilla"]["params"], s["chinchilla"].get("intervals", {})
         lines.append("Chinchilla L(N,D): " + ", ".join(f"{k}={fmt(v, '.4g')}{format_interval(iv.get(k))}" for k, v in p.items()))
