@@ -204,3 +204,8 @@ def test_unidentified_law_is_reported_not_used(tmp_path):
     text = study_report.summary(res, facts, SimpleNamespace(mode="quick"))
     assert "alpha_N NOT IDENTIFIED by these runs" in text and "at 1 of 5 sizes" in text
     assert "alpha_N = " not in text and "    WARNING: alpha and A not identified" in text
+    # An IsoFLOP budget left out of approach 2 is named with its reason.
+    iso = {"a": 0.73, "b": 0.29, "table": [], "skipped": {"C=6e+11": "minimum at N=5.49e+03 lies outside the sizes"}}
+    text = study_report.summary({"data": {"n_runs": 13}, "sections": {"allocation_isoflop": iso}}, facts,
+                                SimpleNamespace(mode="quick"))
+    assert "    budget C=6e+11 left out: minimum at N=5.49e+03" in text
