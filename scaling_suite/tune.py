@@ -84,8 +84,9 @@ def find_law(client, key: str):
 # D/N = 20) twice: c = 181, k = 0.881 and c = 176.7, k = 0.878 (2026-11-28; per-size optima 0.0855
 # at the range's edge, 0.0091, 0.0155, 0.0029). Each fit's own k interval is wide ([-0.39, 2.15]), so
 # this is a default schedule of lrs, not a measurement to cite. Why it is there: with the DeepSeek rule
-# (~0.01 at every quick size) the sizes above depth 2 gained nothing and no fitted L(N) was
-# identified in three quick studies; with this law the L(N) and Chinchilla fits were (README "Analysis").
+# (~0.01 at every quick size) the sizes above depth 2 gained nothing, and neither the Chinchilla nor
+# the Kaplan fit was identified in three quick studies; with this law the Chinchilla fit was in both
+# quick studies run so far, Kaplan's L(N) in one of them (README "Analysis").
 PRESET_LAWS = (
     {"fields": {"dataset": "stdlib", "tokenizer": "byte", "vocab_size": 256, "aspect": 16, "head_dim": 8,
                 "context": 64, "batch_tokens": 8192, "schedule": "cosine", "parametrization": "standard"},
@@ -96,6 +97,11 @@ PRESET_LAWS = (
 def preset_law(cfg: RunConfig) -> dict | None:
     """The preset law whose fields all match cfg, or None."""
     return next((p for p in PRESET_LAWS if all(getattr(cfg, f) == v for f, v in p["fields"].items())), None)
+
+
+def _law_lrs(plan, c: float, k: float) -> list:
+    """The plan's configs with lr = c N^-k each (laws.lr_law)."""
+    return [p.config.replace(lr=c * p.config.derived().N ** -k) for p in plan.points]
 
 
 def rule_lr(cfg: RunConfig) -> float:
@@ -144,7 +150,7 @@ def resolve_lr(plan, data, lr=None, client=None):
         preset = preset_law(first) if run is None else None
         if preset is not None:
             c, k = preset["c"], preset["k"]
-            new = [p.config.replace(lr=c * p.config.derived().N ** -k) for p in plan.points]
+            new = _law_lrs(plan, c, k)
             info.update(lr_source="preset", lr_rule=f"no tuned law on this machine; the preset law for these shapes: "
                         f"lr = {c:.4g} N^-{k:.4f} (tuned on {preset['tuned']}; tune.PRESET_LAWS); run "
                         "`scaling-suite tune` to fit your own")
@@ -169,7 +175,7 @@ def resolve_lr(plan, data, lr=None, client=None):
                             f"{first.mup_base_width} (run {run.info.run_id})")
             else:
                 c, k = m["lr_law_c"], m["lr_law_k"]
-                new = [p.config.replace(lr=c * p.config.derived().N ** -k) for p in plan.points]
+                new = _law_lrs(plan, c, k)
                 info.update(lr_source="law", lr_rule=f"lr = {c:.4g} N^-{k:.4f} (run {run.info.run_id})")
     from .config import validate
     for cfg in new:
