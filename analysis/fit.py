@@ -234,51 +234,59 @@ def _asymptotic_stderr(model, best, logs, logy):
 
 # --- identification: is each power-law term seen by the data? -------------------------------------
 
-# A term A·x^-alpha has two parameters, so the data pin it down only where it visibly moves the
-# loss at >= 3 distinct x (two to fix amplitude and exponent, one to check the power-law shape). Seen at
-# one or two sizes, amplitude and exponent trade off freely and the optimiser drifts to a step
-# function: quick studies here fitted alpha = 24, 32 and 47 with A = 1e92..1e180 (and Kaplan
-# alpha_N = 2.1) from runs whose losses differed by < 3%, with bootstrap intervals that looked tight.
-# "Visibly": the term changes the fitted log loss by more than the larger of 1% (about the seed-to-
-# seed spread of a final loss at quick's sizes, README "Precision") and the fit's RMS log residual.
+# A term A·x^-alpha has two parameters, and with the offset E three numbers set its shape, so the
+# data pin it down only where it visibly changes across >= 3 distinct x. Seen changing at one or two
+# sizes, amplitude and exponent trade off freely and the optimiser drifts to a step function: quick
+# studies here fitted alpha = 24, 32 and 47 with A = 1e92..1e180 (and Kaplan alpha_N = 2.1) from runs
+# whose losses differed by < 3%, with bootstrap intervals that looked tight. A term that is large but
+# flat (alpha ~ 0) is no better: it trades off with E. So a term is seen at x when its contribution
+# to the fitted log loss there (the law's other input at its median) exceeds its smallest
+# contribution over the data by the threshold, and the x where it is smallest counts as the reference. "Visibly": more than the larger of 1%
+# (about the seed-to-seed spread of a final loss at quick's sizes, README "Precision") and the fit's
+# RMS log residual.
 MIN_SUPPORT = 3
 SUPPORT_FLOOR = 0.01
 
 
 def _term_shares(model, X, logs) -> dict:
-    """exponent -> (input, amplitude, log L - log L-without-that-term at each point), computed in the
-    optimiser's log coordinates X (an amplitude of a degenerate fit can overflow as a float)."""
+    """exponent -> (input, amplitude, the term's contribution to log L at each point: log L minus
+    log L without it, or log L itself for a pure power law), in the optimiser's log coordinates X
+    (an amplitude of a degenerate fit can overflow as a float). In a two-input law the other input is
+    held at its median, so a contribution varies with the term's own input only."""
     lse = np.logaddexp
     c = dict(zip(model.coords, X))
     if model.name == "chinchilla":
         lN, lD = logs
         tN, tD = c["a"] - c["alpha"] * lN, c["b"] - c["beta"] * lD
-        return {"alpha": ("N", "A", lse(tN, lse(c["e"], tD)) - lse(c["e"], tD)),
-                "beta": ("D", "B", lse(tD, lse(c["e"], tN)) - lse(c["e"], tN))}
+        tN0, tD0 = np.median(tN), np.median(tD)
+        return {"alpha": ("N", "A", lse(tN, lse(c["e"], tD0)) - lse(c["e"], tD0)),
+                "beta": ("D", "B", lse(tD, lse(c["e"], tN0)) - lse(c["e"], tN0))}
     if model.name == "kaplan":
         # log L = alpha_D log(u + v), u = (N_c/N)^(alpha_N/alpha_D), v = D_c/D (eq. 1.5).
         lN, lD = logs
         lu, lv = c["alpha_N"] / c["alpha_D"] * (c["n_c"] - lN), c["d_c"] - lD
-        return {"alpha_N": ("N", "N_c", c["alpha_D"] * lse(0.0, lu - lv)),
-                "alpha_D": ("D", "D_c", c["alpha_D"] * lse(0.0, lv - lu))}
+        return {"alpha_N": ("N", "N_c", c["alpha_D"] * lse(0.0, lu - np.median(lv))),
+                "alpha_D": ("D", "D_c", c["alpha_D"] * lse(0.0, lv - np.median(lu)))}
     if model.name == "power_law":
         (lx,) = logs
         t = c["a"] - c["alpha"] * lx
         E = model.fixed.get("E")
         le = c["e"] if E is None else (np.log(E) if E > 0 else None)
-        return {"alpha": (model.inputs[0], "A", np.full(lx.shape, np.inf) if le is None else lse(t, le) - le)}
+        return {"alpha": (model.inputs[0], "A", t if le is None else lse(t, le) - le)}
     return {}
 
 
 def _n_distinct(logx, rel=0.01) -> int:
-    return int(np.unique(np.round(logx / np.log1p(rel))).size)
+    """Distinct values, those within rel of their neighbour counted as one (robust to jitter)."""
+    lx = np.sort(np.asarray(logx, dtype=float))
+    return int(lx.size and 1 + np.sum(np.diff(lx) > np.log1p(rel)))
 
 
 def term_support(model, X, logs, logy, names) -> tuple[dict, dict]:
     """(support, unidentified) of a fit's power-law terms on its data (log inputs `logs` named
-    `names`). support: exponent -> {input, amplitude, seen (distinct input values where the term
-    moves the log loss by >= threshold), distinct, threshold}; unidentified: exponent -> a one-line reason,
-    for terms seen at fewer than MIN_SUPPORT distinct values."""
+    `names`). support: exponent -> {input, amplitude, seen (distinct input values where the term's
+    contribution to the log loss exceeds its smallest by >= threshold, plus that reference), distinct,
+    threshold}; unidentified: exponent -> a one-line reason, for terms seen at fewer than MIN_SUPPORT."""
     with np.errstate(all="ignore"):
         resid = model.forward(np.asarray(X, dtype=float)[None], model.prepare(logs))[0][0] - logy
         shares = _term_shares(model, X, logs)
@@ -288,14 +296,15 @@ def term_support(model, X, logs, logy, names) -> tuple[dict, dict]:
     for exp_name, (inp, amp, share) in shares.items():
         i = model.inputs.index(inp)
         lx, inp = logs[i], names[i]
-        seen_lx = lx[np.nan_to_num(share, nan=0.0) >= thr]
-        seen, distinct = (_n_distinct(seen_lx) if seen_lx.size else 0), _n_distinct(lx)
+        share = np.nan_to_num(share, nan=0.0, posinf=0.0, neginf=0.0)
+        moved = lx[share - share.min() >= thr]
+        seen, distinct = (_n_distinct(moved) + 1 if moved.size else 0), _n_distinct(lx)
         support[exp_name] = {"input": inp, "amplitude": amp, "seen": seen, "distinct": distinct, "threshold": thr}
         if seen < MIN_SUPPORT:
-            where = f" (only at {inp} <= {np.exp(seen_lx.max()):.3g})" if seen and seen_lx.max() < lx.max() else ""
+            where = f" (it moves only at {inp} <= {np.exp(moved.max()):.3g})" if moved.size else ""
             unidentified[exp_name] = (
-                f"{exp_name} and {amp} not identified: the {inp} term moves the fitted loss by >= {thr:.1%} at "
-                f"{seen} of {distinct} distinct {inp}{where}; a power law needs >= {MIN_SUPPORT}, so its "
+                f"{exp_name} and {amp} not identified: the {inp} term changes the fitted loss by >= {thr:.1%} across "
+                f"only {seen} of {distinct} distinct {inp}{where}; a power law needs >= {MIN_SUPPORT}, so its "
                 f"exponent and amplitude trade off freely (value and interval are not measurements)")
     return support, unidentified
 

@@ -158,6 +158,7 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
         kap = R.run("kaplan", fit_kaplan, N, D, y)
         if kap is not None:
             R.add("kaplan", kap)
+            R.fit_metrics("kaplan", kap, only=("alpha_N", "alpha_D"))
         # Allocation and extrapolation need both terms of the law; from a law that the data do not
         # identify they would be numbers without meaning (e.g. a = 0.013 from alpha = 47).
         if R.needs_identified("allocation parametric", chin, "Chinchilla"):
@@ -228,7 +229,7 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
     # The law drawn through the points (and out to target_N) only where the data identify it.
     drawn = [f for f in (lN, chin) if f is not None and f.identified]
     R.figure("loss_vs_N", plots.loss_vs_N, df, fit=drawn[0] if drawn else None, target_N=target_N, loss_col=loss_col)
-    R.figure("loss_vs_D", plots.loss_vs_D, df, fit=lD, loss_col=loss_col)
+    R.figure("loss_vs_D", plots.loss_vs_D, df, fit=lD if lD is not None and lD.identified else None, loss_col=loss_col)
     R.figure("loss_vs_C", plots.loss_vs_C, df, curves_df, env, lC if lC is not None and lC.identified else None,
              loss_col=loss_col)
     if allocs:

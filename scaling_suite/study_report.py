@@ -166,8 +166,8 @@ def summary(result: dict, facts: dict, plan) -> str:
         lines.append(f"warning: {lr['warning']}")
     a = facts["alpha_N"]
     if "unidentified" in a:
-        lines.append(f"L(N): alpha_N NOT IDENTIFIED by these runs ({a['convention']}): the N term moves the "
-                     f"fitted loss at {a['support']['seen']} of {a['support']['distinct']} sizes; the fit's "
+        lines.append(f"L(N): alpha_N NOT IDENTIFIED by these runs ({a['convention']}): the N term changes the "
+                     f"fitted loss across only {a['support']['seen']} of {a['support']['distinct']} sizes; the fit's "
                      f"{fmt(a['value'], '.3f')} {format_interval(a.get('interval'))} is not a measurement. "
                      "The larger sizes must beat the smaller beyond the noise at comparable D: an n_sweep design "
                      "separates N from D, and per-size tuned lrs (`scaling-suite tune`) remove the lr confound")
@@ -189,8 +189,11 @@ def summary(result: dict, facts: dict, plan) -> str:
     if "chinchilla" in s:
         p, iv = s["chinchilla"]["params"], s["chinchilla"].get("intervals", {})
         lines.append("Chinchilla L(N,D): " + ", ".join(f"{k}={fmt(v, '.4g')}{format_interval(iv.get(k))}" for k, v in p.items()))
-        for msg in (s["chinchilla"].get("extras") or {}).get("unidentified", {}).values():
-            lines.append(f"    WARNING: {msg}")
+
+    # Every other law the data do not identify (the study's own alpha_N line above covers Kaplan's).
+    for name, sec in s.items():
+        unidentified = sec.get("extras", {}).get("unidentified", {}) if isinstance(sec, dict) and name != "kaplan" else {}
+        lines += [f"    WARNING {name}: {msg}" for msg in unidentified.values()]
     for key, label in (("chinchilla_loo", "leave-one-out"), ("chinchilla_holdout_N", "held-out largest N"),
                        ("chinchilla_holdout_C", "held-out largest C"), ("L_N_holdout", "L(N) held-out largest N")):
         if key in s and _finite(s[key].get("mean_abs_rel_error")):

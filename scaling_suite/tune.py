@@ -79,7 +79,8 @@ def find_law(client, key: str):
 
 
 # Laws measured on the reference machine, used by lr=auto when this machine has no tuning run for a
-# study's law key (a fresh clone): today the quick mode's shapes on the default corpus. Tuned with
+# study's law key (a fresh clone): today the quick mode's shapes on the default corpus (matched on the
+# fields, not the digest: the stdlib text differs a little between Python versions). Tuned with
 # `scaling-suite tune --mode quick --trials 6 --lr_min 2e-3 --lr_max 1.2e-1` (4 sizes, N 7.5k-218k, at
 # D/N = 20) twice: c = 181, k = 0.881 and c = 176.7, k = 0.878 (2026-11-28; per-size optima 0.0855
 # at the range's edge, 0.0091, 0.0155, 0.0029). Each fit's own k interval is wide ([-0.39, 2.15]), so

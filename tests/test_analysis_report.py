@@ -202,8 +202,9 @@ def test_unidentified_law_is_reported_not_used(tmp_path):
              "compute": {"C_spent": 1.0, "C_independent": 1.0, "C_spent_ratio": 1.0, "branches": 0},
              "early_stop": {}, "monotone_in_N": {}, "planned_seconds": None, "wall_seconds": 1.0}
     text = study_report.summary(res, facts, SimpleNamespace(mode="quick"))
-    assert "alpha_N NOT IDENTIFIED by these runs" in text and "at 1 of 5 sizes" in text
-    assert "alpha_N = " not in text and "    WARNING: alpha and A not identified" in text
+    assert "alpha_N NOT IDENTIFIED by these runs" in text and "across only 2 of 5 sizes" in text
+    assert "alpha_N = " not in text and "    WARNING chinchilla: alpha and A not identified" in text
+    assert "WARNING kaplan" not in text and m["kaplan_identified"] == 0.0 and "kaplan_alpha_N" not in m
     # An IsoFLOP budget left out of approach 2 is named with its reason.
     iso = {"a": 0.73, "b": 0.29, "table": [], "skipped": {"C=6e+11": "minimum at N=5.49e+03 lies outside the sizes"}}
     text = study_report.summary({"data": {"n_runs": 13}, "sections": {"allocation_isoflop": iso}}, facts,
