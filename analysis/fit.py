@@ -241,9 +241,9 @@ def _asymptotic_stderr(model, best, logs, logy):
 # whose losses differed by < 3%, with bootstrap intervals that looked tight. A term that is large but
 # flat (alpha ~ 0) is no better: it trades off with E. So a term is seen at x when its contribution
 # to the fitted log loss there (the law's other input at its median) exceeds its smallest
-# contribution over the data by the threshold, and the x where it is smallest counts as the reference. "Visibly": more than the larger of 1%
-# (about the seed-to-seed spread of a final loss at quick's sizes, README "Precision") and the fit's
-# RMS log residual.
+# contribution over the data by the threshold, and the x where it is smallest counts as the
+# reference. The threshold is the larger of 1% (about the seed-to-seed spread of a final loss at
+# quick's sizes, README "Precision") and the fit's RMS log residual.
 MIN_SUPPORT = 3
 SUPPORT_FLOOR = 0.01
 

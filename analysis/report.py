@@ -101,6 +101,11 @@ def _design_groups(df) -> dict:
     return {}
 
 
+def _identified(*fits):
+    """The first of the fits that exists and identifies its law, or None."""
+    return next((f for f in fits if f is not None and f.identified), None)
+
+
 def _frontier(df, loss_col):
     """Final losses that beat every run with less compute: the data's compute-efficient frontier."""
     d = df.sort_values("C")
@@ -226,12 +231,10 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
     allocs = [a for a in (iso, env, par) if a is not None]
 
     # Figures.
-    # The law drawn through the points (and out to target_N) only where the data identify it.
-    drawn = [f for f in (lN, chin) if f is not None and f.identified]
-    R.figure("loss_vs_N", plots.loss_vs_N, df, fit=drawn[0] if drawn else None, target_N=target_N, loss_col=loss_col)
-    R.figure("loss_vs_D", plots.loss_vs_D, df, fit=lD if lD is not None and lD.identified else None, loss_col=loss_col)
-    R.figure("loss_vs_C", plots.loss_vs_C, df, curves_df, env, lC if lC is not None and lC.identified else None,
-             loss_col=loss_col)
+    # A law is drawn through the points (and out to target_N) only where the data identify it.
+    R.figure("loss_vs_N", plots.loss_vs_N, df, fit=_identified(lN, chin), target_N=target_N, loss_col=loss_col)
+    R.figure("loss_vs_D", plots.loss_vs_D, df, fit=_identified(lD), loss_col=loss_col)
+    R.figure("loss_vs_C", plots.loss_vs_C, df, curves_df, env, _identified(lC), loss_col=loss_col)
     if allocs:
         R.figure("allocation", plots.optimal_allocation, allocs)
     if curves_df is not None and len(curves_df):
@@ -264,6 +267,12 @@ def _write(R: _Report, data: dict) -> dict:
     return result
 
 
+def unidentified_warnings(sections: dict, skip=()) -> list[str]:
+    """'<section>: <reason>' for every term a fitted section of a report does not identify."""
+    return [f"{name}: {msg}" for name, sec in sections.items() if isinstance(sec, dict) and name not in skip
+            for msg in sec.get("extras", {}).get("unidentified", {}).values()]
+
+
 def summary(result: dict) -> str:
     """The few lines worth printing on a terminal."""
     s = result["sections"]
@@ -273,9 +282,7 @@ def summary(result: dict) -> str:
         lines.append("Chinchilla fit: " + ", ".join(
             f"{k} {fmt(v, '.4g')} {format_interval(iv.get(k), '.4g')}".rstrip()
             for k, v in p.items()) + f"; objective {s['chinchilla']['objective']:.5e}")
-    for name, sec in s.items():
-        unidentified = sec.get("extras", {}).get("unidentified", {}) if isinstance(sec, dict) else {}
-        lines += [f"WARNING {name}: {msg}" for msg in unidentified.values()]
+    lines += [f"WARNING {w}" for w in unidentified_warnings(s)]
     for key in ("allocation_parametric", "allocation_isoflop", "allocation_envelope"):
         if key in s:
             lines.append(f"{key.replace('_', ' ')}: N_opt ∝ C^{fmt(s[key]['a'], '.3f')}, "

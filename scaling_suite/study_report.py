@@ -155,6 +155,8 @@ def monotone_in_N(runs) -> dict:
 
 
 def summary(result: dict, facts: dict, plan) -> str:
+    from analysis.report import unidentified_warnings
+
     s = result.get("sections", {})
     lines = [f"\n=== {plan.mode} study: {result['data']['n_runs']} runs ==="]
     lr = facts.get("learning_rate") or {}
@@ -189,11 +191,8 @@ def summary(result: dict, facts: dict, plan) -> str:
     if "chinchilla" in s:
         p, iv = s["chinchilla"]["params"], s["chinchilla"].get("intervals", {})
         lines.append("Chinchilla L(N,D): " + ", ".join(f"{k}={fmt(v, '.4g')}{format_interval(iv.get(k))}" for k, v in p.items()))
-
     # Every other law the data do not identify (the study's own alpha_N line above covers Kaplan's).
-    for name, sec in s.items():
-        unidentified = sec.get("extras", {}).get("unidentified", {}) if isinstance(sec, dict) and name != "kaplan" else {}
-        lines += [f"    WARNING {name}: {msg}" for msg in unidentified.values()]
+    lines += [f"    WARNING {w}" for w in unidentified_warnings(s, skip=("kaplan",))]
     for key, label in (("chinchilla_loo", "leave-one-out"), ("chinchilla_holdout_N", "held-out largest N"),
                        ("chinchilla_holdout_C", "held-out largest C"), ("L_N_holdout", "L(N) held-out largest N")):
         if key in s and _finite(s[key].get("mean_abs_rel_error")):

@@ -101,8 +101,9 @@ def preset_law(cfg: RunConfig) -> dict | None:
 
 
 def _law_lrs(plan, c: float, k: float) -> list:
-    """The plan's configs with lr = c N^-k each (laws.lr_law)."""
-    return [p.config.replace(lr=c * p.config.derived().N ** -k) for p in plan.points]
+    """The plan's configs with lr = c N^-k each (analysis.laws.lr_law)."""
+    from analysis.laws import lr_law
+    return [p.config.replace(lr=float(lr_law(p.config.derived().N, c, k))) for p in plan.points]
 
 
 def rule_lr(cfg: RunConfig) -> float:
