@@ -1,5 +1,6 @@
 # make test   fresh machine: creates .venv, installs, runs the test suite (what .ci/run calls)
 # make quick  fresh machine: creates .venv, installs, runs the quick scaling study through `mlflow run`
+#             (experiment scaling-suite, where `scaling-suite sweep` logs too)
 # make ui     browse the runs
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -29,7 +30,7 @@ test: $(VENV)/.installed
 
 quick: $(VENV)/.installed
 	mkdir -p mlruns
-	mlflow run . -P mode=quick --env-manager local
+	mlflow run . -P mode=quick --env-manager local --experiment-name scaling-suite
 
 doctor: $(VENV)/.installed
 	scaling-suite doctor
