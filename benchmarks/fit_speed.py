@@ -3,7 +3,8 @@
     python benchmarks/fit_speed.py [--bootstrap 1000] [--repeats 3] [--scipy-loop]
 
 Data: the 240 points of Hoffmann et al. 2022 Fig. 4 as reconstructed by Besiroglu et al. 2024
-(../shared/reference/chinchilla_fig4_epoch.csv, 5 highest losses dropped). Without that file, 240
+(file data/svg_extracted_data.csv of epoch-research/analyzing-chinchilla, 5 highest losses dropped;
+read from the published-data folder beside a developer's checkout, REFERENCE below). Without that file, 240
 planted-law points with 1% noise stand in (said so in the output). Acceptance lines: the 4,500-start
 grid fit <= 5 s, 1,000 bootstrap refits <= 60 s. --scipy-loop also times the plain loop of
 scipy.optimize.minimize(L-BFGS-B) over the same grid (about a minute here) for comparison.

@@ -125,7 +125,7 @@ MODES: dict[str, dict] = {
                   base=dict(aspect=16, head_dim=8, context=32, batch_tokens=2048, eval_tokens=2048,
                             eval_every=4)),
     # IsoFLOP, 3 budgets × 4-5 sizes around each budget's optimum. At this scale the optimum sits
-    # near 10-40k parameters at hundreds of tokens per parameter (shared/PITFALLS.md; a dense grid
+    # near 10-40k parameters at hundreds of tokens per parameter (a sizing probe at 3e11-1e13 FLOPs; a dense grid
     # in benchmarks/optimize_vs_grid.py found N* ≈ 15k at 3e11), and at 2e11 even the smallest
     # size won, so the budgets start at 6e11, where the minimum is bracketed. Narrow models
     # (aspect 16, heads of 8) give sizes 2-3× apart: N 7.5k..418k (1.75 decades). About 12

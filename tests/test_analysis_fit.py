@@ -16,7 +16,7 @@ from scaling_suite.errors import SuiteError
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 FIG4 = REFERENCE / "chinchilla_fig4_epoch.csv"
-# Besiroglu et al. 2024 (arXiv 2404.10102), grid fit of the 240 points; see shared/reference/README.md.
+# Besiroglu et al. 2024 (arXiv 2404.10102), grid fit of the 240 points, as that paper reports it.
 PUBLISHED = {"A": 477.8, "B": 2143.9, "E": 1.8172, "alpha": 0.3473, "beta": 0.3672}
 
 

@@ -1,0 +1,53 @@
+"""The repository's own text points only at files it holds (README, MLproject, docs, comments)."""
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOP = ("scaling_suite", "analysis", "tests", "benchmarks", "docs", ".ci")
+# A path that starts at one of the repository's top-level folders, e.g. analysis/fit.py.
+PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./-]*[\w/])" % "|".join(re.escape(t) for t in TOP))
+OUTSIDE = re.compile(r"(?<![\w.-])(?:\.\./)?shared/[\w./-]+|/tmp/[\w./-]+\.py")
+
+
+def _texts():
+    yield from [REPO / "README.md", REPO / "MLproject", REPO / "Makefile", REPO / "pyproject.toml"]
+    yield from sorted((REPO / "docs").glob("*.md"))
+    for top in ("scaling_suite", "analysis", "benchmarks", "tests"):
+        yield from sorted((REPO / top).glob("*.py"))
+
+
+def test_every_named_file_exists():
+    missing = []
+    for path in _texts():
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            for name in PATH.findall(line):
+                # analysis/report.md and the like are artifact folders of a study's parent run.
+                artifact = name.startswith("analysis/") and not name.endswith(".py")
+                if not artifact and not (REPO / name).exists():
+                    missing.append(f"{path.relative_to(REPO)}:{lineno}: {name}")
+    assert not missing, "named but not in the repository:\n" + "\n".join(missing)
+
+
+def test_no_reference_to_files_outside_the_repository():
+    """`../shared` is beside a developer's checkout, not a user's: code and docs must not send a
+    reader there (tests/conftest.py locates the published reference data, and tests skip without it)."""
+    found = []
+    for path in _texts():
+        if path.name == "conftest.py":
+            continue
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if OUTSIDE.search(line):
+                found.append(f"{path.relative_to(REPO)}:{lineno}: {line.strip()}")
+    assert not found, "references outside the repository:\n" + "\n".join(found)
+
+
+def test_readme_tree_lists_every_source_file():
+    readme = (REPO / "README.md").read_text()
+    tree = readme.split("## Files", 1)[1].split("```")[1]
+    listed = {line.split()[0] for line in tree.splitlines() if line.strip()}
+    files = {str(p.relative_to(REPO)) for top in ("scaling_suite", "analysis", "benchmarks")
+             for p in (REPO / top).glob("*.py") if p.name != "__init__.py"}
+    files |= {str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")}
+    assert not files - listed, f"files missing from the README's tree: {sorted(files - listed)}"
+    assert len(readme.splitlines()) <= 200, "the README is a newcomer's page: topics go to docs/"
