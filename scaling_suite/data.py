@@ -71,12 +71,35 @@ def _hash_val(key: str) -> bool:
 
 
 def _digest_files(root: Path, rels: list[str]) -> str:
+    """SHA-256 of the files' names and bytes (the content digest, recorded as the run's dataset).
+
+    Hashing the whole standard library (~30 MB) costs seconds on every load, so the digest is
+    remembered under a key of each file's name, size and modification time, as git's index and
+    make do: a file rewritten with other bytes gets a new mtime, hence a new key and a full hash.
+    """
+    stats = [(rel, (st := (root / rel).stat()).st_size, st.st_mtime_ns) for rel in rels]
+    key = hashlib.sha256(json.dumps([SPLIT_RULE, str(root.resolve()), stats]).encode()).hexdigest()
+    memo = cache_root() / "content_digests.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
     h = hashlib.sha256(SPLIT_RULE.encode())
     for rel in rels:
         data = (root / rel).read_bytes()
         h.update(f"\0{rel}\0{len(data)}\0".encode("utf-8"))  # lengths keep the framing unambiguous
         h.update(data)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    try:  # best effort: an unwritable cache only costs the next load a full hash
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**(known if isinstance(known, dict) else {}), key: digest}, indent=0))
+        tmp.replace(memo)
+    except OSError:
+        pass
+    return digest
 
 
 # ---------------------------------------------------------------------------------------- sources
