@@ -1,6 +1,7 @@
 """The CLI end to end against a real SQLite MLflow store, and its one-line errors."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import mlflow
@@ -108,8 +109,9 @@ def test_corrupt_token_cache_is_one_line(tmp_path, mlflow_store, capsys, monkeyp
 
 def test_console_script_exit_code(tmp_path):
     """The installed entry point, as a user runs it: a bad flag value exits non-zero in one line."""
-    p = subprocess.run([sys.executable, "-m", "scaling_suite.cli", "train", "--preset", "nope"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    script = Path(sys.executable).with_name("scaling-suite")   # the venv's console script (pyproject.toml)
+    assert script.exists(), f"console script not installed beside {sys.executable}"
+    p = subprocess.run([str(script), "train", "--preset", "nope"], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.strip() == "error: unknown preset 'nope'; choose one of: tiny, small, base"
 
 
