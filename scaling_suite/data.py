@@ -231,6 +231,32 @@ def load_hf(dataset: str):
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
+def _split_identity(ds, col: str) -> str:
+    """What identifies a split's data without a pass over a possibly huge corpus on every load.
+
+    load_dataset writes each split as Arrow files under the datasets cache, in a folder named by a
+    hash of the builder's config and its data files (the hub revision, or the local files), so
+    their paths relative to that cache, with their sizes, are the same on every machine for the
+    same data (`Dataset.cache_files`, public API). A split held only in memory is small: its text
+    is hashed.
+    """
+    import datasets  # optional heavy dependency, imported only for hf: sources (load_hf)
+
+    root = Path(datasets.config.HF_DATASETS_CACHE).resolve()
+    parts = []
+    for f in ds.cache_files:
+        path = Path(f["filename"]).resolve()
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        parts.append(f"{name}:{path.stat().st_size}")
+    if parts:
+        return "|".join(parts)
+    h = hashlib.sha256()
+    for batch in ds.select_columns([col]).iter(batch_size=1000):
+        for text in batch[col]:
+            h.update((text or "").encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
 def _hf(dataset: str) -> _Corpus:
     dd = load_hf(dataset)
     if "train" not in dd:
@@ -242,11 +268,9 @@ def _hf(dataset: str) -> _Corpus:
     if not cols:
         raise SuiteError(f"{dataset} has no string column (columns: {', '.join(ds.features)})")
     col = "text" if "text" in cols else cols[0]
-    # The datasets fingerprint identifies the data files (hub commit or local files) and split
-    # without a pass over a possibly huge corpus on every load.
     h = hashlib.sha256(f"{SPLIT_RULE}\0{dataset}\0{col}".encode())
     for s in splits:
-        h.update(f"\0{s}\0{dd[s].num_rows}\0{getattr(dd[s], '_fingerprint', '')}".encode())
+        h.update(f"\0{s}\0{dd[s].num_rows}\0{_split_identity(dd[s], col)}".encode())
 
     def docs():
         for s in splits:

@@ -32,3 +32,20 @@ def test_content_digest_is_remembered_and_follows_changes(tmp_path, monkeypatch)
     # A damaged memo is ignored, not trusted: the digest is recomputed.
     (tmp_path / "cache" / "content_digests.json").write_text("{not json")
     assert D._digest_files(root, rels) == changed
+
+
+def test_hf_digest_follows_the_data_files(tmp_path, monkeypatch, token_cache):
+    """An hf: source is identified by its Arrow files relative to the datasets cache (public
+    `cache_files`): the same files give the same digest, other text another digest."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    d = tmp_path / "hfdata"
+    d.mkdir()
+    pq.write_table(pa.table({"text": [f"train {i}" for i in range(200)]}), d / "train-00000-of-00001.parquet")
+    first = D.load_data(f"hf:{d}")
+    assert D.load_data(f"hf:{d}").content_digest == first.content_digest
+    pq.write_table(pa.table({"text": [f"other {i}" for i in range(200)]}), d / "train-00000-of-00001.parquet")
+    assert D.load_data(f"hf:{d}").content_digest != first.content_digest
