@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from .config import RunConfig, make_config
 from .errors import SuiteError
+from .schedule import BRANCH_FIELDS, branch_problem, cooldown_start
 
 DESIGNS = ("isoflop", "n_sweep", "d_sweep")
 
@@ -70,11 +71,10 @@ class Plan:
         """Point index -> (index of its trunk point, branch step), for the points trained as branches.
 
         Greedy, longest D first: a point branches from the first longer trunk it is compatible with
-        (train.branch_problem: same params but the budget, same lr before its cooldown start), else
+        (schedule.branch_problem: same params but the budget, same lr before its cooldown start), else
         it becomes a trunk itself."""
         if not self.branching:
             return {}
-        from .train import branch_problem, cooldown_start
 
         derived = [p.config.derived() for p in self.points]
         out, trunks = {}, []
@@ -197,9 +197,7 @@ def length_free_warmup(points) -> tuple[Point, ...]:
     """Each group of runs that differ only in the budget gets one warmup_tokens: the default rule,
     min(N, warmup_max_frac · D) (Porian et al. 2024 §4.2), at the group's shortest D. Under WSD
     the schedule up to the cooldown must not depend on the run's length (Hägele et al. 2024 §3),
-    else the runs of a group cannot share a trunk (train.branch_problem)."""
-    from .train import BRANCH_FIELDS
-
+    else the runs of a group cannot share a trunk (schedule.branch_problem)."""
     def group(c):
         return tuple(v for k, v in sorted(c.to_params().items()) if k not in BRANCH_FIELDS)
 

@@ -5,7 +5,7 @@ import pytest
 
 from scaling_suite import earlystop
 from scaling_suite.config import make_config
-from scaling_suite.train import lr_at
+from scaling_suite.schedule import lr_at
 
 
 def planted(schedule="cosine", steps=400, noise=0.0, seed=0):

@@ -109,7 +109,8 @@ def test_mup_lr_groups_reach_the_optimizer(monkeypatch, token_cache):
     import torch.optim
 
     from scaling_suite.config import make_config
-    from scaling_suite.train import lr_at, train
+    from scaling_suite.schedule import lr_at
+    from scaling_suite.train import train
 
     seen = []
     real = torch.optim.AdamW.step

@@ -7,7 +7,8 @@ import torch
 
 from scaling_suite import data as data_lib
 from scaling_suite.config import make_config
-from scaling_suite.train import TrainingFailed, lr_at, train
+from scaling_suite.schedule import lr_at
+from scaling_suite.train import TrainingFailed, train
 
 SMALL = dict(depth=1, context=32, batch_tokens=1024, D=16 * 1024, eval_tokens=2048, eval_every=4,
              warmup_tokens=2048, precision="fp32", device="cpu")
@@ -189,7 +190,7 @@ WSD = dict(SMALL, schedule="wsd", D=32 * 1024)
 
 def test_branch_equals_an_independent_wsd_run(stdlib, tmp_path):
     trunk_cfg, short = make_config(**WSD), make_config(**{**WSD, "D": 16 * 1024})
-    from scaling_suite.train import cooldown_start
+    from scaling_suite.schedule import cooldown_start
     s = cooldown_start(short, short.derived())
     assert s == 13 < cooldown_start(trunk_cfg, trunk_cfg.derived())
     trunk = train(trunk_cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path, save_at_steps=[s])
