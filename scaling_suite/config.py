@@ -9,6 +9,7 @@ parameters, tokens and training FLOPs.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, fields
@@ -232,3 +233,33 @@ def derive(c: RunConfig) -> Derived:
         # kept in the checkpoint's train_losses.
         log_every=max(1, math.ceil(steps / 500)),
     )
+
+
+# ------------------------------------------------------------------------ command-line flags
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field, named exactly as the field (and the MLflow param)."""
+    g = p.add_argument_group("run settings (defaults: the preset, else RunConfig)")
+    for f in fields(RunConfig):
+        if f.name != "preset":
+            # Parsed as strings: make_config types and validates them, and "" means "not given"
+            # (MLproject passes every declared parameter, empty when the user gave none).
+            g.add_argument(f"--{f.name}", default=None, metavar=str(f.type).upper())
+    p.add_argument("--preset", default=None, help=f"start from a preset: {', '.join(PRESETS)}")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig)
+             if f.name != "preset" and getattr(args, f.name, None) not in (None, "")}
+    budget_given = {"D", "C", "tokens_per_param"} & set(given)
+    if args.preset:
+        base = dict(PRESETS.get(args.preset, {}))
+        if budget_given:  # a budget on the command line replaces the preset's budget entirely
+            for k in ("D", "C", "tokens_per_param"):
+                base.pop(k, None)
+        if args.preset not in PRESETS:
+            return from_preset(args.preset)  # raises the one-line error
+        return make_config(**{**base, "preset": args.preset, **given})
+    if not budget_given:
+        given["tokens_per_param"] = 20.0  # Hoffmann et al. 2022's compute-optimal ratio
+    return make_config(**given)

@@ -33,7 +33,7 @@ import time
 from bisect import bisect_left
 from dataclasses import dataclass, fields
 
-from .config import RunConfig, derive, make_config, validate
+from .config import RunConfig, add_config_flags, derive, make_config, validate
 from .errors import SuiteError
 from .model import ModelShape, count_params
 
@@ -581,7 +581,6 @@ def cmd_worker(args) -> int:
 
 def register(sub) -> None:
     """Add `optimize` and `worker` to the CLI (called by cli.build_parser)."""
-    from .cli import add_config_flags
     from .worker import DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE
 
     def storage_flags(p):
