@@ -118,7 +118,7 @@ def cmd_sweep(args) -> int:
     from . import sweep, tracking
     from .device import pick_device
 
-    from .tune import parse_lr, resolve_lr
+    from .lr_auto import parse_lr, resolve_lr
 
     overrides = {k: getattr(args, k) for k in STUDY_FLAGS if getattr(args, k) not in (None, "") and k != "lr"}
     lr = parse_lr(args.lr)             # None: auto (the default), resolved below once the plan is final

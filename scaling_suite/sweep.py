@@ -155,7 +155,7 @@ class StudyOutcome:
     children: list[ChildOutcome]
     wall_seconds: float
     report: dict = field(default_factory=dict)
-    lr_info: dict = field(default_factory=dict)   # lr, lr_source, lr_law_run_id (tune.resolve_lr)
+    lr_info: dict = field(default_factory=dict)   # lr, lr_source, lr_law_run_id (lr_auto.resolve_lr)
 
 
 def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.MlflowTracker:
@@ -176,7 +176,7 @@ def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.Ml
 def run_study(plan: Plan, experiment: str | None = None, params: dict | None = None, progress: bool = True,
               planned_seconds: float | None = None, analyze: bool = True, n_bootstrap: int = 200,
               lr_info: dict | None = None) -> StudyOutcome:
-    """lr_info: how the runs' learning rates were chosen (tune.resolve_lr), logged as the parent's
+    """lr_info: how the runs' learning rates were chosen (lr_auto.resolve_lr), logged as the parent's
     params lr, lr_source, lr_law_run_id; without it the plan's own lrs are described (fixed or not)."""
     from tqdm.auto import tqdm
 

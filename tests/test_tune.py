@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scaling_suite import plan as plan_lib
-from scaling_suite import tracking, tune
+from scaling_suite import lr_auto, tracking, tune
 from scaling_suite.cli import main
 from scaling_suite.config import make_config
 from scaling_suite.errors import SuiteError
@@ -90,7 +90,7 @@ def test_pruned_child_is_visible_and_not_retrained(mlflow_store, token_cache):
 
 
 def _fake_law(parts_cfg, digest, c, k, lr_base=None):
-    key, _ = tune.law_key(parts_cfg, digest)
+    key, _ = lr_auto.law_key(parts_cfg, digest)
     run = tracking.start_run(run_name="lr tuning", tags={"role": tune.ROLE, "lr_law_key": key}, system_metrics=False)
     run.log_metrics({"lr_law_c": c, "lr_law_k": k, **({"lr_base": lr_base} if lr_base else {})}, step=0)
     run.finish("FINISHED")
@@ -104,24 +104,24 @@ def test_lr_auto_uses_the_matching_law_else_the_rule(mlflow_store, token_cache):
     first = plan.points[0].config
     data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
     # No law: the documented rule, per run.
-    ruled, info = tune.resolve_lr(plan, data)
+    ruled, info = lr_auto.resolve_lr(plan, data)
     assert info["lr_source"] == "rule" and info["lr_law_run_id"] == "-"
-    assert [p.config.lr for p in ruled.points] == pytest.approx([tune.rule_lr(p.config) for p in plan.points])
+    assert [p.config.lr for p in ruled.points] == pytest.approx([lr_auto.rule_lr(p.config) for p in plan.points])
     # A law for another schedule does not match; one for this design does.
     _fake_law(first.replace(schedule="wsd"), data.digest, 1.0, 0.5)
-    assert tune.resolve_lr(plan, data)[1]["lr_source"] == "rule"
+    assert lr_auto.resolve_lr(plan, data)[1]["lr_source"] == "rule"
     law_id = _fake_law(first, data.digest, 0.2, 0.25)
-    lawed, info = tune.resolve_lr(plan, data)
+    lawed, info = lr_auto.resolve_lr(plan, data)
     assert info["lr_source"] == "law" and info["lr_law_run_id"] == law_id
     assert [p.config.lr for p in lawed.points] == pytest.approx([0.2 * p.config.derived().N ** -0.25 for p in plan.points])
     # A number is a fixed value everywhere.
-    fixed, info = tune.resolve_lr(plan, data, 1e-3)
+    fixed, info = lr_auto.resolve_lr(plan, data, 1e-3)
     assert info["lr_source"] == "fixed" and {p.config.lr for p in fixed.points} == {1e-3}
     # mup: the tuned base lr of a mup law, for every width.
     mplan = plan_lib.make_plan("smoke", overrides={"parametrization": "mup", "mup_base_width": 16})
-    assert tune.resolve_lr(mplan, data)[1]["lr_source"] == "rule"
+    assert lr_auto.resolve_lr(mplan, data)[1]["lr_source"] == "rule"
     mup_id = _fake_law(mplan.points[0].config, data.digest, 0.01, 0.01, lr_base=0.02)
-    mupped, info = tune.resolve_lr(mplan, data)
+    mupped, info = lr_auto.resolve_lr(mplan, data)
     assert info["lr_source"] == "mup" and info["lr_law_run_id"] == mup_id
     assert {p.config.lr for p in mupped.points} == {0.02}
 
@@ -132,17 +132,17 @@ def test_lr_auto_on_a_fresh_machine_uses_the_preset_law_for_quick(mlflow_store, 
     plan = plan_lib.make_plan("quick")
     first = plan.points[0].config
     data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
-    preset = tune.preset_law(first)
+    preset = lr_auto.preset_law(first)
     assert preset is not None
-    lrs, info = tune.resolve_lr(plan, data)
-    assert info["lr_source"] == "preset" and "tune.PRESET_LAWS" in info["lr_rule"]
+    lrs, info = lr_auto.resolve_lr(plan, data)
+    assert info["lr_source"] == "preset" and "lr_auto.PRESET_LAWS" in info["lr_rule"]
     assert [p.config.lr for p in lrs.points] == pytest.approx(
         [preset["c"] * p.config.derived().N ** -preset["k"] for p in plan.points])
     assert max(p.config.lr for p in lrs.points) / min(p.config.lr for p in lrs.points) > 10   # falls with N
     # Other shapes or another schedule: not the preset's (the rule); a law tuned here wins over it.
-    assert tune.resolve_lr(plan_lib.make_plan("quick", overrides={"schedule": "wsd"}), data)[1]["lr_source"] == "rule"
+    assert lr_auto.resolve_lr(plan_lib.make_plan("quick", overrides={"schedule": "wsd"}), data)[1]["lr_source"] == "rule"
     law_id = _fake_law(first, data.digest, 0.2, 0.25)
-    assert tune.resolve_lr(plan, data)[1]["lr_law_run_id"] == law_id
+    assert lr_auto.resolve_lr(plan, data)[1]["lr_law_run_id"] == law_id
 
 
 def test_fixed_lr_over_a_decade_warns():
