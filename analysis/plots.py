@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FormatStrFormatter, MaxNLocator, NullFormatter
 
 from . import laws
+from .fit import FitResult, lr_law_band
 from .extrapolate import _optimal_D_for_N
 
 CMAP = "viridis"
@@ -227,6 +228,56 @@ def learning_curves(curves_df, runs_df=None, loss_col="val_loss", path=None):
         ax.plot(g["tokens"], g[loss_col], color=color, lw=1)
     _loglog(ax, "tokens seen", f"{loss_col} (nats/token)")
     ax.set_title("learning curves")
+    return _finish(fig, path)
+
+
+def lr_law(sizes, law=None, tokens_per_param=None, parametrization="standard", path=None):
+    """The learning-rate tuning of scaling_suite/tune.py. Left: final loss vs peak lr per size
+    (pruned trials as crosses at their last loss), the parabola in log lr and the optimum. Right:
+    lr_opt vs N with intervals, the law lr* = c N^-k and its confidence band (fit.lr_law_band).
+
+    SIZES: per size, {depth, N, trials: [{state, lr, final_val_loss | last_val_loss}], optimum};
+    LAW: the fitted law as tune.py records it (params, intervals, objective, n_points, level, extras)."""
+    fig, (ax, bx) = _figure(ncols=2, width=5.5, height=4.2)
+    for i, s in enumerate(sizes):
+        col = f"C{i}"
+        done = [r for r in s["trials"] if r["state"] == "COMPLETE"]
+        pr = [r for r in s["trials"] if r["state"] == "PRUNED"]
+        ax.scatter([r["lr"] for r in done], [r["final_val_loss"] for r in done], color=col, zorder=3,
+                   label=f"depth {s['depth']}, N={s['N']:,}")
+        ax.scatter([r["lr"] for r in pr], [r["last_val_loss"] for r in pr], color=col, marker="x", alpha=0.6)
+        o = s["optimum"]
+        if "coef" in o:
+            a, b, c = o["coef"]
+            xs = np.linspace(o["x_range"][0] - 0.1, o["x_range"][1] + 0.1, 80)
+            ax.plot(10 ** xs, a + b * (xs - o["x_center"]) + c * (xs - o["x_center"]) ** 2, color=col, lw=1)
+        if "lr_opt" in o:
+            ax.axvline(o["lr_opt"], color=col, lw=0.8, ls=":")
+            lo, hi = o["lr_lo"], o["lr_hi"]
+            err = [[o["lr_opt"] - lo], [hi - o["lr_opt"]]] if np.isfinite(lo) else None
+            bx.errorbar([s["N"]], [o["lr_opt"]], yerr=err, fmt="o", color=col, capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss (nats/token); x: pruned (last)")
+    ax.legend(fontsize=7)
+    ax.set_title("loss vs learning rate per size", fontsize=10)
+    if law is not None:
+        fit = FitResult(model="lr_law", params=law["params"], objective=law["objective"] or 0.0,
+                        n_points=law["n_points"], level=law["level"], extras=law["extras"])
+        Ns = np.logspace(np.log10(min(s["N"] for s in sizes)) - 0.2, np.log10(max(s["N"] for s in sizes)) + 0.3, 60)
+        p = law["params"]
+        iv = law["intervals"].get("k")
+        lab = f"lr* = {p['c']:.3g} N^-{p['k']:.3f}" + (f", k in [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
+        bx.plot(Ns, fit.predict(Ns), "k-", lw=1, label=lab)
+        band = lr_law_band(fit, Ns)
+        if band is not None:
+            bx.fill_between(Ns, band[0], band[1], color="k", alpha=0.1, label=f"{100 * fit.level:g}% band")
+        bx.legend(fontsize=8)
+    bx.set_xscale("log")
+    bx.set_yscale("log")
+    bx.set_xlabel("N (parameters, non-embedding + head)")
+    bx.set_ylabel("optimal peak learning rate")
+    bx.set_title(f"lr law at D/N = {tokens_per_param:g} ({parametrization})", fontsize=10)
     return _finish(fig, path)
 
 

@@ -32,9 +32,24 @@ import math
 import os
 import time
 
-from .config import RunConfig, make_config
+import numpy as np
+import optuna
+
+from analysis import plots
+from analysis.fit import fit_lr_law
+
+from . import data as data_lib
+from . import tracking, worker
+from .config import RunConfig, make_config, validate
+from .device import pick_device
 from .errors import SuiteError
 from .lr_auto import ROLE, law_key
+from .optimize import fit_parabola, parse_numbers
+from .plan import MODES
+from .sweep import run_child
+from .tracking import scratch_dir
+from .train import Pruned
+from .worker import DEFAULT_STORAGE
 
 BETA2 = (0.95, 0.99, 0.999)
 SEARCHABLE = ("lr", "beta2", "warmup")
@@ -79,7 +94,6 @@ def check_settings(depths, lr_min, lr_max, trials, tokens_per_param, prune_after
 
 
 def size_configs(mode: str, depths, tokens_per_param: float, overrides: dict) -> list[RunConfig]:
-    from .plan import MODES
 
     if mode not in MODES:
         raise SuiteError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -101,7 +115,6 @@ def fit_optimum(rows: list[dict], window: float) -> dict:
     decades of the best (optimize.fit_parabola), on the trials with the best trial's β2 when they
     hold 3 distinct lrs (so β2 does not masquerade as curvature), else on all. Falls back to the
     best trial when the parabola has no minimum inside the fitted points (status says which)."""
-    from .optimize import fit_parabola
 
     done = [r for r in rows if r["state"] == "COMPLETE" and math.isfinite(r["final_val_loss"])]
     if not done:
@@ -151,10 +164,6 @@ class Objective:
         self.warmup_steps = prune_after * self.d.steps    # no pruning before this share of the run
 
     def __call__(self, trial) -> float:
-        import optuna
-
-        from .sweep import run_child
-
         lr = trial.suggest_float("lr", self.lr_min, self.lr_max, log=True)
         extra = {"lr": lr}
         if "beta2" in self.search:
@@ -162,14 +171,12 @@ class Objective:
         if "warmup" in self.search:
             extra["warmup_tokens"] = trial.suggest_categorical("warmup", list(WARMUP_MULTIPLES)) * self.d.N
         cfg = self.cfg.replace(**extra)
-        from .config import validate
         validate(cfg)
         for k, v in {"lr": cfg.lr, "beta2": cfg.beta2, "warmup_tokens": cfg.warmup_tokens, "C": self.d.C,
                      "N": self.d.N, "D": self.d.D}.items():
             trial.set_user_attr(k, v)
 
         def on_eval(step: int, val_loss: float) -> None:
-            from .train import Pruned
 
             trial.report(val_loss, step)
             if step >= self.warmup_steps and trial.should_prune():
@@ -203,10 +210,6 @@ def run_tune(cfgs: list[RunConfig], *, trials: int, lr_min: float, lr_max: float
              storage_url: str | None = None, study_prefix: str = "lr-tune", experiment: str | None = None,
              seed: int = 0, progress: bool = True, params: dict | None = None, say=print) -> dict:
     """Tune every size in CFGS, fit the law, log everything on one tuning run. Returns the summary."""
-    import optuna
-
-    from . import data as data_lib
-    from . import tracking, worker
 
     t0 = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -296,7 +299,6 @@ def run_tune(cfgs: list[RunConfig], *, trials: int, lr_min: float, lr_max: float
 
 def summarize(sizes: list[dict], first: RunConfig, parent, key: str, key_parts: dict, wall: float) -> dict:
     """Compute saved, the law with its interval, lr_base under μP; logged to PARENT."""
-    from analysis.fit import fit_lr_law
 
     rows = [r for s in sizes for r in s["trials"]]
     trained = sum(r["flops_trained"] for r in rows)
@@ -331,79 +333,18 @@ def summarize(sizes: list[dict], first: RunConfig, parent, key: str, key_parts: 
     parent.set_tags({"lr_law_status": "ok" if "law" in out else out["law_error"]})
     parent.log_text(json.dumps(out, indent=1, default=_json), "lr_law.json")
     try:
-        parent.log_artifact(plot(sizes, out), "plots")
+        path = scratch_dir() / "lr_law.png"
+        plots.lr_law(sizes, out.get("law"), out["tokens_per_param"], out["parametrization"], path=path)
+        parent.log_artifact(path, "plots")
     except Exception as e:  # noqa: BLE001 — a plot failure must not lose the law
         parent.set_tags({"plot_error": f"{type(e).__name__}: {e}"[:5000]})
     return out
 
 
 def _json(o):
-    import numpy as np
-
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     raise TypeError(type(o))
-
-
-def plot(sizes: list[dict], out: dict):
-    """Left: final loss vs lr per size (pruned trials as crosses at their last loss), the parabola
-    and the optimum. Right: lr_opt vs N with intervals, the law and its confidence band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from analysis.fit import FitResult, lr_law_band
-
-    from .tracking import scratch_dir
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, s in enumerate(sizes):
-        col = f"C{i}"
-        done = [r for r in s["trials"] if r["state"] == "COMPLETE"]
-        pr = [r for r in s["trials"] if r["state"] == "PRUNED"]
-        ax.scatter([r["lr"] for r in done], [r["final_val_loss"] for r in done], color=col, zorder=3,
-                   label=f"depth {s['depth']}, N={s['N']:,}")
-        ax.scatter([r["lr"] for r in pr], [r["last_val_loss"] for r in pr], color=col, marker="x", alpha=0.6)
-        o = s["optimum"]
-        if "coef" in o:
-            a, b, c = o["coef"]
-            xs = np.linspace(o["x_range"][0] - 0.1, o["x_range"][1] + 0.1, 80)
-            ax.plot(10 ** xs, a + b * (xs - o["x_center"]) + c * (xs - o["x_center"]) ** 2, color=col, lw=1)
-        if "lr_opt" in o:
-            ax.axvline(o["lr_opt"], color=col, lw=0.8, ls=":")
-            lo, hi = o["lr_lo"], o["lr_hi"]
-            err = [[o["lr_opt"] - lo], [hi - o["lr_opt"]]] if math.isfinite(lo) else None
-            bx.errorbar([s["N"]], [o["lr_opt"]], yerr=err, fmt="o", color=col, capsize=3)
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("final validation loss (nats/token); x: pruned (last)")
-    ax.legend(fontsize=7)
-    ax.set_title("loss vs learning rate per size", fontsize=10)
-    if "law" in out:
-        law = out["law"]
-        fit = FitResult(model="lr_law", params=law["params"], objective=law["objective"] or 0.0,
-                        n_points=law["n_points"], level=law["level"], extras=law["extras"])
-        Ns = np.logspace(np.log10(min(s["N"] for s in sizes)) - 0.2, np.log10(max(s["N"] for s in sizes)) + 0.3, 60)
-        p = law["params"]
-        iv = law["intervals"].get("k")
-        lab = f"lr* = {p['c']:.3g} N^-{p['k']:.3f}" + (f", k in [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
-        bx.plot(Ns, fit.predict(Ns), "k-", lw=1, label=lab)
-        band = lr_law_band(fit, Ns)
-        if band is not None:
-            bx.fill_between(Ns, band[0], band[1], color="k", alpha=0.1, label=f"{100 * fit.level:g}% band")
-        bx.legend(fontsize=8)
-    bx.set_xscale("log")
-    bx.set_yscale("log")
-    bx.set_xlabel("N (parameters, non-embedding + head)")
-    bx.set_ylabel("optimal peak learning rate")
-    bx.set_title(f"lr law at D/N = {out['tokens_per_param']:g} ({out['parametrization']})", fontsize=10)
-    path = scratch_dir() / "lr_law.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -413,10 +354,6 @@ TUNE_FLAGS = ("dataset", "tokenizer", "vocab_size", "schedule", "seed", "device"
 
 
 def cmd_tune(args) -> int:
-    from . import tracking
-    from .optimize import parse_numbers
-    from .device import pick_device
-    from .plan import MODES
 
     if args.mode not in MODES:
         raise SuiteError(f"unknown mode {args.mode!r}; choose one of: {', '.join(MODES)}")
@@ -471,7 +408,6 @@ def summary_text(out: dict) -> str:
 
 
 def register(sub) -> None:
-    from .worker import DEFAULT_STORAGE
 
     t = sub.add_parser("tune", help="tune lr (and beta2) per size; fit the lr law that `sweep --lr auto` uses")
     t.add_argument("--mode", default="quick", help="smoke | quick | dev | full (the sizes' shapes and batch)")
