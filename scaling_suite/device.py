@@ -210,28 +210,33 @@ def estimate_bytes(shape: ModelShape, micro_batch: int, precision: str, device_t
     Activations: what autograd keeps for backward, counted per layer and token the way Korthikanti
     et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", §4.1) count a
     Megatron layer. Their eq. 1, s·b·h·(34 + 5·a·s/h), is already in bytes (16-bit activations,
-    1-byte dropout masks), so it is not multiplied by an element size again; and this model's layer
-    differs (model.py: RMSNorm, SwiGLU of width d_mlp, rotary, no dropout), so its own tensors are
-    counted, as values:
-      - the two RMSNorm inputs (the residual stream), 2·d, fp32 even under autocast;
-      - the inputs of the qkv, o and gate_up projections, 3·d; q, k, v and the attention output
-        kept by fused attention, 4·d; SwiGLU's gate_up output, silu(gate) and the product fed to
-        down, 4·d_mlp: 7·d + 4·d_mlp at 2 bytes in bf16, 4 in fp32;
-      - the attention log-sum-exp, one fp32 per head;
-      - only where attention is not fused (sdpa_keeps_scores: MPS), the T×T probabilities, a·T per
-        token (fp32 softmax, plus a bf16 copy under bf16) and the scaled q, k of the math path: the
-        5·a·s/h term of eq. 1, the part their §5 (selective activation recomputation) recomputes
-        rather than stores, and which fused attention never stores.
-    Plus the head: the logits, cross-entropy's fp32 log-softmax and the logits' gradient, three
-    copies of T·V at 4 bytes.
+    1-byte dropout masks), so it is not to be multiplied by an element size again; and this model's
+    layer differs from theirs (model.py: RMSNorm, SwiGLU of width d_mlp, rotary, no dropout), so its
+    own tensors are counted, in values per token:
+      - each RMSNorm keeps its input (the residual stream) and the normalized x (for the gain's
+        gradient), fp32 even under autocast: 4·d at 4 bytes, plus one fp32 per token;
+      - the inputs of the qkv, o and gate_up projections, 3·d, and SwiGLU's gate_up output,
+        silu(gate) and the product fed to down, 4·d_mlp: 3·d + 4·d_mlp at 2 bytes in bf16, 4 in fp32;
+      - fused attention (CUDA, CPU): the qkv output (v is a view of it), the rotated q and k and
+        the output, 6·d in the same precision, and a log-sum-exp per head in fp32. Where it is not
+        fused (sdpa_keeps_scores: MPS) the math path keeps its own q, k, v, 3·d, and the T×T
+        probabilities, a·T per token: eq. 1's 5·a·s/h term, the part their §5 (selective
+        activation recomputation) recomputes rather than stores and fused attention never stores;
+        both at 4 bytes (on this CPU the math path computes in fp32 even under bf16 autocast; on
+        MPS under bf16 this overcounts them by at most 2x).
+    Then the final norm and the head's input, and three copies of T·V at 4 bytes: the logits,
+    cross-entropy's fp32 log-softmax and, in backward, the logits' gradient.
+    Checked against the bytes autograd saves on this CPU (tests/test_device.py).
     """
     d, L, T, V, H = shape.d_model, shape.depth, shape.context, shape.vocab_size, shape.n_head
     n_params = L * (4 * d * d + 3 * d * shape.d_mlp) + 2 * V * d
     act = 2 if precision == "bf16" else 4
-    per_token_layer = 2 * d * 4 + (7 * d + 4 * shape.d_mlp) * act + 4 * H
+    per_token_layer = (4 * d + 2) * 4 + (3 * d + 4 * shape.d_mlp) * act
     if sdpa_keeps_scores(device_type):
-        per_token_layer += H * T * (4 + (2 if precision == "bf16" else 0)) + 2 * d * act
-    per_seq = L * T * per_token_layer + T * d * (4 + act) + 3 * T * V * 4   # + final norm and head inputs
+        per_token_layer += (3 * d + H * T) * 4
+    else:
+        per_token_layer += 6 * d * act + 4 * H
+    per_seq = L * T * per_token_layer + T * (2 * d * 4 + d * act) + 3 * T * V * 4
     return (16 + (2 if precision == "bf16" else 0)) * n_params + micro_batch * per_seq
 
 
