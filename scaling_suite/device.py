@@ -168,9 +168,10 @@ def available_memory(device: torch.device) -> int:
 
     CUDA: the device's free memory (mem_get_info with an index: torch 2.4.0 refused a device
     without one). MPS: Metal's recommended working set (torch.mps.recommended_max_memory(),
-    device.recommendedMaxWorkingSetSize, what the MPS allocator's default high watermark is
-    measured against) less what the Metal driver already holds for this process
-    (driver_allocated_memory: tensors and the allocator's cached pools). CPU: available RAM."""
+    device.recommendedMaxWorkingSetSize; the MPS allocator's hard limit is a ratio of it,
+    PYTORCH_MPS_HIGH_WATERMARK_RATIO, default 1.7, PyTorch docs "MPS Environment Variables") less
+    what the Metal driver already holds for this process (driver_allocated_memory: tensors and the
+    allocator's cached pools). CPU: available RAM."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         free, _total = torch.cuda.mem_get_info(index)
