@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scaling_suite.device import (COMPILE_PROBE_STEPS, COMPILE_WARM_S, autocast, compile_cold_s, compile_gain,
-                                  compile_model, compile_support, pick_device, pick_precision)
+                                  compile_model, compile_support, fused_adamw, pick_device, pick_precision)
 from scaling_suite.model import GPT, ModelShape, flops_per_token
 from scaling_suite.plan import MODES, make_plan
 
@@ -159,7 +159,7 @@ def measure(shape: ModelShape, batch: int, device, seconds: float, steps_typical
     def suite_step(precision, compiled):
         torch.manual_seed(0)
         model = GPT(shape).to(device)
-        opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, fused=device.type in ("cpu", "cuda"))
+        opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-3, fused=fused_adamw(device))
         return make_step(compile_model(model) if compiled else model, opt, x, precision, device)
 
     # As train.py: eager steps in the eager precision, compiled ones in the compiled precision.

@@ -64,46 +64,132 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (torch's compile errors carry whole tracebacks)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = text if isinstance(e, SuiteError) else f"{type(e).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def cmd_doctor(args) -> int:
-    """Check this machine end to end, as the original framework's test script did."""
+    """Check this machine end to end, as a run would use it: torch, devices, precision in force,
+    the store, the data, a 12-step eager run and, where compiling is supported, three compiled
+    steps (a warm-up and two timed). Every check prints one line, and the measured step times say
+    what a run at that shape costs here; any failure ends in one `error:` line and exit status 1."""
+    import statistics
+
     import torch
 
     from . import data as data_lib
     from . import tracking
-    from .device import available_memory, compile_support, pick_device, pick_precision
+    from .device import (TORCH_MIN, autocast, available_memory, compile_support, mps_state, pick_device,
+                         pick_precision, place)
     from .train import train
 
+    class Recorder(tracking.NullTracker):
+        """Keeps a doctor run's tags and metrics, so doctor reports what the run did: the
+        precision and compile tags, and the step times behind tokens_per_second."""
+
+        def __init__(self):
+            self.tags, self.metrics = {}, []
+
+        def set_tags(self, tags):
+            self.tags.update({k: str(v) for k, v in tags.items()})
+
+        def log_metrics(self, metrics, step):
+            self.metrics.append(dict(metrics))
+
+        def series(self, key):
+            return [m[key] for m in self.metrics if key in m]
+
     problems = []
-    def check(name, fn):
+
+    def check(name, fn, show=str):
         t = time.perf_counter()
         try:
             detail = fn()
-            print(f"  ok    {name}: {detail}  ({time.perf_counter() - t:.1f}s)")
-            return detail
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{name}: {e}")
-            print(f"  FAIL  {name}: {e}")
+        except Exception as e:  # noqa: BLE001 — doctor reports every failure and goes on
+            problems.append(f"{name}: {_one_line(e)}")
+            print(f"  FAIL  {name}: {_one_line(e)}")
+            return None
+        print(f"  ok    {name}: {show(detail)}  ({time.perf_counter() - t:.1f}s)")
+        return detail
+
+    def in_force(device, precision):
+        # What autocast really does on this device and torch (torch 2.5 silently disabled bf16 on
+        # MPS; MPS bf16 kernels need macOS 14): a matmul's output dtype, not the flag.
+        a = torch.ones(8, 8, device=device)
+        with autocast(device, precision):
+            got = (a @ a).dtype
+        want = torch.bfloat16 if precision == "bf16" else torch.float32
+        if got != want:
+            raise SuiteError(f"precision {precision} requested but a matmul under it gives {got}")
+        return f"{precision} (a matmul under it gives {got})"
 
     print("scaling-suite doctor")
-    device = check("device", lambda: pick_device(args.device or "auto"))
-    if device is not None:
-        check("device works", lambda: f"matmul on {device} = {float((torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)).sum()):.0f}")
-        check("memory available", lambda: f"{available_memory(device) / 2**30:.1f} GiB")
-    cfg = from_preset("tiny", device=args.device or "auto")
-    cfg = cfg.replace(D=20 * cfg.batch_tokens, eval_every=20)
-    check("precision", lambda: ", ".join(
-        f"{pick_precision(device, 'auto', cfg.shape(), c)} for the tiny preset {'compiled' if c else 'eager'}"
-        for c in (False, True) if not c or compile_support(device) is None) if device else "-")
+    print(f"  torch {torch.__version__}; the suite supports torch>={'.'.join(map(str, TORCH_MIN))} on CPU, "
+          f"CUDA and Apple MPS")
+    print(f"  CUDA: torch.cuda.is_available() = {torch.cuda.is_available()} (this torch built with CUDA "
+          f"{torch.version.cuda or 'no'}; {torch.cuda.device_count() if torch.cuda.is_available() else 0} device(s))")
+    print(f"  MPS: torch.backends.mps.is_built() = {torch.backends.mps.is_built()}, is_available() = "
+          f"{torch.backends.mps.is_available()}: {mps_state()}")
+    cfg = from_preset("tiny", device=args.device or "auto", precision=args.precision or "auto")
+    # 12 eager steps (the loss must fall, and 11 of them are timed) on a 4,096-token validation set.
+    cfg = cfg.replace(D=12 * cfg.batch_tokens, eval_every=12, eval_tokens=4096, compile="false")
+    shape = cfg.shape()
+    device = check("device", lambda: pick_device(cfg.device))
+    if device is None:
+        return _doctor_verdict(problems)
+    check("device works", lambda: f"matmul on {device} = "
+          f"{float((torch.ones(64, 64, device=device) @ torch.ones(64, 64, device=device)).sum()):.0f}")
+    check("memory available", lambda: f"{available_memory(device) / 2**30:.1f} GiB")
+    placed = check("placement (tiny preset)", lambda: place(cfg.device, cfg.precision, 0, shape, cfg.derived().batch_size),
+                   lambda p: f"{p.device}, {p.precision}, micro-batch {p.micro_batch} x {p.accumulation}")
+    if placed is not None:
+        check("precision in force, eager", lambda: in_force(device, placed.precision))
+    why_not = check("compile support", lambda: compile_support(device) or "supported")
+    compiling = why_not == "supported"
+    if compiling:
+        check("precision in force, compiled",
+              lambda: in_force(device, pick_precision(device, cfg.precision, shape, compiled=True)))
     check("MLflow store", lambda: (tracking.init_store(), tracking.tracking_uri())[1])
     data = check("data (stdlib corpus)", lambda: data_lib.load_data(cfg.dataset))
-    if data is not None:
-        r = check("20-step training", lambda: train(cfg, data=data, progress=False))
-        if r is not None:
-            print(f"        {r.tokens_per_second:,.0f} tokens/s, val loss {r.curve[0][1]:.3f} -> {r.final_val_loss:.3f}")
-            if not r.final_val_loss < r.curve[0][1]:
-                problems.append("training did not lower the validation loss")
+    if data is None or placed is None:
+        return _doctor_verdict(problems)
+
+    eager = Recorder()
+    r = check("12-step training, eager", lambda: _brief(train(cfg, tracker=eager, data=data, progress=False)))
+    if r is not None:
+        curve = eager.series("val_loss")
+        if not curve[-1] < curve[0]:
+            problems.append("12-step training, eager: the validation loss did not go down")
+        # One logged point per step here (log_every 1); the first also holds the first evaluation.
+        step_s = statistics.median(cfg.batch_tokens / t for t in eager.series("tokens_per_second")[1:])
+        print(f"        eager step {step_s * 1e3:.0f} ms at the tiny preset (depth {shape.depth}, d_model "
+              f"{shape.d_model}, {cfg.batch_tokens:,} tokens per step): {cfg.batch_tokens / step_s:,.0f} tokens/s; "
+              f"1,000 such steps take about {1000 * step_s:.0f} s here")
+    if compiling:
+        # Steps compiled from the first (compile=true), as a long run compiles after its eight timed
+        # steps: a missing compiler or a dynamo/inductor failure shows here, not mid-study. The
+        # first step carries the warm-up; the other two are timed.
+        cfg2 = cfg.replace(D=3 * cfg.batch_tokens, compile="true", eval_tokens=cfg.context, eval_every=3)
+        comp = Recorder()
+        if check("3 compiled steps", lambda: _brief(train(cfg2, tracker=comp, data=data, progress=False))) is not None:
+            warm = (comp.series("compile_seconds") or [float("nan")])[0]
+            step_c = statistics.median(cfg.batch_tokens / t for t in comp.series("tokens_per_second")[1:])
+            print(f"        compiled step {step_c * 1e3:.0f} ms ({comp.tags.get('precision')}) after a {warm:.1f} s "
+                  f"warm-up; compile=auto compiles a run only where its own timed eager steps say the "
+                  f"warm-up is repaid")
+    return _doctor_verdict(problems)
+
+
+def _brief(r) -> str:
+    return f"val loss {r.curve[0][1]:.3f} -> {r.final_val_loss:.3f}, {r.wall_seconds:.1f}s"
+
+
+def _doctor_verdict(problems: list[str]) -> int:
     if problems:
-        print("doctor found problems:\n  " + "\n  ".join(problems), file=sys.stderr)
+        print(f"error: doctor found {len(problems)} problem(s): " + "; ".join(problems), file=sys.stderr)
         return 1
     print("all checks passed")
     return 0
@@ -183,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--quiet", action="store_true", help="no progress bars")
     w.set_defaults(fn=cmd_sweep)
 
-    d = sub.add_parser("doctor", help="check device, precision, memory, store and a 20-step run")
+    d = sub.add_parser("doctor", help="check torch, device, precision in force, memory, store, a 12-step run "
+                                      "and three compiled steps; print the step times")
     d.add_argument("--device", default=None)
+    d.add_argument("--precision", default=None, help="auto | fp32 | bf16: the precision to check")
     d.set_defaults(fn=cmd_doctor)
 
     a = sub.add_parser("analyze", help="fit scaling laws to runs in MLflow or a CSV file")

@@ -23,7 +23,8 @@ from . import data as data_lib
 from . import earlystop
 from .config import RunConfig, make_config
 from .device import (COMPILE_PROBE_STEPS, autocast, compile_key, compile_model, compile_pays, compile_support,
-                     compiled_shapes, pick_precision, place, process_memory, record_warmup, release_memory)
+                     compiled_shapes, fused_adamw, pick_precision, place, process_memory, record_warmup,
+                     release_memory)
 from .errors import SuiteError
 from .model import GPT
 from .schedule import branch_problem, lr_at
@@ -128,7 +129,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     torch.manual_seed(cfg.seed)
     model = GPT(d.shape, cfg.parametrization, cfg.mup_base_width).to(pl.device)
     opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=pl.device.type in ("cpu", "cuda"))
+                            fused=fused_adamw(pl.device))
     start, curve, train_losses, predictions = 0, [], [], []
     lrs = np.array([lr_at(s, cfg, d) for s in range(d.steps)]) / cfg.lr   # for the predictor
     branched_at = 0                 # steps taken over from a trunk (BRANCH_FROM), not computed here

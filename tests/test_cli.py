@@ -6,6 +6,7 @@ import sys
 
 import mlflow
 import pytest
+import torch
 
 from scaling_suite import cli
 
@@ -141,3 +142,38 @@ def test_sweep_attaches_to_mlflow_run_with_the_mlproject_params(mlflow_store, to
     parent = client.get_run(run.info.run_id)
     assert parent.data.params["branching"] == "auto" and parent.data.tags["branching"] == "false"
     assert parent.data.params["lr_source"] in ("rule", "law")
+
+
+# `doctor` (issue 17): one line per check, the devices as torch sees them, the precision a run would
+# really use, three compiled steps where compiling is supported, and one `error:` line where a later
+# run would fail.
+
+def test_doctor_passes_and_reports_what_a_run_would_use(mlflow_store, token_cache, capsys):
+    from scaling_suite.device import compile_support
+    code, out, err = run_cli(["doctor"], capsys)
+    assert code == 0 and err == "", err
+    for line in ("supports torch>=2.7 on CPU, CUDA and Apple MPS", "torch.cuda.is_available() = False",
+                 "torch.backends.mps.is_built() = False", "precision in force, eager: fp32",
+                 "eager step", "all checks passed"):
+        assert line in out
+    if compile_support(torch.device("cpu")) is None:
+        assert "ok    3 compiled steps" in out and "compiled step" in out and "precision in force, compiled" in out
+    assert "FAIL" not in out
+
+
+def test_doctor_fails_in_one_line_where_a_run_would(mlflow_store, token_cache, capsys, monkeypatch):
+    """Without dynamo's recompile_limit (torch 2.4-2.6) every compiling run fails: so does doctor,
+    in one line, instead of passing."""
+    monkeypatch.delattr(torch._dynamo.config, "recompile_limit")
+    code, out, err = run_cli(["doctor"], capsys)
+    assert code == 1 and err.startswith("error: doctor found 1 problem(s): compile support:") and err.count("\n") == 1
+    assert "recompile_limit" in err and "FAIL  compile support" in out
+
+
+@pytest.mark.parametrize("built,match", [(False, "not built"), (True, "built but unavailable")])
+def test_doctor_says_whether_mps_is_unbuilt_or_unavailable(built, match, capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: built)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    code, out, err = run_cli(["doctor", "--device", "mps"], capsys)
+    assert code == 1 and err.count("\n") == 1 and match in err
+    assert f"is_built() = {built}, is_available() = False" in out
