@@ -2,23 +2,21 @@
 
 1. `envelope`: the lower envelope of all training curves in (FLOPs, loss); the run on the envelope
    at each FLOP value gives N_opt(C) (§3.1).
-2. `isoflop`: at each fixed budget, a parabola in log N through final losses; its minimum is
-   N*(C) (§3.2).
+2. `isoflop`: at each fixed budget, a parabola in log N through the final losses of the runs near
+   the best one (minimum.py); its minimum is N*(C) (§3.2).
 3. `from_parametric`: closed form from the fitted L(N, D) = E + A/N^alpha + B/D^beta (§3.3 eq. 4).
 Each fits N_opt ∝ C^a and D_opt ∝ C^b (Table 2: a ≈ 0.50, b ≈ 0.50; Kaplan et al. 2020 §6: 0.73).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
-from scipy import stats
-
 from scaling_suite.errors import SuiteError
 
-from . import laws
+from . import laws, minimum
 from .common import jsonable, percentile_interval
 from .fit import FitResult, fit_loglinear
 
@@ -165,61 +163,83 @@ def budget_groups(runs_df: pd.DataFrame, gap_decades: float = 0.02) -> pd.Series
     return pd.Series(10 ** med, index=runs_df.index)
 
 
-def isoflop(runs_df: pd.DataFrame, loss_col: str | None = None, level: float = 0.95) -> Allocation:
-    """Hoffmann et al. 2022 §3.2: per budget, fit loss = c0 + c1 x + c2 x^2 with x = log N; the
-    minimum x* = -c1 / (2 c2) gives N*. Its interval is the delta method on the OLS covariance of
-    (c1, c2) with a t quantile (n - 3 dof; none with exactly 3 sizes). D* = C / (k N*), k the
-    budget's median C / (N D) (6 when D is absent). Budgets without a bracketed convex minimum are
-    skipped with the reason. Then N_opt ∝ C^a and D_opt ∝ C^b over the budgets."""
+def isoflop(runs_df: pd.DataFrame, loss_col: str | None = None, level: float = 0.95,
+            band: float = minimum.BAND, nearest: int | None = None, decades: float | None = None,
+            n_bootstrap: int = 1000,
+            seed: int = 0) -> Allocation:
+    """Hoffmann et al. 2022 §3.2: per budget, the minimum N* of the loss in log N, from a parabola
+    through the runs NEAR the budget's best run (minimum.profile_minimum: those within `band` of its
+    loss, or the `nearest` sizes, or `decades` around it; the rule and why are in that module;
+    band=inf is the all-points parabola, kept for comparison). D* = C / (k N*), k the budget's
+    median C / (N D) (6 when D is absent). Budgets with < 3 sizes, whose best run is at an edge
+    (unbracketed) or without a convex vertex inside their window are skipped with the reason.
+    Then N_opt ∝ C^a and D_opt ∝ C^b by OLS over the budgets; intervals on N*, D*, a and b are
+    percentile bootstrap intervals over runs (runs resampled within each budget, every step
+    repeated; a resample's budget whose minimum is not located is left out of that draw's slope).
+    The table's `used` column lists the runs (run_id, else row index) each budget's parabola used."""
     loss_col = loss_col or next((c for c in ("final_val_loss", "loss") if c in runs_df.columns), "loss")
     _need_columns(runs_df, ["N", loss_col], "isoflop")
     df = runs_df.assign(_C=budget_groups(runs_df))
     df = df[np.isfinite(df[loss_col].astype(float)) & (df["N"] > 0) & (df[loss_col] > 0)]
-    rows, skipped = [], {}
+    names = df["run_id"] if "run_id" in df.columns else pd.Series(df.index, index=df.index)
+    rows, skipped, draws = [], {}, []
+    rng = np.random.default_rng(seed)
     for C, g in df.groupby("_C"):
         name = f"C={C:.3g}"
-        x = np.log(g["N"].to_numpy(float))
-        y = g[loss_col].to_numpy(float)
-        if np.unique(np.round(x, 6)).size < 3:
-            skipped[name] = f"{np.unique(np.round(x, 6)).size} distinct N; a parabola needs 3"
+        m, d = minimum.profile_minimum(g["N"].to_numpy(float), g[loss_col].to_numpy(float), band=band,
+                                       nearest=nearest, decades=decades, n_bootstrap=n_bootstrap, level=level,
+                                       seed=int(rng.integers(2**31)), return_draws=True)
+        if m["status"] != "ok":
+            skipped[name] = f"{m['status']}: {m['reason']}"
             continue
-        xm = x.mean()
-        X = np.column_stack([np.ones_like(x), x - xm, (x - xm) ** 2])
-        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-        c0, c1, c2 = coef
-        if c2 <= 0:
-            skipped[name] = "loss is not convex in log N here (no minimum)"
-            continue
-        xs = -c1 / (2 * c2)
-        if not (x.min() - xm <= xs <= x.max() - xm):
-            skipped[name] = f"minimum at N={np.exp(xs + xm):.3g} lies outside the sizes tried (not bracketed)"
-            continue
-        dof = x.size - 3
-        lo = hi = float("nan")
-        if dof > 0:
-            resid = y - X @ coef
-            cov = (resid @ resid / dof) * np.linalg.inv(X.T @ X)
-            grad = np.array([-1 / (2 * c2), c1 / (2 * c2 ** 2)])
-            se = float(np.sqrt(max(grad @ cov[1:, 1:] @ grad, 0.0)))
-            t = float(stats.t.ppf(0.5 + level / 2, dof))
-            lo, hi = float(np.exp(xs + xm - t * se)), float(np.exp(xs + xm + t * se))
         k = 6.0
         if "D" in g.columns and g["D"].notna().all() and (g["D"] > 0).all():
             cg = g["C"].to_numpy(float) if "C" in g.columns and g["C"].notna().all() else np.full(len(g), C)
             k = float(np.median(cg / (g["N"].to_numpy(float) * g["D"].to_numpy(float))))
-        N_star = float(np.exp(xs + xm))
-        rows.append({"C": float(C), "n_runs": int(len(g)), "N_opt": N_star, "N_lo": lo, "N_hi": hi,
-                     "D_opt": C / (k * N_star), "D_lo": C / (k * hi) if np.isfinite(hi) else float("nan"),
-                     "D_hi": C / (k * lo) if np.isfinite(lo) else float("nan"),
-                     "loss_opt": float(c0 - c1 ** 2 / (4 * c2)), "flops_per_token_factor": k,
-                     "curvature": float(c2)})
+        N_star, lo, hi = m["x_opt"], m["x_lo"], m["x_hi"]
+        rows.append({"C": float(C), "n_runs": int(len(g)), "n_sizes": m["n_sizes"], "n_used": m["n_points"],
+                     "N_opt": N_star, "N_lo": lo, "N_hi": hi, "D_opt": C / (k * N_star),
+                     "D_lo": C / (k * hi) if hi > 0 else float("nan"),
+                     "D_hi": C / (k * lo) if lo > 0 else float("inf"),
+                     "loss_opt": m["loss_opt"], "flops_per_token_factor": k,
+                     "coef": m["coef"], "x_center": m["x_center"], "x_range": m["x_range"],
+                     "boot_undefined": m["boot_undefined"],
+                     "used": [names.iloc[i] for i in m["used"]]})
+        draws.append(d)
     table = pd.DataFrame(rows)
     if len(table) < 2:
         why = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no budgets"
         raise SuiteError(f"isoflop needs a bracketed minimum at >= 2 budgets, got {len(table)} ({why})")
     table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
-    return _exponents(table["C"], table["N_opt"], table["D_opt"], level, "isoflop", table, skipped,
-                      {"loss_col": loss_col, "interval_method": "delta method on the parabola, t quantile"})
+    al = _exponents(table["C"], table["N_opt"], table["D_opt"], level, "isoflop", table, skipped,
+                    {"loss_col": loss_col, "window": minimum.window_name(band, nearest, decades),
+                     "interval_method": f"percentile bootstrap over runs ({n_bootstrap} resamples)"
+                     if n_bootstrap else "none"})
+    if n_bootstrap:
+        a_iv, b_iv, used = _bootstrap_slopes(table, np.array(draws), level)
+        al = replace(al, a_interval=a_iv, b_interval=b_iv)
+        al.extras["bootstrap_slopes"] = used
+    return al
+
+
+def _bootstrap_slopes(table, draws, level):
+    """Percentile intervals of a and b from per-budget draws of log10 N* (budgets x resamples): each
+    resample's slopes by OLS over its budgets with a located minimum (>= 2 of them)."""
+    lC = np.log10(table["C"].to_numpy(float))
+    lk = np.log10(table["flops_per_token_factor"].to_numpy(float))
+    a_d, b_d = [], []
+    for col in draws.T:
+        f = np.isfinite(col)
+        if f.sum() >= 2 and np.ptp(lC[f]) > 0:
+            a = np.polyfit(lC[f], col[f], 1)[0]
+            b = np.polyfit(lC[f], lC[f] - lk[f] - col[f], 1)[0]     # D* = C / (k N*)
+            a_d.append(a)
+            b_d.append(b)
+    if not a_d:
+        nan2 = (float("nan"), float("nan"))
+        return nan2, nan2, 0
+    return (tuple(float(v) for v in percentile_interval(a_d, level)),
+            tuple(float(v) for v in percentile_interval(b_d, level)), len(a_d))
 
 
 # --- Approach 3 ----------------------------------------------------------------------------------

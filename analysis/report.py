@@ -17,7 +17,7 @@ import pandas as pd
 from scaling_suite.errors import SuiteError
 
 from . import allocation, extrapolate, plots
-from .common import fmt, format_interval, jsonable
+from .common import fmt, format_interval, jsonable, n_distinct
 from .fit import fit_chinchilla, fit_kaplan, fit_power_law, holdout_largest, loo_errors
 from .inputs import add_arguments, load_inputs  # noqa: F401  (CLI plumbing lives in inputs.py)
 
@@ -85,7 +85,8 @@ def _num(v, spec: str) -> str:
 
 
 def _distinct(x, rel=0.01) -> int:
-    return int(np.unique(np.round(np.log(np.asarray(x, dtype=float)) / np.log1p(rel))).size)
+    """Distinct values of a positive input (common.n_distinct: the fits' gap rule, one rule everywhere)."""
+    return n_distinct(np.log(np.asarray(x, dtype=float)), rel)
 
 
 def _design_groups(df) -> dict:
