@@ -17,7 +17,8 @@ import pandas as pd
 from scaling_suite.errors import SuiteError
 
 from . import laws, minimum
-from .common import jsonable, percentile_interval
+from .common import jsonable, n_distinct, percentile_interval
+from .fit import MIN_SUPPORT as MIN_SIZES
 from .fit import FitResult, fit_loglinear
 
 
@@ -35,6 +36,11 @@ class Allocation:
     level: float = 0.95
     skipped: dict = field(default_factory=dict)      # budget -> reason it was left out
     extras: dict = field(default_factory=dict)
+
+    @property
+    def identified(self) -> bool:
+        """False when the data do not pin the exponents down (envelope over < 3 distinct sizes)."""
+        return not self.extras.get("unidentified")
 
     def N_opt(self, C):
         return self._closed_form(C)[0] if self.approach == "parametric" else self.N_fit.predict(C)
@@ -58,6 +64,10 @@ class Allocation:
             if len(t) > 12:   # envelope tables have one row per FLOP bucket: show a spread of rows
                 t = t.iloc[np.unique(np.linspace(0, len(t) - 1, 12).round().astype(int))]
             lines.append(t[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        if "n_sizes_visited" in self.extras:
+            lines.append(f"the envelope visits {self.extras['n_sizes_visited']} distinct size(s); intervals: "
+                         f"{self.extras.get('interval_method', 'none')}")
+        lines += [f"WARNING: {msg}" for msg in self.extras.get("unidentified", {}).values()]
         items = list(self.skipped.items())
         for k, why in items[:6]:
             lines.append(f"  skipped {k}: {why}")
@@ -97,11 +107,18 @@ def _need_columns(df, cols, what):
 # --- Approach 1 ----------------------------------------------------------------------------------
 
 def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buckets: int = 100,
-             loss_col: str = "val_loss", level: float = 0.95) -> Allocation:
+             loss_col: str = "val_loss", level: float = 0.95, n_bootstrap: int = 1000, seed: int = 0) -> Allocation:
     """Hoffmann et al. 2022 §3.1: at each of n_buckets log-spaced FLOP values (they used 1,500),
     interpolate every run's loss (linear in log FLOPs) and take the run with the lowest loss; its N
     (and the tokens it had seen there) is N_opt (D_opt) at that C. Only FLOP values reached by at
-    least two runs count. N per run comes from curves_df["N"] or from runs_df (run_id, N)."""
+    least two runs count. N per run comes from curves_df["N"] or from runs_df (run_id, N).
+
+    The buckets are not independent observations: the envelope is a staircase of a few runs, so an
+    OLS interval over buckets counts one run many times. Intervals on a and b are percentile
+    bootstrap intervals over RUNS (resample the runs, rebuild the envelope on the same buckets,
+    refit). The slope is identified only when the envelope visits >= 3 distinct sizes
+    (common.n_distinct, the fits' rule in fit.term_support): a staircase of two sizes has a slope
+    set by where the one step falls, not by how N_opt grows; it is reported, marked unidentified."""
     if curves_df is None or len(curves_df) == 0:
         raise SuiteError("envelope needs learning curves; none were given")
     df = curves_df
@@ -121,26 +138,66 @@ def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buc
         raise SuiteError(f"envelope needs curves (>= 2 points each) from at least 2 runs, got {len(runs)}")
     lo = min(r[2][0] for r in runs)
     hi = max(r[2][-1] for r in runs)
-    rows = []
-    for lc in np.linspace(lo, hi, n_buckets):
-        best = None
-        n_cover = 0
-        for run_id, N, lf, loss, tok in runs:
-            if lf[0] <= lc <= lf[-1]:
-                n_cover += 1
-                L = float(np.interp(lc, lf, loss))
-                if best is None or L < best[2]:
-                    best = (run_id, N, L, float(np.exp(np.interp(lc, lf, np.log(tok)))))
-        if n_cover >= 2:
-            rows.append({"C": float(np.exp(lc)), "N_opt": best[1], "D_opt": best[3], "loss_opt": best[2],
-                         "run_id": best[0], "n_runs": n_cover})
-    table = pd.DataFrame(rows)
+    grid = np.linspace(lo, hi, n_buckets)
+    # Loss (inf where a run does not reach that C) and tokens of every run at every bucket.
+    L = np.full((len(runs), n_buckets), np.inf)
+    T = np.full((len(runs), n_buckets), np.nan)
+    for i, (_, _, lf, loss, tok) in enumerate(runs):
+        cov = (grid >= lf[0]) & (grid <= lf[-1])
+        L[i, cov] = np.interp(grid[cov], lf, loss)
+        T[i, cov] = np.exp(np.interp(grid[cov], lf, np.log(tok)))
+    Ns = np.array([r[1] for r in runs])
+
+    def pick(members):
+        """(bucket mask, winning run per bucket) over the runs `members` (unique indices)."""
+        sub = L[members]
+        ok = np.isfinite(sub).sum(axis=0) >= 2
+        return ok, members[np.argmin(sub, axis=0)]
+
+    ok, win = pick(np.arange(len(runs)))
+    b = np.flatnonzero(ok)
+    table = pd.DataFrame({"C": np.exp(grid[b]), "N_opt": Ns[win[b]], "D_opt": T[win[b], b],
+                          "loss_opt": L[win[b], b], "run_id": [runs[i][0] for i in win[b]],
+                          "n_runs": np.isfinite(L[:, b]).sum(axis=0)})
     if len(table) < 2 or table["N_opt"].nunique() < 2:
         raise SuiteError("envelope: one run is lowest at every FLOP value reached by two or more runs; "
                          "need overlapping curves from more model sizes")
     table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
-    return _exponents(table["C"], table["N_opt"], table["D_opt"], level, "envelope", table, {},
-                      {"n_runs": len(runs), "n_buckets": int(len(table)), "loss_col": loss_col})
+    visited = n_distinct(np.log(table["N_opt"].to_numpy(float)))
+    sizes = sorted(set(table["N_opt"]))
+    extras = {"n_runs": len(runs), "n_buckets": int(len(table)), "loss_col": loss_col,
+              "n_sizes_visited": visited, "sizes_visited": sizes}
+    al = _exponents(table["C"], table["N_opt"], table["D_opt"], level, "envelope", table, {}, extras)
+    nan2 = (float("nan"), float("nan"))
+    a_iv = b_iv = nan2
+    if n_bootstrap:
+        rng = np.random.default_rng(seed)
+        lC = grid
+        a_d, b_d = [], []
+        for _ in range(n_bootstrap):
+            # A run drawn twice leaves the envelope as it is: a resample is its set of distinct runs.
+            ok_b, win_b = pick(np.unique(rng.integers(0, len(runs), len(runs))))
+            bb = np.flatnonzero(ok_b)
+            lN = np.log(Ns[win_b[bb]])
+            if bb.size >= 2 and np.ptp(lN) > 0:
+                a_d.append(np.polyfit(lC[bb], lN, 1)[0])
+                b_d.append(np.polyfit(lC[bb], np.log(T[win_b[bb], bb]), 1)[0])
+            else:   # one run lowest everywhere: the envelope says nothing about the slope here
+                a_d.append(np.nan)
+                b_d.append(np.nan)
+        a_iv = tuple(float(v) for v in percentile_interval(a_d, level))
+        b_iv = tuple(float(v) for v in percentile_interval(b_d, level))
+        extras.update(interval_method=f"percentile bootstrap over runs ({n_bootstrap} resamples)",
+                      boot_undefined=float(np.mean(np.isnan(a_d))))
+    else:
+        extras["interval_method"] = "none"
+    if visited < MIN_SIZES:
+        shown = ", ".join(f"{n:.3g}" for n in sizes)
+        extras["unidentified"] = {"a": (
+            f"a and b not identified: the envelope visits only {visited} distinct size(s) (N = {shown}); a slope "
+            f"through a staircase of fewer than {MIN_SIZES} sizes is set by where its step falls, not by how "
+            f"N_opt grows (value and interval are not measurements)")}
+    return replace(al, a_interval=a_iv, b_interval=b_iv, extras=extras)
 
 
 # --- Approach 2 ----------------------------------------------------------------------------------

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from analysis.common import fmt, format_interval
+from analysis.laws import CHINCHILLA_N_OPT_EXPONENT as CHINCHILLA_A
+from analysis.laws import KAPLAN_ALPHA_N
 
 from . import tracking
-
-KAPLAN_ALPHA_N = 0.076      # Kaplan et al. 2020 eq. 1.1, non-embedding N
-CHINCHILLA_A = 0.5          # Hoffmann et al. 2022 Table 2 (approaches 1-3: 0.50, 0.49, 0.46)
 
 
 def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstrap: int = 200) -> dict:
@@ -183,10 +182,19 @@ def summary(result: dict, facts: dict, plan) -> str:
             al = s[key]
             lines.append(f"{name}: N_opt ∝ C^{fmt(al['a'], '.3f')} {format_interval(al.get('a_interval'))}, "
                          f"D_opt ∝ C^{fmt(al['b'], '.3f')} {format_interval(al.get('b_interval'))}  (Chinchilla ≈ {CHINCHILLA_A})")
+            if al.get("extras", {}).get("unidentified"):
+                lines[-1] += "  NOT IDENTIFIED (see the warning below)"
+            if key == "allocation_isoflop":
+                lines.append(f"    parabola through {al['extras'].get('window', '')}; intervals: "
+                             f"{al['extras'].get('interval_method', '')}")
+            if key == "allocation_envelope":
+                lines.append(f"    the envelope visits {al['extras'].get('n_sizes_visited')} distinct size(s); "
+                             f"intervals: {al['extras'].get('interval_method', '')}")
             for row in al.get("table", [])[:8] if key == "allocation_isoflop" else []:
                 ratio = row["D_opt"] / row["N_opt"] if row["D_opt"] is not None and row["N_opt"] else None
-                lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])}, D*={fmt(row['D_opt'])}, "
-                             f"D/N={fmt(ratio, '.1f')}")
+                lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])} "
+                             f"{format_interval([row.get('N_lo'), row.get('N_hi')])}, D*={fmt(row['D_opt'])}, "
+                             f"D/N={fmt(ratio, '.1f')}, from {len(row.get('used') or [])} of {row.get('n_runs')} runs")
             lines += [f"    budget {b} left out: {why}" for b, why in (al.get("skipped") or {}).items()]
     if "chinchilla" in s:
         p, iv = s["chinchilla"]["params"], s["chinchilla"].get("intervals", {})

@@ -158,3 +158,25 @@ def test_envelope_takes_N_from_runs_and_rejects_bad_input():
         allocation.envelope(curves[curves["run_id"] == "run0"])
     with pytest.raises(SuiteError):
         allocation.envelope(pd.DataFrame())
+
+
+def test_envelope_over_two_sizes_is_not_identified():
+    # Three runs, but the largest is never the lowest where two curves overlap: a two-size staircase.
+    curves = synthetic.learning_curves(sizes=(1e5, 2e5, 4e5), tokens_per_param=100)
+    res = allocation.envelope(curves, n_bootstrap=50)
+    assert res.extras["n_sizes_visited"] == 2 and not res.identified
+    assert "visits only 2 distinct size(s)" in res.extras["unidentified"]["a"]
+    assert "WARNING: a and b not identified" in res.report()
+    json.dumps(res.to_dict(), allow_nan=False)
+
+
+def test_envelope_interval_is_a_bootstrap_over_runs():
+    curves = synthetic.learning_curves(sizes=(1e5, 2e5, 4e5, 8e5, 1.6e6), tokens_per_param=100)
+    res = allocation.envelope(curves, n_bootstrap=200)
+    assert res.identified and res.extras["n_sizes_visited"] >= 3
+    assert res.extras["interval_method"].startswith("percentile bootstrap over runs")
+    lo, hi = res.a_interval
+    assert lo <= res.a <= hi
+    # Far wider than the OLS t-interval over buckets, which counts each run's stretch many times.
+    ols_lo, ols_hi = res.N_fit.intervals["s"]
+    assert hi - lo > 3 * (ols_hi - ols_lo)
