@@ -261,7 +261,7 @@ def isoflop(runs_df: pd.DataFrame, loss_col: str | None = None, level: float = 0
                      "loss_opt": m["loss_opt"], "flops_per_token_factor": k,
                      "coef": m["coef"], "x_center": m["x_center"], "x_range": m["x_range"],
                      "boot_undefined": m["boot_undefined"],
-                     "used": [names.iloc[i] for i in m["used"]]})
+                     "used": [names.loc[g.index[i]] for i in m["used"]]})
         draws.append(d)
     table = pd.DataFrame(rows)
     if len(table) < 2:

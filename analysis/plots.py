@@ -179,6 +179,12 @@ def isoflop_curves(runs_df, allocation, loss_col=None, path=None):
         if np.isfinite(lo) and np.isfinite(hi) and n_lo <= lo and hi <= n_hi:
             err = [[r["N_opt"] - lo], [hi - r["N_opt"]]]
         ax.errorbar([r["N_opt"]], [r["loss_opt"]], xerr=err, fmt="*", color=color, ms=10, mec="k", zorder=4)
+    if in_fit.any():
+        # Keep the fitted region readable: an undertrained giant can sit 100x above the minimum.
+        lo_y, hi_y = df[loss_col].min(), df.loc[in_fit, loss_col].max()
+        top = hi_y + (hi_y - lo_y)
+        if df[loss_col].max() > top:
+            ax.set_ylim(lo_y - 0.05 * (top - lo_y), top)
     ax.set_xscale("log")
     ax.set_xlabel("N (parameters)")
     ax.set_ylabel(f"{loss_col} (nats/token)")

@@ -84,6 +84,8 @@ def test_windowed_minimum_recovers_planted_undertrained_profiles():
     assert win.a_interval[0] < truth < win.a_interval[1], msg
     # Each budget's table row says which runs its parabola used; fewer than all of them.
     assert all(0 < len(u) < len(sizes) for u in win.table["used"])
+    for C, used in zip(win.table["C"], win.table["used"]):
+        assert (df.loc[used, "C_budget"] == C).all()          # each budget's own runs
 
 
 def test_windowed_minimum_is_exact_on_noise_free_undertrained_profiles():
