@@ -127,12 +127,14 @@ def is_stable(history: list[Prediction]) -> bool:
 # progress p (tokens / D) is much like the drop its finished siblings took from p to their end:
 # the prediction is the run's own validation loss at p times the finished runs' ratio
 # final / loss(p). How much a run still gains depends on its size and budget (a small model
-# saturates early), so with enough finished runs the log ratio at p is regressed on log N and
-# log D across them (FEATURES); with fewer, their median ratio is used. Both losses are
-# validation losses, so no train-val gap enters.
+# saturates early; a long run is still at a high learning rate at 25%), so the ratio is averaged
+# (in log space) with Gaussian weights on the distance in (log N, log D), bandwidth BANDWIDTH:
+# nearest siblings count most. Both losses are validation losses, so no train-val gap enters.
+# Chosen on the quick study's runs leave-one-run-out (docs/issue14_analysis.md: a median ratio, a
+# global regression on log N and log D, and kernel/local-linear variants were compared there).
 
 MIN_REFERENCE = 2      # finished runs needed before the study predictor is used
-RECENT = 3             # a prediction averages its estimates at the run's last RECENT evaluations
+BANDWIDTH = 0.5        # in natural-log units of N and D: a factor 2 away weighs exp(-0.96) ≈ 0.38
 
 
 @dataclass(frozen=True)
@@ -156,44 +158,33 @@ class Reference:
         """log(final / loss at progress p) of each reference run (interpolated in log loss)."""
         return np.array([math.log(c[2]) - float(np.interp(p, c[0], np.log(c[1]))) for c in self.curves])
 
-    def features(self) -> np.ndarray:
-        return np.array([[1.0, math.log(c[3]), math.log(c[4])] for c in self.curves])
-
-
-def _log_ratio(reference: Reference, p: float, N: float, D: float, model: str) -> tuple[float, np.ndarray]:
-    """(predicted log ratio final / loss(p) for a run of size N and budget D, the reference runs'
-    residual spread around it)."""
-    r = reference.log_ratios(p)
-    X = reference.features()
-    if model == "regression" and len(r) >= X.shape[1] + 2:
-        beta, *_ = np.linalg.lstsq(X, r, rcond=None)
-        x = np.array([1.0, math.log(N), math.log(D)])
-        return float(x @ beta), r - X @ beta
-    return float(np.median(r)), r - np.median(r)
+    def weights(self, N: float, D: float, bandwidth: float = BANDWIDTH) -> np.ndarray:
+        """Gaussian weights (summing to 1) on each reference run's distance to (N, D) in log space."""
+        d2 = np.array([math.log(c[3] / N) ** 2 + math.log(c[4] / D) ** 2 for c in self.curves])
+        w = np.exp(-(d2 - d2.min()) / (2 * bandwidth ** 2))    # shifted: far-only references do not underflow
+        return w / w.sum()
 
 
 def predict_from_study(reference: Reference, progress, loss, tokens_seen: int, N: float, D: float,
-                       model: str = "regression") -> Prediction | None:
-    """The final loss of a run (size N, budget D) whose validation curve so far is (progress, loss),
-    from the finished runs in `reference`: at each of the run's last RECENT evaluations, its loss
-    times the predicted final/partial ratio there, averaged (in log space); the interval adds the
-    reference runs' 2.5-97.5 percentile spread around the ratio. None with fewer than MIN_REFERENCE
-    reference runs or no evaluation past the start."""
+                       bandwidth: float = BANDWIDTH) -> Prediction | None:
+    """The final loss of a run (size N, budget D) whose validation curve so far is (progress, loss):
+    its latest loss times the reference runs' final/partial ratio at that progress, averaged in log
+    space with weights on their distance to (N, D). The interval is +-1.96 weighted standard
+    deviations of their log ratios. None with fewer than MIN_REFERENCE reference runs or no
+    evaluation past the start."""
     if len(reference) < MIN_REFERENCE:
         return None
     p, y = np.asarray(progress, dtype=float), np.asarray(loss, dtype=float)
     keep = np.isfinite(p) & np.isfinite(y) & (p > 0) & (y > 0)
-    p, y = p[keep], y[keep]
-    if p.size == 0:
+    if not keep.any():
         return None
-    est, spread = [], []
-    for i in np.argsort(p)[-RECENT:]:
-        lr, res = _log_ratio(reference, float(p[i]), N, D, model)
-        est.append(math.log(y[i]) + lr)
-        spread.append(res)
-    final = float(np.exp(np.mean(est)))
-    lo, hi = np.percentile(np.mean(spread, axis=0), [2.5, 97.5])
-    return Prediction(int(tokens_seen), final, final * math.exp(lo), final * math.exp(hi))
+    i = int(np.argmax(np.where(keep, p, -np.inf)))
+    r = reference.log_ratios(float(p[i]))
+    w = reference.weights(N, D, bandwidth)
+    m = float(w @ r)
+    sd = float(np.sqrt(w @ (r - m) ** 2))
+    final = float(y[i] * math.exp(m))
+    return Prediction(int(tokens_seen), final, final * math.exp(-1.96 * sd), final * math.exp(1.96 * sd))
 
 
 def predict(reference: Reference | None, curve, N: float, D: float, train_losses, lrs, val_gap: float,
@@ -205,7 +196,7 @@ def predict(reference: Reference | None, curve, N: float, D: float, train_losses
     return predict_final(train_losses, lrs, val_gap, tokens_seen)
 
 
-def leave_one_out(runs: dict, at: float = 0.25, model: str = "regression") -> dict:
+def leave_one_out(runs: dict, at: float = 0.25, bandwidth: float = BANDWIDTH) -> dict:
     """run id -> (prediction from the run's evaluations up to progress `at` with every OTHER run as
     reference, its relative error against the run's final loss). runs: run id -> (progress, loss,
     final, N, D)."""
@@ -217,7 +208,7 @@ def leave_one_out(runs: dict, at: float = 0.25, model: str = "regression") -> di
                 ref = ref.add(*c)
         p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
         seen = p <= at + 1e-9
-        pred = predict_from_study(ref, p[seen], y[seen], 0, N, D, model)
+        pred = predict_from_study(ref, p[seen], y[seen], 0, N, D, bandwidth)
         if pred is not None:
             out[rid] = (pred.final_loss, (pred.final_loss - final) / final)
     return out
