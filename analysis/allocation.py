@@ -67,6 +67,8 @@ class Allocation:
         if "n_sizes_visited" in self.extras:
             lines.append(f"the envelope visits {self.extras['n_sizes_visited']} distinct size(s); intervals: "
                          f"{self.extras.get('interval_method', 'none')}")
+        if "interval_note" in self.extras:
+            lines.append(self.extras["interval_note"])
         lines += [f"WARNING: {msg}" for msg in self.extras.get("unidentified", {}).values()]
         items = list(self.skipped.items())
         for k, why in items[:6]:
@@ -179,16 +181,22 @@ def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buc
             ok_b, win_b = pick(np.unique(rng.integers(0, len(runs), len(runs))))
             bb = np.flatnonzero(ok_b)
             lN = np.log(Ns[win_b[bb]])
-            if bb.size >= 2 and np.ptp(lN) > 0:
+            # One run lowest everywhere is a draw of slope 0 (N_opt does not move), not a failure.
+            if bb.size >= 2:
                 a_d.append(np.polyfit(lC[bb], lN, 1)[0])
                 b_d.append(np.polyfit(lC[bb], np.log(T[win_b[bb], bb]), 1)[0])
-            else:   # one run lowest everywhere: the envelope says nothing about the slope here
+            else:   # fewer than 2 FLOP values reached by two runs: no slope at all
                 a_d.append(np.nan)
                 b_d.append(np.nan)
-        a_iv = tuple(float(v) for v in percentile_interval(a_d, level))
-        b_iv = tuple(float(v) for v in percentile_interval(b_d, level))
+        undefined = float(np.mean(np.isnan(a_d)))
         extras.update(interval_method=f"percentile bootstrap over runs ({n_bootstrap} resamples)",
-                      boot_undefined=float(np.mean(np.isnan(a_d))))
+                      boot_undefined=undefined)
+        if undefined <= 1 - level:
+            a_iv = tuple(float(v) for v in percentile_interval(a_d, level))
+            b_iv = tuple(float(v) for v in percentile_interval(b_d, level))
+        else:   # as for isoflop: an interval over the lucky resamples only would overstate
+            extras["interval_note"] = (f"no {level:.0%} interval: in {undefined:.0%} of the resamples of the runs "
+                                       f"fewer than 2 FLOP values are reached by two runs (no slope)")
     else:
         extras["interval_method"] = "none"
     if visited < MIN_SIZES:
@@ -256,8 +264,8 @@ def isoflop(runs_df: pd.DataFrame, loss_col: str | None = None, level: float = 0
         N_star, lo, hi = m["x_opt"], m["x_lo"], m["x_hi"]
         rows.append({"C": float(C), "n_runs": int(len(g)), "n_sizes": m["n_sizes"], "n_used": m["n_points"],
                      "N_opt": N_star, "N_lo": lo, "N_hi": hi, "D_opt": C / (k * N_star),
-                     "D_lo": C / (k * hi) if hi > 0 else float("nan"),
-                     "D_hi": C / (k * lo) if lo > 0 else float("inf"),
+                     "D_lo": C / (k * hi) if hi > 0 else float("nan"),     # hi = inf -> 0: unbounded
+                     "D_hi": (C / (k * lo) if lo > 0 else float("inf")) if np.isfinite(lo) else float("nan"),
                      "loss_opt": m["loss_opt"], "flops_per_token_factor": k,
                      "coef": m["coef"], "x_center": m["x_center"], "x_range": m["x_range"],
                      "boot_undefined": m["boot_undefined"],
@@ -274,8 +282,14 @@ def isoflop(runs_df: pd.DataFrame, loss_col: str | None = None, level: float = 0
                      if n_bootstrap else "none"})
     if n_bootstrap:
         a_iv, b_iv, used = _bootstrap_slopes(table, np.array(draws), level)
-        al = replace(al, a_interval=a_iv, b_interval=b_iv)
         al.extras["bootstrap_slopes"] = used
+        if used < level * n_bootstrap:
+            # Most resamples lose a budget's bracket: an interval over the few that keep two would be
+            # conditional on luck, and look tighter than the data allow.
+            a_iv = b_iv = (float("nan"), float("nan"))
+            al.extras["interval_note"] = (f"no {level:.0%} interval: only {used} of {n_bootstrap} resamples of the runs "
+                                          f"locate a minimum at >= 2 budgets (too few runs around each minimum)")
+        al = replace(al, a_interval=a_iv, b_interval=b_iv)
     return al
 
 

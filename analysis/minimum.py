@@ -31,7 +31,8 @@ Intervals are percentile bootstrap intervals over runs: resample the runs with r
 repeat the whole procedure (best run, window, parabola). A resample whose best run sits at an edge
 (or whose vertex leaves its window) says the minimum may lie beyond it: its draw is -inf/+inf, so
 an interval can be unbounded. A resample with < 3 sizes or a concave fit has no vertex: it is left
-out, and the share left out is reported (`boot_undefined`).
+out, and the share left out is reported (`boot_undefined`); when that share exceeds 1 - level there
+is no interval (NaN, with `interval_note`), since the rest would be the lucky resamples only.
 """
 
 from __future__ import annotations
@@ -161,9 +162,14 @@ def profile_minimum(x, loss, band: float = BAND, nearest: int | None = None, dec
         for b in range(n_bootstrap):
             r = rng.integers(0, n, n)
             bx[b], bl[b] = _draw(lx[r], y[r], band, nearest, decades, rel)
-        lo, hi = _quantiles(bx, level)
-        llo, lhi = _quantiles(bl, level)
-        out.update(x_lo=float(10 ** lo), x_hi=float(10 ** hi), loss_lo=llo, loss_hi=lhi,
-                   n_bootstrap=int(n_bootstrap), boot_undefined=float(np.isnan(bx).mean()))
+        undefined = float(np.isnan(bx).mean())
+        out.update(n_bootstrap=int(n_bootstrap), boot_undefined=undefined)
+        if undefined <= 1 - level:
+            lo, hi = _quantiles(bx, level)
+            llo, lhi = _quantiles(bl, level)
+            out.update(x_lo=float(10 ** lo), x_hi=float(10 ** hi), loss_lo=llo, loss_hi=lhi)
+        else:   # the resamples that still have a vertex are the lucky ones: no interval from them
+            out["interval_note"] = (f"no {level:.0%} interval: {undefined:.0%} of the resamples have < 3 sizes "
+                                    f"or no convex minimum")
         draws = bx
     return (out, draws) if return_draws else out

@@ -220,6 +220,8 @@ def summary(result: dict, facts: dict, plan) -> str:
                          f"D_opt ∝ C^{fmt(al['b'], '.3f')} {format_interval(al.get('b_interval'))}  (Chinchilla ≈ {CHINCHILLA_A})")
             if al.get("extras", {}).get("unidentified"):
                 lines[-1] += "  NOT IDENTIFIED (see the warning below)"
+            if al.get("extras", {}).get("interval_note"):
+                lines.append(f"    {al['extras']['interval_note']}")
             if key == "allocation_isoflop":
                 lines.append(f"    parabola through {al.get('extras', {}).get('window', '')}; intervals: "
                              f"{al.get('extras', {}).get('interval_method', '')}")

@@ -182,3 +182,13 @@ def test_envelope_interval_is_a_bootstrap_over_runs():
     # Far wider than the OLS t-interval over buckets, which counts each run's stretch many times.
     ols_lo, ols_hi = res.N_fit.intervals["s"]
     assert hi - lo > 3 * (ols_hi - ols_lo)
+
+
+def test_isoflop_gives_no_exponent_interval_when_resamples_lose_the_minima():
+    # Three sizes per budget: most resamples of the runs lose a side of some budget's best run.
+    res = allocation.isoflop(synthetic.parabola_runs(n_per_budget=3), n_bootstrap=200)
+    assert res.a == pytest.approx(0.5, abs=1e-6)
+    assert np.isnan(res.a_interval[0]) and "no 95% interval: only" in res.extras["interval_note"]
+    assert res.extras["interval_note"] in res.report()
+    # Per budget too: a resample missing any of the 3 sizes has no vertex, so no interval either.
+    assert res.table["N_lo"].isna().all() and (res.table["boot_undefined"] > 0.05).all()
