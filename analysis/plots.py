@@ -182,7 +182,7 @@ def isoflop_curves(runs_df, allocation, loss_col=None, path=None):
     if in_fit.any():
         # Keep the fitted region readable: an undertrained giant can sit 100x above the minimum.
         lo_y, hi_y = df[loss_col].min(), df.loc[in_fit, loss_col].max()
-        top = hi_y + (hi_y - lo_y)
+        top = hi_y + 2 * (hi_y - lo_y)
         if df[loss_col].max() > top:
             ax.set_ylim(lo_y - 0.05 * (top - lo_y), top)
     ax.set_xscale("log")
