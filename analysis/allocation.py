@@ -58,7 +58,7 @@ class Allocation:
                  f"[{_fmt(self.a_interval[0])}, {_fmt(self.a_interval[1])}] ({pct}); "
                  f"D_opt ∝ C^b with b = {self.b:.4f} [{_fmt(self.b_interval[0])}, {_fmt(self.b_interval[1])}]"]
         if len(self.table):
-            cols = [c for c in ("C", "N_opt", "N_lo", "N_hi", "D_opt", "tokens_per_param", "loss_opt")
+            cols = [c for c in ("C", "N_opt", "N_lo", "N_hi", "D_opt", "tokens_per_param", "loss_opt", "n_used", "n_runs")
                     if c in self.table]
             t = self.table
             if len(t) > 12:   # envelope tables have one row per FLOP bucket: show a spread of rows

@@ -290,7 +290,8 @@ def summary(result: dict) -> str:
     for key in ("allocation_parametric", "allocation_isoflop", "allocation_envelope"):
         if key in s:
             lines.append(f"{key.replace('_', ' ')}: N_opt ∝ C^{fmt(s[key]['a'], '.3f')} "
-                         f"{format_interval(s[key].get('a_interval'))}, D_opt ∝ C^{fmt(s[key]['b'], '.3f')}"
+                         f"{format_interval(s[key].get('a_interval')) or '(no interval)'}, "
+                         f"D_opt ∝ C^{fmt(s[key]['b'], '.3f')}"
                          + (" (NOT IDENTIFIED)" if s[key].get("extras", {}).get("unidentified") else ""))
     for e in result["extrapolations"]:
         iv = e["interval"]

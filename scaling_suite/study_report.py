@@ -216,7 +216,7 @@ def summary(result: dict, facts: dict, plan) -> str:
                       ("allocation_parametric", "parametric (approach 3)")):
         if key in s:
             al = s[key]
-            lines.append(f"{name}: N_opt ∝ C^{fmt(al['a'], '.3f')} {format_interval(al.get('a_interval'))}, "
+            lines.append(f"{name}: N_opt ∝ C^{fmt(al['a'], '.3f')} {format_interval(al.get('a_interval')) or '(no interval)'}, "
                          f"D_opt ∝ C^{fmt(al['b'], '.3f')} {format_interval(al.get('b_interval'))}  (Chinchilla ≈ {CHINCHILLA_A})")
             if al.get("extras", {}).get("unidentified"):
                 lines[-1] += "  NOT IDENTIFIED (see the warning below)"
