@@ -1,5 +1,9 @@
 """Predict a run's final loss from the first part of its learning curve.
 
+Two predictors: `predict_from_study` (below), once a study has MIN_REFERENCE finished runs of the
+run's schedule, from what they share; before that, `predict_final` from the run's own curve.
+`predict` chooses; train.py calls it at every evaluation after predict_from.
+
 A plain power law in tokens, L(t) = E + A·t^-alpha, cannot see the drop a decaying learning rate
 brings at the end of a cosine or WSD run, so it overshoots the final loss. We use the
 schedule-aware form of Tissue et al. 2024 ("Scaling Law with Learning Rate Annealing", eq. 1):
