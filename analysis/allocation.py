@@ -2,24 +2,23 @@
 
 1. `envelope`: the lower envelope of all training curves in (FLOPs, loss); the run on the envelope
    at each FLOP value gives N_opt(C) (§3.1).
-2. `isoflop`: at each fixed budget, a parabola in log N through final losses; its minimum is
-   N*(C) (§3.2).
+2. `isoflop`: at each fixed budget, a parabola in log N through the final losses of the runs near
+   the best one (minimum.py); its minimum is N*(C) (§3.2).
 3. `from_parametric`: closed form from the fitted L(N, D) = E + A/N^alpha + B/D^beta (§3.3 eq. 4).
 Each fits N_opt ∝ C^a and D_opt ∝ C^b (Table 2: a ≈ 0.50, b ≈ 0.50; Kaplan et al. 2020 §6: 0.73).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
-from scipy import stats
-
 from scaling_suite.errors import SuiteError
 
-from . import laws
-from .common import jsonable, percentile_interval
+from . import laws, minimum
+from .common import jsonable, n_distinct, percentile_interval
+from .fit import MIN_SUPPORT as MIN_SIZES
 from .fit import FitResult, fit_loglinear
 
 
@@ -38,6 +37,11 @@ class Allocation:
     skipped: dict = field(default_factory=dict)      # budget -> reason it was left out
     extras: dict = field(default_factory=dict)
 
+    @property
+    def identified(self) -> bool:
+        """False when the data do not pin the exponents down (envelope over < 3 distinct sizes)."""
+        return not self.extras.get("unidentified")
+
     def N_opt(self, C):
         return self._closed_form(C)[0] if self.approach == "parametric" else self.N_fit.predict(C)
 
@@ -54,12 +58,18 @@ class Allocation:
                  f"[{_fmt(self.a_interval[0])}, {_fmt(self.a_interval[1])}] ({pct}); "
                  f"D_opt ∝ C^b with b = {self.b:.4f} [{_fmt(self.b_interval[0])}, {_fmt(self.b_interval[1])}]"]
         if len(self.table):
-            cols = [c for c in ("C", "N_opt", "N_lo", "N_hi", "D_opt", "tokens_per_param", "loss_opt")
+            cols = [c for c in ("C", "N_opt", "N_lo", "N_hi", "D_opt", "tokens_per_param", "loss_opt", "n_used", "n_runs")
                     if c in self.table]
             t = self.table
             if len(t) > 12:   # envelope tables have one row per FLOP bucket: show a spread of rows
                 t = t.iloc[np.unique(np.linspace(0, len(t) - 1, 12).round().astype(int))]
             lines.append(t[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        if "n_sizes_visited" in self.extras:
+            lines.append(f"the envelope visits {self.extras['n_sizes_visited']} distinct size(s); intervals: "
+                         f"{self.extras.get('interval_method', 'none')}")
+        if "interval_note" in self.extras:
+            lines.append(self.extras["interval_note"])
+        lines += [f"WARNING: {msg}" for msg in self.extras.get("unidentified", {}).values()]
         items = list(self.skipped.items())
         for k, why in items[:6]:
             lines.append(f"  skipped {k}: {why}")
@@ -99,11 +109,18 @@ def _need_columns(df, cols, what):
 # --- Approach 1 ----------------------------------------------------------------------------------
 
 def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buckets: int = 100,
-             loss_col: str = "val_loss", level: float = 0.95) -> Allocation:
+             loss_col: str = "val_loss", level: float = 0.95, n_bootstrap: int = 1000, seed: int = 0) -> Allocation:
     """Hoffmann et al. 2022 §3.1: at each of n_buckets log-spaced FLOP values (they used 1,500),
     interpolate every run's loss (linear in log FLOPs) and take the run with the lowest loss; its N
     (and the tokens it had seen there) is N_opt (D_opt) at that C. Only FLOP values reached by at
-    least two runs count. N per run comes from curves_df["N"] or from runs_df (run_id, N)."""
+    least two runs count. N per run comes from curves_df["N"] or from runs_df (run_id, N).
+
+    The buckets are not independent observations: the envelope is a staircase of a few runs, so an
+    OLS interval over buckets counts one run many times. Intervals on a and b are percentile
+    bootstrap intervals over RUNS (resample the runs, rebuild the envelope on the same buckets,
+    refit). The slope is identified only when the envelope visits >= 3 distinct sizes
+    (common.n_distinct, the fits' rule in fit.term_support): a staircase of two sizes has a slope
+    set by where the one step falls, not by how N_opt grows; it is reported, marked unidentified."""
     if curves_df is None or len(curves_df) == 0:
         raise SuiteError("envelope needs learning curves; none were given")
     df = curves_df
@@ -123,26 +140,72 @@ def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buc
         raise SuiteError(f"envelope needs curves (>= 2 points each) from at least 2 runs, got {len(runs)}")
     lo = min(r[2][0] for r in runs)
     hi = max(r[2][-1] for r in runs)
-    rows = []
-    for lc in np.linspace(lo, hi, n_buckets):
-        best = None
-        n_cover = 0
-        for run_id, N, lf, loss, tok in runs:
-            if lf[0] <= lc <= lf[-1]:
-                n_cover += 1
-                L = float(np.interp(lc, lf, loss))
-                if best is None or L < best[2]:
-                    best = (run_id, N, L, float(np.exp(np.interp(lc, lf, np.log(tok)))))
-        if n_cover >= 2:
-            rows.append({"C": float(np.exp(lc)), "N_opt": best[1], "D_opt": best[3], "loss_opt": best[2],
-                         "run_id": best[0], "n_runs": n_cover})
-    table = pd.DataFrame(rows)
+    grid = np.linspace(lo, hi, n_buckets)
+    # Loss (inf where a run does not reach that C) and tokens of every run at every bucket.
+    L = np.full((len(runs), n_buckets), np.inf)
+    T = np.full((len(runs), n_buckets), np.nan)
+    for i, (_, _, lf, loss, tok) in enumerate(runs):
+        cov = (grid >= lf[0]) & (grid <= lf[-1])
+        L[i, cov] = np.interp(grid[cov], lf, loss)
+        T[i, cov] = np.exp(np.interp(grid[cov], lf, np.log(tok)))
+    Ns = np.array([r[1] for r in runs])
+
+    def pick(members):
+        """(bucket mask, winning run per bucket) over the runs `members` (unique indices)."""
+        sub = L[members]
+        ok = np.isfinite(sub).sum(axis=0) >= 2
+        return ok, members[np.argmin(sub, axis=0)]
+
+    ok, win = pick(np.arange(len(runs)))
+    b = np.flatnonzero(ok)
+    table = pd.DataFrame({"C": np.exp(grid[b]), "N_opt": Ns[win[b]], "D_opt": T[win[b], b],
+                          "loss_opt": L[win[b], b], "run_id": [runs[i][0] for i in win[b]],
+                          "n_runs": np.isfinite(L[:, b]).sum(axis=0)})
     if len(table) < 2 or table["N_opt"].nunique() < 2:
         raise SuiteError("envelope: one run is lowest at every FLOP value reached by two or more runs; "
                          "need overlapping curves from more model sizes")
     table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
-    return _exponents(table["C"], table["N_opt"], table["D_opt"], level, "envelope", table, {},
-                      {"n_runs": len(runs), "n_buckets": int(len(table)), "loss_col": loss_col})
+    visited = n_distinct(np.log(table["N_opt"].to_numpy(float)))
+    sizes = sorted(set(table["N_opt"]))
+    extras = {"n_runs": len(runs), "n_buckets": int(len(table)), "loss_col": loss_col,
+              "n_sizes_visited": visited, "sizes_visited": sizes}
+    al = _exponents(table["C"], table["N_opt"], table["D_opt"], level, "envelope", table, {}, extras)
+    nan2 = (float("nan"), float("nan"))
+    a_iv = b_iv = nan2
+    if n_bootstrap:
+        rng = np.random.default_rng(seed)
+        lC = grid
+        a_d, b_d = [], []
+        for _ in range(n_bootstrap):
+            # A run drawn twice leaves the envelope as it is: a resample is its set of distinct runs.
+            ok_b, win_b = pick(np.unique(rng.integers(0, len(runs), len(runs))))
+            bb = np.flatnonzero(ok_b)
+            lN = np.log(Ns[win_b[bb]])
+            # One run lowest everywhere is a draw of slope 0 (N_opt does not move), not a failure.
+            if bb.size >= 2:
+                a_d.append(np.polyfit(lC[bb], lN, 1)[0])
+                b_d.append(np.polyfit(lC[bb], np.log(T[win_b[bb], bb]), 1)[0])
+            else:   # fewer than 2 FLOP values reached by two runs: no slope at all
+                a_d.append(np.nan)
+                b_d.append(np.nan)
+        undefined = float(np.mean(np.isnan(a_d)))
+        extras.update(interval_method=f"percentile bootstrap over runs ({n_bootstrap} resamples)",
+                      boot_undefined=undefined)
+        if undefined <= 1 - level:
+            a_iv = tuple(float(v) for v in percentile_interval(a_d, level))
+            b_iv = tuple(float(v) for v in percentile_interval(b_d, level))
+        else:   # as for isoflop: an interval over the lucky resamples only would overstate
+            extras["interval_note"] = (f"no {level:.0%} interval: in {undefined:.0%} of the resamples of the runs "
+                                       f"fewer than 2 FLOP values are reached by two runs (no slope)")
+    else:
+        extras["interval_method"] = "none"
+    if visited < MIN_SIZES:
+        shown = ", ".join(f"{n:.3g}" for n in sizes)
+        extras["unidentified"] = {"a": (
+            f"a and b not identified: the envelope visits only {visited} distinct size(s) (N = {shown}); a slope "
+            f"through a staircase of fewer than {MIN_SIZES} sizes is set by where its step falls, not by how "
+            f"N_opt grows (value and interval are not measurements)")}
+    return replace(al, a_interval=a_iv, b_interval=b_iv, extras=extras)
 
 
 # --- Approach 2 ----------------------------------------------------------------------------------
@@ -165,61 +228,89 @@ def budget_groups(runs_df: pd.DataFrame, gap_decades: float = 0.02) -> pd.Series
     return pd.Series(10 ** med, index=runs_df.index)
 
 
-def isoflop(runs_df: pd.DataFrame, loss_col: str | None = None, level: float = 0.95) -> Allocation:
-    """Hoffmann et al. 2022 §3.2: per budget, fit loss = c0 + c1 x + c2 x^2 with x = log N; the
-    minimum x* = -c1 / (2 c2) gives N*. Its interval is the delta method on the OLS covariance of
-    (c1, c2) with a t quantile (n - 3 dof; none with exactly 3 sizes). D* = C / (k N*), k the
-    budget's median C / (N D) (6 when D is absent). Budgets without a bracketed convex minimum are
-    skipped with the reason. Then N_opt ∝ C^a and D_opt ∝ C^b over the budgets."""
+def isoflop(runs_df: pd.DataFrame, loss_col: str | None = None, level: float = 0.95,
+            band: float = minimum.BAND, nearest: int | None = None, decades: float | None = None,
+            n_bootstrap: int = 1000,
+            seed: int = 0) -> Allocation:
+    """Hoffmann et al. 2022 §3.2: per budget, the minimum N* of the loss in log N, from a parabola
+    through the runs NEAR the budget's best run (minimum.profile_minimum: those within `band` of its
+    loss, or the `nearest` sizes, or `decades` around it; the rule and why are in that module;
+    band=inf is the all-points parabola, kept for comparison). D* = C / (k N*), k the budget's
+    median C / (N D) (6 when D is absent). Budgets with < 3 sizes, whose best run is at an edge
+    (unbracketed) or without a convex vertex inside their window are skipped with the reason.
+    Then N_opt ∝ C^a and D_opt ∝ C^b by OLS over the budgets; intervals on N*, D*, a and b are
+    percentile bootstrap intervals over runs (runs resampled within each budget, every step
+    repeated; a resample's budget whose minimum is not located is left out of that draw's slope).
+    The table's `used` column lists the runs (run_id, else row index) each budget's parabola used."""
     loss_col = loss_col or next((c for c in ("final_val_loss", "loss") if c in runs_df.columns), "loss")
     _need_columns(runs_df, ["N", loss_col], "isoflop")
     df = runs_df.assign(_C=budget_groups(runs_df))
     df = df[np.isfinite(df[loss_col].astype(float)) & (df["N"] > 0) & (df[loss_col] > 0)]
-    rows, skipped = [], {}
+    names = df["run_id"] if "run_id" in df.columns else pd.Series(df.index, index=df.index)
+    rows, skipped, draws = [], {}, []
+    rng = np.random.default_rng(seed)
     for C, g in df.groupby("_C"):
         name = f"C={C:.3g}"
-        x = np.log(g["N"].to_numpy(float))
-        y = g[loss_col].to_numpy(float)
-        if np.unique(np.round(x, 6)).size < 3:
-            skipped[name] = f"{np.unique(np.round(x, 6)).size} distinct N; a parabola needs 3"
+        m, d = minimum.profile_minimum(g["N"].to_numpy(float), g[loss_col].to_numpy(float), band=band,
+                                       nearest=nearest, decades=decades, n_bootstrap=n_bootstrap, level=level,
+                                       seed=int(rng.integers(2**31)), return_draws=True)
+        if m["status"] != "ok":
+            skipped[name] = f"{m['status']}: {m['reason']}"
             continue
-        xm = x.mean()
-        X = np.column_stack([np.ones_like(x), x - xm, (x - xm) ** 2])
-        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-        c0, c1, c2 = coef
-        if c2 <= 0:
-            skipped[name] = "loss is not convex in log N here (no minimum)"
-            continue
-        xs = -c1 / (2 * c2)
-        if not (x.min() - xm <= xs <= x.max() - xm):
-            skipped[name] = f"minimum at N={np.exp(xs + xm):.3g} lies outside the sizes tried (not bracketed)"
-            continue
-        dof = x.size - 3
-        lo = hi = float("nan")
-        if dof > 0:
-            resid = y - X @ coef
-            cov = (resid @ resid / dof) * np.linalg.inv(X.T @ X)
-            grad = np.array([-1 / (2 * c2), c1 / (2 * c2 ** 2)])
-            se = float(np.sqrt(max(grad @ cov[1:, 1:] @ grad, 0.0)))
-            t = float(stats.t.ppf(0.5 + level / 2, dof))
-            lo, hi = float(np.exp(xs + xm - t * se)), float(np.exp(xs + xm + t * se))
         k = 6.0
         if "D" in g.columns and g["D"].notna().all() and (g["D"] > 0).all():
             cg = g["C"].to_numpy(float) if "C" in g.columns and g["C"].notna().all() else np.full(len(g), C)
             k = float(np.median(cg / (g["N"].to_numpy(float) * g["D"].to_numpy(float))))
-        N_star = float(np.exp(xs + xm))
-        rows.append({"C": float(C), "n_runs": int(len(g)), "N_opt": N_star, "N_lo": lo, "N_hi": hi,
-                     "D_opt": C / (k * N_star), "D_lo": C / (k * hi) if np.isfinite(hi) else float("nan"),
-                     "D_hi": C / (k * lo) if np.isfinite(lo) else float("nan"),
-                     "loss_opt": float(c0 - c1 ** 2 / (4 * c2)), "flops_per_token_factor": k,
-                     "curvature": float(c2)})
+        N_star, lo, hi = m["x_opt"], m["x_lo"], m["x_hi"]
+        rows.append({"C": float(C), "n_runs": int(len(g)), "n_sizes": m["n_sizes"], "n_used": m["n_points"],
+                     "N_opt": N_star, "N_lo": lo, "N_hi": hi, "D_opt": C / (k * N_star),
+                     "D_lo": C / (k * hi) if hi > 0 else float("nan"),     # hi = inf -> 0: unbounded
+                     "D_hi": (C / (k * lo) if lo > 0 else float("inf")) if np.isfinite(lo) else float("nan"),
+                     "loss_opt": m["loss_opt"], "flops_per_token_factor": k,
+                     "coef": m["coef"], "x_center": m["x_center"], "x_range": m["x_range"],
+                     "boot_undefined": m["boot_undefined"],
+                     "used": [names.loc[g.index[i]] for i in m["used"]]})
+        draws.append(d)
     table = pd.DataFrame(rows)
     if len(table) < 2:
         why = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no budgets"
         raise SuiteError(f"isoflop needs a bracketed minimum at >= 2 budgets, got {len(table)} ({why})")
     table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
-    return _exponents(table["C"], table["N_opt"], table["D_opt"], level, "isoflop", table, skipped,
-                      {"loss_col": loss_col, "interval_method": "delta method on the parabola, t quantile"})
+    al = _exponents(table["C"], table["N_opt"], table["D_opt"], level, "isoflop", table, skipped,
+                    {"loss_col": loss_col, "window": minimum.window_name(band, nearest, decades),
+                     "interval_method": f"percentile bootstrap over runs ({n_bootstrap} resamples)"
+                     if n_bootstrap else "none"})
+    if n_bootstrap:
+        a_iv, b_iv, used = _bootstrap_slopes(table, np.array(draws), level)
+        al.extras["bootstrap_slopes"] = used
+        if used < level * n_bootstrap:
+            # Most resamples lose a budget's bracket: an interval over the few that keep two would be
+            # conditional on luck, and look tighter than the data allow.
+            a_iv = b_iv = (float("nan"), float("nan"))
+            al.extras["interval_note"] = (f"no {level:.0%} interval: only {used} of {n_bootstrap} resamples of the runs "
+                                          f"locate a minimum at >= 2 budgets (too few runs around each minimum)")
+        al = replace(al, a_interval=a_iv, b_interval=b_iv)
+    return al
+
+
+def _bootstrap_slopes(table, draws, level):
+    """Percentile intervals of a and b from per-budget draws of log10 N* (budgets x resamples): each
+    resample's slopes by OLS over its budgets with a located minimum (>= 2 of them)."""
+    lC = np.log10(table["C"].to_numpy(float))
+    lk = np.log10(table["flops_per_token_factor"].to_numpy(float))
+    a_d, b_d = [], []
+    for col in draws.T:
+        f = np.isfinite(col)
+        if f.sum() >= 2 and np.ptp(lC[f]) > 0:
+            a = np.polyfit(lC[f], col[f], 1)[0]
+            b = np.polyfit(lC[f], lC[f] - lk[f] - col[f], 1)[0]     # D* = C / (k N*)
+            a_d.append(a)
+            b_d.append(b)
+    if not a_d:
+        nan2 = (float("nan"), float("nan"))
+        return nan2, nan2, 0
+    return (tuple(float(v) for v in percentile_interval(a_d, level)),
+            tuple(float(v) for v in percentile_interval(b_d, level)), len(a_d))
 
 
 # --- Approach 3 ----------------------------------------------------------------------------------

@@ -29,6 +29,23 @@ def check_positive(name: str, values, n: int | None = None) -> np.ndarray:
     return arr
 
 
+def distinct_groups(logx, rel=0.01) -> np.ndarray:
+    """Label of each value's distinct-input group: values sorted in log space, a new group after a
+    gap > log(1 + rel), so values within rel of their neighbour are one input (robust to the jitter
+    of measured N, D, C). The one rule for "how many distinct inputs" in the project."""
+    lx = np.asarray(logx, dtype=float).ravel()
+    order = np.argsort(lx, kind="stable")
+    labels = np.empty(lx.size, dtype=int)
+    labels[order] = np.concatenate([[0], np.cumsum(np.diff(lx[order]) > np.log1p(rel))]) if lx.size else []
+    return labels
+
+
+def n_distinct(logx, rel=0.01) -> int:
+    """Number of distinct values of log inputs `logx` (distinct_groups' rule)."""
+    labels = distinct_groups(logx, rel)
+    return int(labels.max() + 1) if labels.size else 0
+
+
 def percentile_interval(draws, level: float, axis=0):
     """Central `level` percentile interval (lo, hi) of bootstrap draws along `axis`, NaNs ignored
     (a draw can leave a law's domain, e.g. an overflowing extrapolation)."""

@@ -19,7 +19,7 @@ from scipy import stats
 from scaling_suite.errors import SuiteError
 
 from . import laws, models, optim
-from .common import check_positive, jsonable, percentile_interval
+from .common import check_positive, jsonable, n_distinct, percentile_interval
 
 LAWS = {"chinchilla": laws.chinchilla, "power_law": laws.power_law, "kaplan": laws.kaplan,
         "loglinear": laws.loglinear, "lr_law": laws.lr_law}
@@ -276,12 +276,6 @@ def _term_shares(model, X, logs) -> dict:
     return {}
 
 
-def _n_distinct(logx, rel=0.01) -> int:
-    """Distinct values, those within rel of their neighbour counted as one (robust to jitter)."""
-    lx = np.sort(np.asarray(logx, dtype=float))
-    return int(lx.size and 1 + np.sum(np.diff(lx) > np.log1p(rel)))
-
-
 def term_support(model, X, logs, logy, names) -> tuple[dict, dict]:
     """(support, unidentified) of a fit's power-law terms on its data (log inputs `logs` named
     `names`). support: exponent -> {input, amplitude, seen (distinct input values where the term's
@@ -298,7 +292,7 @@ def term_support(model, X, logs, logy, names) -> tuple[dict, dict]:
         lx, inp = logs[i], names[i]
         share = np.nan_to_num(share, nan=0.0, posinf=0.0, neginf=0.0)
         moved = lx[share - share.min() >= thr]
-        seen, distinct = (_n_distinct(moved) + 1 if moved.size else 0), _n_distinct(lx)
+        seen, distinct = (n_distinct(moved) + 1 if moved.size else 0), n_distinct(lx)
         support[exp_name] = {"input": inp, "amplitude": amp, "seen": seen, "distinct": distinct, "threshold": thr}
         if seen < MIN_SUPPORT:
             where = f" (it moves only at {inp} <= {np.exp(moved.max()):.3g})" if moved.size else ""

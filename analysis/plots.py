@@ -152,31 +152,46 @@ def _mappable(norm):
 
 
 def isoflop_curves(runs_df, allocation, loss_col=None, path=None):
-    """Hoffmann et al. 2022 Fig. 3 left: loss vs N at each budget with its parabola in log N and
-    the minimum N* (with its interval)."""
+    """Hoffmann et al. 2022 Fig. 3 left: loss vs N at each budget, the parabola through the runs
+    near the best one (filled markers: the runs it used; hollow: the rest) and its minimum N*, with
+    its interval only where that is finite and inside the plotted sizes."""
     from .allocation import budget_groups
     loss_col = loss_col or allocation.extras.get("loss_col", "loss")
     fig, (ax,) = _figure()
     df = runs_df.assign(_C=budget_groups(runs_df))
+    key = df["run_id"] if "run_id" in df else df.index.to_series()
+    used = {u for us in allocation.table.get("used", []) for u in us}
+    in_fit = key.isin(used).to_numpy()
     norm = LogNorm(df["_C"].min(), df["_C"].max())
     cmap = fig.colorbar(_mappable(norm), ax=ax, label="C (FLOPs)").mappable.cmap
     for C, g in df.groupby("_C"):
-        ax.scatter(g["N"], g[loss_col], color=cmap(norm(C)), s=18, zorder=3)
+        m = in_fit[df.index.get_indexer(g.index)]
+        ax.scatter(g["N"][m], g[loss_col][m], color=cmap(norm(C)), s=20, zorder=3)
+        ax.scatter(g["N"][~m], g[loss_col][~m], facecolors="none", edgecolors=cmap(norm(C)), s=20, zorder=3)
+    n_lo, n_hi = df["N"].min(), df["N"].max()
     for _, r in allocation.table.iterrows():
         color = cmap(norm(r["C"]))
-        sub = df[np.isclose(df["_C"], r["C"], rtol=1e-9)]
-        x = np.linspace(np.log(sub["N"].min()), np.log(sub["N"].max()), 100)
-        # c0 + c1 x + c2 x^2 rewritten around its minimum: L* + c2 (x - log N*)^2
-        ax.plot(np.exp(x), r["loss_opt"] + r["curvature"] * (x - np.log(r["N_opt"])) ** 2, color=color, lw=1)
+        if "coef" in r and isinstance(r["coef"], (list, tuple)):
+            c0, c1, c2 = r["coef"]
+            u = np.linspace(r["x_range"][0], r["x_range"][1], 100) - r["x_center"]
+            ax.plot(10 ** (u + r["x_center"]), c0 + c1 * u + c2 * u ** 2, color=color, lw=1)
         err = None
-        if np.isfinite(r.get("N_lo", np.nan)):
-            err = [[r["N_opt"] - r["N_lo"]], [r["N_hi"] - r["N_opt"]]]
+        lo, hi = r.get("N_lo", np.nan), r.get("N_hi", np.nan)
+        if np.isfinite(lo) and np.isfinite(hi) and n_lo <= lo and hi <= n_hi:
+            err = [[r["N_opt"] - lo], [hi - r["N_opt"]]]
         ax.errorbar([r["N_opt"]], [r["loss_opt"]], xerr=err, fmt="*", color=color, ms=10, mec="k", zorder=4)
+    if in_fit.any():
+        # Keep the fitted region readable: an undertrained giant can sit 100x above the minimum.
+        lo_y, hi_y = df[loss_col].min(), df.loc[in_fit, loss_col].max()
+        top = hi_y + 2 * (hi_y - lo_y)
+        if df[loss_col].max() > top:
+            ax.set_ylim(lo_y - 0.05 * (top - lo_y), top)
     ax.set_xscale("log")
     ax.set_xlabel("N (parameters)")
     ax.set_ylabel(f"{loss_col} (nats/token)")
     ax.grid(True, which="both", alpha=0.25)
-    ax.set_title("IsoFLOP profiles (star: parabola minimum N*)")
+    ax.set_title(f"IsoFLOP profiles (star: N*, parabola through {allocation.extras.get('window', 'a window')})",
+                 fontsize=8)
     return _finish(fig, path)
 
 
@@ -191,8 +206,14 @@ def optimal_allocation(allocations, path=None):
         for ax, col, exp_name in ((axN, "N_opt", "a"), (axD, "D_opt", "b")):
             lo, hi = col[0] + "_lo", col[0] + "_hi"
             yerr = None
-            if lo in t and t[lo].notna().all():
-                yerr = [t[col] - t[lo], t[hi] - t[col]]
+            if lo in t and hi in t:
+                # Bars only where the interval is bounded (a bootstrap end can be 0 or inf).
+                bounded = np.isfinite(t[lo]) & np.isfinite(t[hi]) & (t[lo] > 0)
+                if bounded.any():
+                    yerr = [np.where(bounded, t[col] - t[lo], 0.0), np.where(bounded, t[hi] - t[col], 0.0)]
+            if not al.identified:     # a staircase of < 3 sizes: its points, no fitted slope
+                ax.plot(t["C"], t[col], "o", ms=3, color=c, alpha=0.8, label=f"{al.approach}: not identified")
+                continue
             ax.errorbar(t["C"], t[col], yerr=yerr, fmt="o", ms=3, color=c, alpha=0.8)
             grid = np.logspace(np.log10(t["C"].min()), np.log10(t["C"].max()), 50)
             fitted = al.N_opt(grid) if col == "N_opt" else al.D_opt(grid)

@@ -17,7 +17,7 @@ import pandas as pd
 from scaling_suite.errors import SuiteError
 
 from . import allocation, extrapolate, plots
-from .common import fmt, format_interval, jsonable
+from .common import fmt, format_interval, jsonable, n_distinct
 from .fit import fit_chinchilla, fit_kaplan, fit_power_law, holdout_largest, loo_errors
 from .inputs import add_arguments, load_inputs  # noqa: F401  (CLI plumbing lives in inputs.py)
 
@@ -85,7 +85,8 @@ def _num(v, spec: str) -> str:
 
 
 def _distinct(x, rel=0.01) -> int:
-    return int(np.unique(np.round(np.log(np.asarray(x, dtype=float)) / np.log1p(rel))).size)
+    """Distinct values of a positive input (common.n_distinct: the fits' gap rule, one rule everywhere)."""
+    return n_distinct(np.log(np.asarray(x, dtype=float)), rel)
 
 
 def _design_groups(df) -> dict:
@@ -205,17 +206,20 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
     iso_df = df
     if "design" in df and df["design"].notna().any():
         iso_df = df[df["design"].isna() | (df["design"] == "isoflop")]
-    iso = R.run("allocation isoflop", allocation.isoflop, iso_df, loss_col=loss_col)
+    iso = R.run("allocation isoflop", allocation.isoflop, iso_df, loss_col=loss_col, **boot)
     if iso is not None:
         R.add("allocation_isoflop", iso)
         R.metrics["alloc_a_isoflop"] = iso.a
         R.figure("isoflop", plots.isoflop_curves, iso_df, iso, loss_col=loss_col)
     env = None
     if curves_df is not None and len(curves_df):
-        env = R.run("allocation envelope", allocation.envelope, curves_df, df if "run_id" in df else None)
+        env = R.run("allocation envelope", allocation.envelope, curves_df, df if "run_id" in df else None, **boot)
         if env is not None:
             R.add("allocation_envelope", env)
-            R.metrics["alloc_a_envelope"] = env.a
+            R.metrics["alloc_envelope_sizes"] = env.extras["n_sizes_visited"]
+            R.metrics["alloc_envelope_identified"] = float(env.identified)
+            if env.identified:        # an MLflow metric carries no warning (as for the fits' terms)
+                R.metrics["alloc_a_envelope"] = env.a
     # L(C) on the lower envelope: of the curves when there are any, else of the final losses.
     pts = env.table if env is not None else _frontier(df, loss_col).rename(columns={loss_col: "loss_opt"})
     lC = None
@@ -285,8 +289,10 @@ def summary(result: dict) -> str:
     lines += [f"WARNING {w}" for w in unidentified_warnings(s)]
     for key in ("allocation_parametric", "allocation_isoflop", "allocation_envelope"):
         if key in s:
-            lines.append(f"{key.replace('_', ' ')}: N_opt ∝ C^{fmt(s[key]['a'], '.3f')}, "
-                         f"D_opt ∝ C^{fmt(s[key]['b'], '.3f')}")
+            lines.append(f"{key.replace('_', ' ')}: N_opt ∝ C^{fmt(s[key]['a'], '.3f')} "
+                         f"{format_interval(s[key].get('a_interval')) or '(no interval)'}, "
+                         f"D_opt ∝ C^{fmt(s[key]['b'], '.3f')}"
+                         + (" (NOT IDENTIFIED)" if s[key].get("extras", {}).get("unidentified") else ""))
     for e in result["extrapolations"]:
         iv = e["interval"]
         lines.append(f"loss at {e['target']} = {fmt(e['value'])}: {fmt(e['loss'], '.4f')}"

@@ -62,3 +62,44 @@ def learning_curves(sizes=(1e5, 3e5, 1e6), tokens_per_param=40, n_points=40, par
             "flops": flops_per_token_factor * N * t, "train_loss": loss, "val_loss": loss,
             "lr": 1e-3}))
     return pd.concat(frames, ignore_index=True)
+
+
+def undertrained_isoflop_runs(params=None, budgets=tuple(np.logspace(18, 21, 7)),
+                              sizes=tuple(np.logspace(7.5, 10.5, 13)), batch_tokens=2.0 ** 19,
+                              k_steps=60.0, noise=0.0, seed=0, flops_per_token_factor=6.0) -> pd.DataFrame:
+    """IsoFLOP profiles that are NOT parabolas in log N: the Chinchilla law plus an undertraining
+    term k_steps / steps, steps = D / batch_tokens with one fixed batch, so the loss climbs steeply
+    where a large model gets few optimizer steps (real profiles are asymmetric this way). Every
+    budget trains the same fixed list of sizes, so the optimum drifts across the grid from budget to
+    budget. Loss times exp(noise * standard normal). Columns: N, D, C, C_budget, loss."""
+    p = dict(PLANTED if params is None else params)
+    N, C = np.meshgrid(np.asarray(sizes, dtype=float), np.asarray(budgets, dtype=float))
+    N, C = N.ravel(), C.ravel()
+    D = C / (flops_per_token_factor * N)
+    loss = undertrained_loss(N, D, p, batch_tokens, k_steps)
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"N": N, "D": D, "C": C, "C_budget": C,
+                         "loss": loss * np.exp(noise * rng.standard_normal(N.size))})
+
+
+def undertrained_loss(N, D, params, batch_tokens, k_steps):
+    """Chinchilla law (Hoffmann et al. 2022 §3.3 eq. 2) + k_steps / (D / batch_tokens)."""
+    return laws.chinchilla(N, D, **params) + k_steps * batch_tokens / np.asarray(D, dtype=float)
+
+
+def undertrained_optimum(C, params=None, batch_tokens=2.0 ** 19, k_steps=60.0,
+                         flops_per_token_factor=6.0) -> float:
+    """The true N* of undertrained_loss at budget C, found numerically (bounded 1-D minimisation in
+    log N; the profile is smooth and unimodal in log N)."""
+    from scipy.optimize import minimize_scalar
+
+    p = dict(PLANTED if params is None else params)
+
+    def f(lN):
+        N = np.exp(lN)
+        return float(undertrained_loss(N, C / (flops_per_token_factor * N), p, batch_tokens, k_steps))
+
+    n0, _ = laws.chinchilla_optimal(C, **p, flops_per_token_factor=flops_per_token_factor)
+    r = minimize_scalar(f, bounds=(np.log(n0) - 8, np.log(n0) + 8), method="bounded",
+                        options={"xatol": 1e-10})
+    return float(np.exp(r.x))

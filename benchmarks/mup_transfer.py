@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaling_suite import data as data_lib  # noqa: E402
 from scaling_suite.config import make_config  # noqa: E402
-from scaling_suite.optimize import fit_parabola  # noqa: E402
+from analysis.minimum import profile_minimum  # noqa: E402
 from scaling_suite.train import TrainingFailed, train  # noqa: E402
 
 
@@ -35,9 +35,9 @@ def best_lr(lrs, losses) -> tuple[float, str]:
     i = min(range(len(ok)), key=lambda j: ok[j][1])
     if 0 < i < len(ok) - 1:
         near = ok[i - 1:i + 2]
-        f = fit_parabola([p[0] for p in near], [p[1] for p in near], window=10)
+        f = profile_minimum([p[0] for p in near], [p[1] for p in near], decades=10, n_bootstrap=0)
         if f["status"] == "ok":
-            return f["N_opt"], "parabola"
+            return f["x_opt"], "parabola"
     return ok[i][0], "edge" if i in (0, len(ok) - 1) else "grid"
 
 

@@ -5,7 +5,7 @@
 
 Real mode trains a dense log-spaced grid of --grid sizes at one budget --flops, then runs the search
 (`scaling-suite optimize`, default sampler) with --trials runs (default: half the grid), and prints
-both optima (parabola in log N, optimize.fit_parabola) and their ratio. Target: the search lands
+both optima (parabola in log N, analysis.minimum.profile_minimum) and their ratio. Target: the search lands
 within 1.25x of the grid's N* with at most half its runs.
 
 Synthetic mode draws the same kind of problem without training: the real size table at the budget,
@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaling_suite.config import make_config  # noqa: E402
-from scaling_suite.optimize import DEFAULT_SAMPLER, Space, fit_parabola, make_sampler  # noqa: E402
+from analysis.minimum import profile_minimum  # noqa: E402
+from scaling_suite.optimize import DEFAULT_SAMPLER, Space, make_sampler  # noqa: E402
 
 TOL = math.log10(1.25)
 
@@ -81,8 +82,8 @@ def synthetic(args) -> None:
             if name == "grid":  # a non-adaptive log-spaced grid of T runs, for each T
                 for t in checkpoints:
                     g = space.grid(t)
-                    fit = fit_parabola([s.N for s in g], [loss_of(s) for s in g], args.window)
-                    errs[t].append(abs(math.log10(fit["N_opt"] / n_star)))
+                    fit = profile_minimum([s.N for s in g], [loss_of(s) for s in g], decades=args.window, n_bootstrap=0)
+                    errs[t].append(abs(math.log10(fit["x_opt"] / n_star)))
                 continue
             study = optuna.create_study(sampler=make_sampler(name, seed=r, n_startup=args.init))
             if name.startswith("grid+"):
@@ -99,8 +100,8 @@ def synthetic(args) -> None:
                 Ns.append(s.N)
                 losses.append(y)
                 if t in errs:
-                    fit = fit_parabola(Ns, losses, args.window)
-                    errs[t].append(abs(math.log10(fit["N_opt"] / n_star)))
+                    fit = profile_minimum(Ns, losses, decades=args.window, n_bootstrap=0)
+                    errs[t].append(abs(math.log10(fit["x_opt"] / n_star)))
         cells = "  ".join(f"{statistics.median(errs[t]):>11.3f} {sum(e <= TOL for e in errs[t]) / len(errs[t]):>10.0%}"
                           for t in checkpoints)
         per = (time.perf_counter() - t0) / asks if asks else 0.0
@@ -135,7 +136,7 @@ def real(args) -> None:
                      "--init", str(args.init), "--sampler_seed", "0"]) == 0
         study = optuna.load_study(study_name=f"bench-{label}-C={args.flops:.3g}", storage=storage)
         rows = trial_table(study)
-        fit = fit_parabola([r["N"] for r in rows], [r["final_val_loss"] for r in rows], args.window)
+        fit = profile_minimum([r["N"] for r in rows], [r["final_val_loss"] for r in rows], decades=args.window)
         results[label] = (fit, rows, time.perf_counter() - t0)
     print("\nrun                N          final_val_loss")
     for label, (fit, rows, wall) in results.items():
@@ -143,11 +144,11 @@ def real(args) -> None:
             print(f"{label:<7} trial {r['trial']:>2}  {r['N']:>9,}  {r['final_val_loss']:.4f}")
     print()
     for label, (fit, rows, wall) in results.items():
-        iv = f"[{fit['N_lo']:,.0f}, {fit['N_hi']:,.0f}]" if math.isfinite(fit["N_lo"]) else "-"
-        print(f"{label:<7} runs {len(rows):>2}  N* = {fit['N_opt']:>9,.0f}  95% {iv:<22} loss* {fit['loss_opt']:.4f}  "
-              f"fit {fit['status']} ({fit['n_points']} pts)  best run N {fit['best_N']:,.0f}  wall {wall:.0f}s")
+        iv = f"[{fit['x_lo']:,.0f}, {fit['x_hi']:,.0f}]" if math.isfinite(fit["x_lo"]) else "-"
+        print(f"{label:<7} runs {len(rows):>2}  N* = {fit['x_opt']:>9,.0f}  95% {iv:<22} loss* {fit['loss_opt']:.4f}  "
+              f"fit {fit['status']} ({fit['n_points']} pts)  best run N {fit['best_x']:,.0f}  wall {wall:.0f}s")
     (g, grows, _), (s, srows, _) = results["grid"], results["search"]
-    ratio = s["N_opt"] / g["N_opt"]
+    ratio = s["x_opt"] / g["x_opt"]
     ok = max(ratio, 1 / ratio) <= 1.25 and len(srows) <= len(grows) / 2
     print(f"\nsearch N* / grid N* = {ratio:.3f} (|log10| {abs(math.log10(ratio)):.3f}); runs {len(srows)} vs "
           f"{len(grows)}: {'PASS' if ok else 'FAIL'} (target: within 1.25x with at most half the runs)")

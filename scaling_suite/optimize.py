@@ -7,11 +7,11 @@ the final validation loss, with D = C / flops_per_token (RunConfig(C=...) derive
 One study per budget in an RDB (default sqlite:///mlruns/optuna.db), loaded if it exists, so an
 interrupted search resumes. Each trial is a nested MLflow run of the budget's search run (trial user
 attr `mlflow_run_id` <-> run tag `optuna_trial`); the search run gets N_opt, D_opt and the loss at
-the optimum with 95% intervals from a parabola in log N through the trials (Hoffmann et al. 2022
-§3.2, approach 2), and a plot. Over several budgets, N_opt ∝ C^a and D_opt ∝ C^b are fitted by
-analysis.allocation.isoflop on the top run. (The per-budget parabola is fitted here, not there,
-because a search needs a window: its coarse-grid points lie decades from the minimum, where the
-IsoFLOP curve is no parabola; and a lone budget needs a result too.) Trials are trained by worker.py, in this process or in
+the optimum with 95% intervals from a parabola in log N through the trials within --window decades
+of the best (Hoffmann et al. 2022 §3.2, approach 2: analysis.minimum.profile_minimum, the routine
+`analyze` and the study summary use, with its percentile bootstrap over trials), and a plot. Over
+several budgets, N_opt ∝ C^a and D_opt ∝ C^b are fitted by analysis.allocation.isoflop on the top
+run, with the same window. Trials are trained by worker.py, in this process or in
 `scaling-suite worker` processes on other machines.
 
 The search dial: a trial suggests log10 N (continuous) and trains the nearest shape of a table of
@@ -176,58 +176,6 @@ def make_sampler(name: str, seed: int | None = None, n_startup: int = 4):
 
 # --- the optimum -------------------------------------------------------------------------------------
 
-def fit_parabola(N, loss, window: float = 0.5, level: float = 0.95) -> dict:
-    """Minimum of a parabola in log10 N through the points within WINDOW decades of the best one.
-
-    An IsoFLOP curve is a parabola in log N only near its minimum, so far points are left out (at
-    least the 3 nearest distinct sizes are kept). The interval is the delta method on the vertex
-    with a t quantile (n - 3 degrees of freedom); with 3 points there is none.
-    """
-    import numpy as np
-    from scipy import stats
-
-    x, y = np.log10(np.asarray(N, float)), np.asarray(loss, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    out = {"status": "too_few", "n_points": int(len(x)), "window": window, "level": level}
-    if len(x) == 0:
-        return out
-    xb = x[np.argmin(y)]
-    out.update(N_opt=float(10 ** xb), loss_opt=float(y.min()), N_lo=math.nan, N_hi=math.nan,
-               loss_lo=math.nan, loss_hi=math.nan, best_N=float(10 ** xb), best_loss=float(y.min()))
-    sel = np.abs(x - xb) <= window
-    distinct = np.unique(x)
-    if len(np.unique(x[sel])) < 3:
-        near = distinct[np.argsort(np.abs(distinct - xb))[:3]]
-        sel = np.isin(x, near)
-    xs, ys = x[sel] - xb, y[sel]
-    out["n_points"] = int(sel.sum())
-    out["used"] = [int(i) for i in np.flatnonzero(ok)[sel]]   # indices of the points in the fit
-    if len(np.unique(xs)) < 3:
-        return out
-    X = np.column_stack([np.ones_like(xs), xs, xs ** 2])
-    coef, *_ = np.linalg.lstsq(X, ys, rcond=None)
-    a, b, c = coef
-    if c <= 0:
-        out["status"] = "no_minimum"   # concave or flat: the best trial stands, with no interval
-        return out
-    v = -b / (2 * c)
-    out.update(N_opt=float(10 ** (xb + v)), loss_opt=float(a - b * b / (4 * c)), coef=[float(a), float(b), float(c)],
-               x_center=float(xb), x_range=[float(xs.min() + xb), float(xs.max() + xb)])
-    out["status"] = "ok" if xs.min() <= v <= xs.max() else "extrapolated"
-    dof = len(xs) - 3
-    if dof > 0:
-        resid = ys - X @ coef
-        cov = float(resid @ resid) / dof * np.linalg.pinv(X.T @ X)
-        gx = np.array([0.0, -1 / (2 * c), b / (2 * c * c)])
-        gl = np.array([1.0, -b / (2 * c), b * b / (4 * c * c)])
-        t = float(stats.t.ppf(0.5 + level / 2, dof))
-        sx, sl = math.sqrt(max(0.0, gx @ cov @ gx)), math.sqrt(max(0.0, gl @ cov @ gl))
-        out.update(N_lo=float(10 ** (xb + v - t * sx)), N_hi=float(10 ** (xb + v + t * sx)),
-                   loss_lo=out["loss_opt"] - t * sl, loss_hi=out["loss_opt"] + t * sl)
-    return out
-
-
 def trial_table(study) -> list[dict]:
     from optuna.trial import TrialState
 
@@ -243,23 +191,26 @@ def trial_table(study) -> list[dict]:
 
 def summarize(study, space: Space, tracker=None, window: float = 0.5) -> dict:
     """Fit the optimum of one budget's trials; log metrics, a table and a plot to the search run."""
+    from analysis.minimum import profile_minimum
+
     rows = trial_table(study)
-    fit = fit_parabola([r["N"] for r in rows], [r["final_val_loss"] for r in rows], window)
+    fit = profile_minimum([r["N"] for r in rows], [r["final_val_loss"] for r in rows], decades=window)
     out = {"C": space.C, "study": study.study_name, "n_trials": len(rows), "fit": fit, "trials": rows}
-    if "N_opt" in fit:
+    if rows:
         # D follows from C through the FLOPs per token of the trained size nearest N_opt.
-        near = min(rows, key=lambda r: abs(math.log(r["N"] / fit["N_opt"])))
+        near = min(rows, key=lambda r: abs(math.log(r["N"] / fit["x_opt"])))
         fpt_per_N = near["C"] / near["D"] / near["N"]
-        D_of = lambda n: space.C / (fpt_per_N * n) if math.isfinite(n) else math.nan  # noqa: E731
-        out.update(N_opt=fit["N_opt"], D_opt=D_of(fit["N_opt"]), D_lo=D_of(fit["N_hi"]), D_hi=D_of(fit["N_lo"]))
+        D_of = lambda n: space.C / (fpt_per_N * n) if 0 < n < math.inf else math.nan  # noqa: E731
+        out.update(N_opt=fit["x_opt"], D_opt=D_of(fit["x_opt"]), D_lo=D_of(fit["x_hi"]), D_hi=D_of(fit["x_lo"]))
     if tracker is not None and rows:
-        m = {k: fit[k] for k in ("N_opt", "N_lo", "N_hi", "loss_opt", "loss_lo", "loss_hi", "best_N", "best_loss")
-             if k in fit and math.isfinite(fit[k])}
+        names = {"x_opt": "N_opt", "x_lo": "N_lo", "x_hi": "N_hi", "best_x": "best_N"}
+        m = {names.get(k, k): fit[k] for k in ("x_opt", "x_lo", "x_hi", "loss_opt", "loss_lo", "loss_hi", "best_x",
+                                               "best_loss") if k in fit and math.isfinite(fit[k]) and fit[k] > 0}
         m.update({k: out[k] for k in ("D_opt", "D_lo", "D_hi") if k in out and math.isfinite(out[k])})
         if "N_opt" in out:
             m["tokens_per_param_opt"] = out["D_opt"] / out["N_opt"]
         tracker.log_metrics({**m, "trials_complete": len(rows)}, step=0)
-        tracker.set_tags({"fit_status": fit["status"], "fit": f"parabola in log10 N, window {window} decades"})
+        tracker.set_tags({"fit_status": fit["status"], "fit": f"parabola in log10 N through {fit['window']}"})
         tracker.log_text(json.dumps(out, indent=1, default=str), "optimum.json")
         path = _plot_trials(rows, fit, space, study.study_name)
         tracker.log_artifact(path, "plots")
@@ -285,10 +236,10 @@ def _plot_trials(rows, fit, space: Space, name: str):
         xs = np.linspace(lo - 0.1, hi + 0.1, 100)
         ax.plot(10 ** xs, a + b * (xs - fit["x_center"]) + c * (xs - fit["x_center"]) ** 2, "k-", lw=1,
                 label="parabola in log N")
-    if "N_opt" in fit:
-        ax.axvline(fit["N_opt"], color="C3", lw=1, label=f"N_opt = {fit['N_opt']:,.0f}")
-        if math.isfinite(fit["N_lo"]):
-            ax.axvspan(fit["N_lo"], fit["N_hi"], color="C3", alpha=0.12, label=f"{100 * fit['level']:g}% interval")
+    if math.isfinite(fit["x_opt"]):
+        ax.axvline(fit["x_opt"], color="C3", lw=1, label=f"N_opt = {fit['x_opt']:,.0f} ({fit['status']})")
+        if 0 < fit["x_lo"] and fit["x_hi"] < math.inf:    # a bootstrap interval, where it is bounded
+            ax.axvspan(fit["x_lo"], fit["x_hi"], color="C3", alpha=0.12, label=f"{100 * fit['level']:g}% interval")
     ax.set_xscale("log")
     ax.set_xlabel("N (parameters, non-embedding + head)")
     ax.set_ylabel("final validation loss (nats/token)")
@@ -301,19 +252,19 @@ def _plot_trials(rows, fit, space: Space, name: str):
     return path
 
 
-def fit_allocation(summaries: list[dict], tracker=None) -> dict:
+def fit_allocation(summaries: list[dict], tracker=None, window: float = 0.5) -> dict:
     """N_opt ∝ C^a and D_opt ∝ C^b over the budgets: analysis.allocation.isoflop (Hoffmann et al.
-    2022 approach 2) on the trials inside each budget's parabola window."""
+    2022 approach 2) on every budget's trials, with the window of each budget's own optimum."""
     import pandas as pd
 
     from analysis import allocation, plots
 
-    rows = [{**{k: s["trials"][i][k] for k in ("N", "D", "C", "final_val_loss")}, "C_budget": s["C"]}
-            for s in summaries for i in s["fit"].get("used", [])]
+    rows = [{**{k: r[k] for k in ("N", "D", "C", "final_val_loss")}, "C_budget": s["C"]}
+            for s in summaries for r in s["trials"]]
     if len({r["C_budget"] for r in rows}) < 2:
         return {}
     try:
-        al = allocation.isoflop(pd.DataFrame(rows), loss_col="final_val_loss")
+        al = allocation.isoflop(pd.DataFrame(rows), loss_col="final_val_loss", decades=window)
     except SuiteError as e:
         return {"error": str(e)}
     out = {"a": al.a, "a_interval": list(al.a_interval), "b": al.b, "b_interval": list(al.b_interval),
@@ -531,7 +482,7 @@ def cmd_optimize(args) -> int:
             search.finish("FINISHED")
             _print_summary(s)
         if len(summaries) >= 2:
-            alloc = fit_allocation(summaries, top)
+            alloc = fit_allocation(summaries, top, args.window)
             if alloc.get("error"):
                 print(f"no allocation fit: {alloc['error']}")
             elif alloc:
@@ -555,10 +506,10 @@ def _print_summary(s: dict) -> None:
     if "N_opt" not in s:
         print(f"[{s['study']}] no completed trials")
         return
-    iv = f" [{f['N_lo']:,.0f}, {f['N_hi']:,.0f}]" if math.isfinite(f["N_lo"]) else ""
+    iv = f" [{f['x_lo']:,.0f}, {f['x_hi']:,.0f}]" if math.isfinite(f["x_lo"]) else ""
     liv = f" [{f['loss_lo']:.4f}, {f['loss_hi']:.4f}]" if math.isfinite(f["loss_lo"]) else ""
     print(f"[{s['study']}] N_opt = {s['N_opt']:,.0f}{iv}  D_opt = {s['D_opt']:,.0f}  loss = {f['loss_opt']:.4f}{liv}  "
-          f"({f['status']}, {f['n_points']} of {s['n_trials']} trials in the fit)")
+          f"({f['status']}{': ' + f['reason'] if f['reason'] else ''}; {f['n_points']} of {s['n_trials']} trials in the fit)")
 
 
 def _threads(n: int) -> None:

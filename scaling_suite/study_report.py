@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from analysis.common import fmt, format_interval
+from analysis.laws import CHINCHILLA_N_OPT_EXPONENT as CHINCHILLA_A
+from analysis.laws import KAPLAN_ALPHA_N
 
 from . import tracking
-
-KAPLAN_ALPHA_N = 0.076      # Kaplan et al. 2020 eq. 1.1, non-embedding N
-CHINCHILLA_A = 0.5          # Hoffmann et al. 2022 Table 2 (approaches 1-3: 0.50, 0.49, 0.46)
+from .earlystop import MIN_REFERENCE
 
 
 def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstrap: int = 200) -> dict:
@@ -39,7 +39,8 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
     result = report.build_report(runs, curves, out_dir=out, loss_col="final_val_loss", n_bootstrap=n_bootstrap,
                                  source=f"MLflow study {parent.run_id}", notes=notes)
     facts = {"learning_rate": lr_facts(getattr(study, "lr_info", None) or {}, runs),
-             "early_stop": early_stop_errors(runs), "compute": compute_spent(runs),
+             "early_stop": early_stop_errors(runs), "study_prediction": study_prediction(runs, curves),
+             "compute": compute_spent(runs),
              "wall_seconds": study.wall_seconds, "planned_seconds": planned_seconds,
              "monotone_in_N": monotone_in_N(runs),
              "artifact_uri": client.get_run(parent.run_id).info.artifact_uri}
@@ -60,8 +61,10 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
         parent.log_artifact(f, "analysis")
     metrics = {k: v for k, v in result.get("metrics", {}).items() if _finite(v)}
     es = facts["early_stop"]
-    metrics.update({k: es[k] for k in ("predict_error_median", "predict_error_max", "early_stop_saving")
-                    if _finite(es.get(k))})
+    metrics.update({k: es[k] for k in ("predict_error_median", "predict_error_max", "early_stop_saving",
+                                       "early_stopped_saving") if _finite(es.get(k))})
+    sp = facts["study_prediction"]
+    metrics.update({f"study_{k}": sp[k] for k in ("predict_error_median", "predict_error_max") if _finite(sp.get(k))})
     if _finite(facts["alpha_N"].get("value")) and "unidentified" not in facts["alpha_N"]:
         metrics["alpha_N"] = facts["alpha_N"]["value"]
     metrics.update({k: v for k, v in facts["compute"].items() if _finite(v)})
@@ -135,6 +138,38 @@ def early_stop_errors(runs) -> dict:
         out.update(stable_error_median=float(np.median(stable)), stable_error_max=float(np.max(stable)))
     if len(saves):
         out["early_stop_saving"] = float(np.mean(saves))
+    if "predicted" in runs and runs["predicted"].astype(bool).any():
+        # Runs early stop really stopped (early_stop=true): the compute they did not spend.
+        stopped = runs[runs["predicted"].astype(bool)]
+        C = stopped["C"].astype(float)
+        out.update(early_stopped=int(len(stopped)),
+                   early_stopped_saving=float(1 - stopped["C_spent"].astype(float).fillna(C).sum() / C.sum()))
+    return out
+
+
+def study_prediction(runs, curves, at: float = 0.25) -> dict:
+    """The study predictor (earlystop.predict_from_study) measured leave-one-run-out: each finished
+    run's final loss predicted from its first `at` of the schedule with the study's OTHER finished
+    runs of the same schedule as reference, against the real end. Runs whose final loss is itself
+    a prediction (early stop) are neither predicted nor used."""
+    from .earlystop import leave_one_out
+
+    if curves is None or curves.empty or runs.empty:
+        return {"n_runs": 0}
+    real = runs[~runs["predicted"].astype(bool)] if "predicted" in runs else runs
+    key = [c for c in ("schedule", "cooldown_frac", "warmup_max_frac") if c in real]
+    errs = {}
+    for _, g in (real.groupby(key, dropna=False) if key else [(None, real)]):
+        data = {}
+        for _, r in g.iterrows():
+            c = curves[(curves["run_id"] == r["run_id"]) & curves["val_loss"].notna()].sort_values("tokens")
+            data[r["run_id"]] = ((c["tokens"] / r["D"]).to_numpy(float), c["val_loss"].to_numpy(float),
+                                 float(r["final_val_loss"]), float(r["N"]), float(r["D"]))
+        errs.update({k: v[1] for k, v in leave_one_out(data, at=at).items()})
+    out = {"n_runs": len(errs), "at": at}
+    if errs:
+        e = np.abs(list(errs.values()))
+        out.update(predict_error_median=float(np.median(e)), predict_error_max=float(np.max(e)))
     return out
 
 
@@ -181,12 +216,23 @@ def summary(result: dict, facts: dict, plan) -> str:
                       ("allocation_parametric", "parametric (approach 3)")):
         if key in s:
             al = s[key]
-            lines.append(f"{name}: N_opt ∝ C^{fmt(al['a'], '.3f')} {format_interval(al.get('a_interval'))}, "
+            lines.append(f"{name}: N_opt ∝ C^{fmt(al['a'], '.3f')} {format_interval(al.get('a_interval')) or '(no interval)'}, "
                          f"D_opt ∝ C^{fmt(al['b'], '.3f')} {format_interval(al.get('b_interval'))}  (Chinchilla ≈ {CHINCHILLA_A})")
+            if al.get("extras", {}).get("unidentified"):
+                lines[-1] += "  NOT IDENTIFIED (see the warning below)"
+            if al.get("extras", {}).get("interval_note"):
+                lines.append(f"    {al['extras']['interval_note']}")
+            if key == "allocation_isoflop":
+                lines.append(f"    parabola through {al.get('extras', {}).get('window', '')}; intervals: "
+                             f"{al.get('extras', {}).get('interval_method', '')}")
+            if key == "allocation_envelope":
+                lines.append(f"    the envelope visits {al.get('extras', {}).get('n_sizes_visited')} distinct size(s); "
+                             f"intervals: {al.get('extras', {}).get('interval_method', '')}")
             for row in al.get("table", [])[:8] if key == "allocation_isoflop" else []:
                 ratio = row["D_opt"] / row["N_opt"] if row["D_opt"] is not None and row["N_opt"] else None
-                lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])}, D*={fmt(row['D_opt'])}, "
-                             f"D/N={fmt(ratio, '.1f')}")
+                lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])} "
+                             f"{format_interval([row.get('N_lo'), row.get('N_hi')])}, D*={fmt(row['D_opt'])}, "
+                             f"D/N={fmt(ratio, '.1f')}, from {len(row.get('used') or [])} of {row.get('n_runs')} runs")
             lines += [f"    budget {b} left out: {why}" for b, why in (al.get("skipped") or {}).items()]
     if "chinchilla" in s:
         p, iv = s["chinchilla"]["params"], s["chinchilla"].get("intervals", {})
@@ -209,9 +255,18 @@ def summary(result: dict, facts: dict, plan) -> str:
                     if c["branches"] else ""))
     es = facts["early_stop"]
     if "predict_error_median" in es:
-        lines.append(f"early-stop prediction from 25% of each run: median error {es['predict_error_median']:.1%}, "
+        lines.append(f"final-loss prediction logged at 25% of each run (from its own curve until {MIN_REFERENCE} runs of "
+                     f"its schedule had finished, then from the study): median error {es['predict_error_median']:.1%}, "
                      f"max {es['predict_error_max']:.1%} over {es['n_runs']} runs; early stop would have saved "
                      f"{es.get('early_stop_saving', 0):.0%} of the compute")
+    if es.get("early_stopped"):
+        lines.append(f"early stop stopped {es['early_stopped']} run(s): they spent {es['early_stopped_saving']:.0%} less "
+                     "compute than trained to the end; their final losses are predictions (tag predicted=true)")
+    sp = facts.get("study_prediction") or {}
+    if "predict_error_median" in sp:
+        lines.append(f"study predictor (the finished runs' final/partial ratio), leave-one-run-out from "
+                     f"{sp['at']:.0%}: median error {sp['predict_error_median']:.1%}, max {sp['predict_error_max']:.1%} "
+                     f"over {sp['n_runs']} runs")
     mono = facts["monotone_in_N"]
     if mono:
         lines.append("loss falls with N (below each optimum): " + ", ".join(f"{k} {v}" for k, v in mono.items()))

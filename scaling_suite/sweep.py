@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import data as data_lib
-from . import tracking
+from . import earlystop, tracking
 from .config import RunConfig
 from .device import pick_device, release_memory
 from .errors import SuiteError
@@ -53,7 +53,8 @@ def code_version() -> str:
 def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
               data: data_lib.TokenData | None = None, progress: bool = True,
               resume_running: bool = True, study_key: str | None = None, bar_position: int = 0,
-              save_at_steps=(), branch: tuple[str | None, int] | None = None, on_eval=None) -> ChildOutcome:
+              save_at_steps=(), branch: tuple[str | None, int] | None = None, on_eval=None,
+              reference=None) -> ChildOutcome:
     """Train CFG as a child of PARENT_RUN_ID unless an identical child already finished.
 
     A child matches when its params equal CFG's and its code_version tag equals this code's. It is
@@ -64,6 +65,7 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
     cooldown branch of that trunk; without the trunk's checkpoint it is trained from scratch (said).
     on_eval is train()'s hook; when it raises Pruned the run ends KILLED with tag pruned=true and
     the tokens it trained, and a later call with the same config returns it as PRUNED without training.
+    REFERENCE: the study's finished runs of this schedule, for the final-loss prediction (train).
     """
     client = tracking.init_store()
     params, code = cfg.to_params(), code_version()
@@ -101,7 +103,8 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
         branch_ckpt = start_branch(tracker, cfg, *branch)
     try:
         result = train(cfg, tracker, data=data, resume_from=ckpt, progress=progress, bar_position=bar_position,
-                       save_at_steps=save_at_steps, branch_from=branch_ckpt, on_eval=on_eval, tags={"role": tags["role"]} if tags and "role" in tags else None)
+                       save_at_steps=save_at_steps, branch_from=branch_ckpt, on_eval=on_eval, tags={"role": tags["role"]} if tags and "role" in tags else None,
+                       reference=reference)
     except Pruned as e:
         # KILLED (stopped from outside, not broken) and tagged, with the tokens actually trained.
         tokens = e.step * cfg.batch_tokens
@@ -202,13 +205,16 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
     bar = tqdm(total=total, unit="FLOP", unit_scale=True, disable=None if progress else True, position=0,
                desc=f"{plan.mode} study", dynamic_ncols=True)
     outcomes, flops_done, run_ids = [], 0.0, {}
+    references: dict = {}     # schedule -> earlystop.Reference of the finished runs (the predictor's)
     try:
         for k, i in enumerate(order):
             p = plan.points[i]
             branch = (run_ids.get(branches[i][0]), branches[i][1]) if i in branches else None
+            shape = schedule_key(p.config)
             out = run_child(p.config, parent.run_id, {**p.tags, "mode": plan.mode, "role": "train"}, data=data,
                             progress=progress, study_key=plan.key, bar_position=1, save_at_steps=saves.get(i, ()),
-                            branch=branch)
+                            branch=branch, reference=references.get(shape))
+            references[shape] = add_reference(references.get(shape, earlystop.Reference()), out)
             run_ids[i] = out.run_id
             outcomes.append(out)
             bar.update(spent[i])
@@ -244,6 +250,27 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
                   f"`scaling-suite analyze --parent-run {parent.run_id}`")
     parent.finish("FINISHED")
     return study
+
+
+def schedule_key(cfg: RunConfig) -> tuple:
+    """What makes two runs' schedules alike in progress (tokens / D): the runs that can predict
+    each other's final loss (earlystop.predict_from_study)."""
+    return (cfg.schedule, cfg.cooldown_frac if cfg.schedule == "wsd" else None, cfg.warmup_max_frac)
+
+
+def add_reference(ref, out: ChildOutcome):
+    """REF with the finished child's validation curve added; unchanged for a run that did not
+    finish or whose final loss is itself a prediction (early stop)."""
+    if out.status not in ("FINISHED", "SKIPPED"):
+        return ref
+    client = tracking.init_store()
+    run = client.get_run(out.run_id)
+    m = run.data.metrics
+    if run.data.tags.get("predicted") == "true" or not all(k in m for k in ("final_val_loss", "N", "D")):
+        return ref
+    hist = sorted(client.get_metric_history(out.run_id, "val_loss"), key=lambda h: (h.step, h.timestamp))
+    curve = {h.step: h.value for h in hist}      # MLflow step = tokens seen; a re-logged step: the later
+    return ref.add([t / m["D"] for t in curve], list(curve.values()), m["final_val_loss"], m["N"], m["D"])
 
 
 def describe_lr(plan: Plan) -> dict:

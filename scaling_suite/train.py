@@ -110,13 +110,16 @@ def check_branch(state: dict, cfg: RunConfig, path) -> None:
 def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
           resume_from: Path | None = None, halt_at_step: int | None = None,
           checkpoint_dir: Path | None = None, progress: bool = True, tags: dict | None = None,
-          bar_position: int = 0, save_at_steps=(), branch_from: Path | None = None, on_eval=None) -> RunResult:
+          bar_position: int = 0, save_at_steps=(), branch_from: Path | None = None, on_eval=None,
+          reference: earlystop.Reference | None = None) -> RunResult:
     """SAVE_AT_STEPS: also checkpoint the state after these steps as checkpoints/branch_<step>.pt
     (a WSD trunk keeps them for its branches). BRANCH_FROM: start from such a checkpoint of
     another run (the trunk) that differs only in the budget (check_branch); the run is then
     CFG's own, with the trunk's first steps. Resuming an interrupted branch uses RESUME_FROM.
     ON_EVAL(step, val_loss), when given, is called after each evaluation before the end of the
-    run, and may raise Pruned to stop it (tune.py reports the loss to an Optuna pruner)."""
+    run, and may raise Pruned to stop it (tune.py reports the loss to an Optuna pruner).
+    REFERENCE: finished runs of this schedule (sweep.py); with enough of them the final-loss
+    prediction (and early stop) uses what they share (earlystop.predict)."""
     tracker = tracker or NullTracker()
     d = cfg.derived()
     pl = place(cfg.device, cfg.precision, cfg.micro_batch, d.shape, d.batch_size)
@@ -181,8 +184,8 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         # The val-train gap at this point: val now minus the mean of the last few train losses.
         seen = train_losses[:step]
         recent = seen[-max(5, d.steps // 50):]
-        pred = earlystop.predict_final(seen, lrs, val_loss - sum(recent) / len(recent),
-                                       step * cfg.batch_tokens)
+        pred = earlystop.predict(reference, curve, d.N, d.D, seen, lrs, val_loss - sum(recent) / len(recent),
+                                 step * cfg.batch_tokens)
         if pred is not None:
             predictions.append(pred)
             tracker.log_metrics({"predicted_final_loss": pred.final_loss, "predicted_final_loss_lo": pred.lo,

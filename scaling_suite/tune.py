@@ -16,8 +16,9 @@ the compute it saved is 1 - FLOPs trained / FLOPs had every trial finished. Each
 MLflow run of the tuning run (sweep.run_child); a pruned one ends KILLED with tag pruned=true and
 metric tokens_trained.
 
-Per size, a parabola in log10 lr through the completed trials near the best one (optimize's
-fit_parabola) gives a steadier optimum than the best trial, with a delta-method interval. The law
+Per size, a parabola in log10 lr through the completed trials near the best one
+(analysis.minimum.profile_minimum, the routine of every optimum in the project) gives a steadier
+optimum than the best trial, with a percentile bootstrap interval over trials. The law
 lr*(N) = c N^-k is fitted through those optima (analysis.fit.fit_lr_law) and logged on the tuning
 run: metrics lr_law_c, lr_law_k with _lo/_hi, lr_law.json, plots/lr_law.png, and tag lr_law_key,
 a digest of what the law depends on (lr_auto.law_key). `lr_auto.resolve_lr` finds the newest law whose key matches
@@ -37,6 +38,7 @@ import optuna
 
 from analysis import plots
 from analysis.fit import fit_lr_law
+from analysis.minimum import profile_minimum
 
 from . import data as data_lib
 from . import tracking, worker
@@ -44,7 +46,7 @@ from .config import RunConfig, make_config, validate
 from .device import pick_device
 from .errors import SuiteError
 from .lr_auto import ROLE, law_key
-from .optimize import fit_parabola, parse_numbers
+from .optimize import parse_numbers
 from .plan import MODES
 from .sweep import run_child
 from .tracking import scratch_dir
@@ -112,7 +114,7 @@ def lr_grid(lr_min: float, lr_max: float, k: int) -> list[float]:
 
 def fit_optimum(rows: list[dict], window: float) -> dict:
     """Optimal lr of one size: a parabola in log10 lr through the completed trials within WINDOW
-    decades of the best (optimize.fit_parabola), on the trials with the best trial's β2 when they
+    decades of the best (analysis.minimum.profile_minimum), on the trials with the best trial's β2 when they
     hold 3 distinct lrs (so β2 does not masquerade as curvature), else on all. Falls back to the
     best trial when the parabola has no minimum inside the fitted points (status says which)."""
 
@@ -122,12 +124,14 @@ def fit_optimum(rows: list[dict], window: float) -> dict:
     best = min(done, key=lambda r: r["final_val_loss"])
     same = [r for r in done if r["beta2"] == best["beta2"]]
     use = same if len({r["lr"] for r in same}) >= 3 else done
-    f = fit_parabola([r["lr"] for r in use], [r["final_val_loss"] for r in use], window)
+    f = profile_minimum([r["lr"] for r in use], [r["final_val_loss"] for r in use], decades=window)
     out = {"status": f["status"], "n_points": f["n_points"], "beta2_subset": use is same and use is not done,
            "best_lr": best["lr"], "best_loss": best["final_val_loss"], "best_beta2": best["beta2"],
            "lr_lo": math.nan, "lr_hi": math.nan}
     if f["status"] == "ok":
-        out.update(lr_opt=f["N_opt"], lr_lo=f["N_lo"], lr_hi=f["N_hi"], loss_opt=f["loss_opt"], coef=f["coef"],
+        # An end the bootstrap leaves unbounded (0 or inf: resamples whose best trial is at an edge) is NaN here.
+        out.update(lr_opt=f["x_opt"], lr_lo=f["x_lo"] if f["x_lo"] > 0 else math.nan,
+                   lr_hi=f["x_hi"] if f["x_hi"] < math.inf else math.nan, loss_opt=f["loss_opt"], coef=f["coef"],
                    x_center=f["x_center"], x_range=f["x_range"])
     else:
         out.update(lr_opt=best["lr"], loss_opt=best["final_val_loss"])

@@ -19,7 +19,8 @@ import pytest
 from scaling_suite import worker
 from scaling_suite.cli import main
 from scaling_suite.config import make_config
-from scaling_suite.optimize import Space, fit_parabola
+from analysis.minimum import profile_minimum
+from scaling_suite.optimize import Space
 
 # Smoke scale: N 7k-54k (depth 1-2), context 32, 4-24 steps of 512 tokens: about a second per trial.
 SMOKE = ["--context", "32", "--batch_tokens", "512", "--eval_tokens", "1024", "--head_dim", "8", "--device", "cpu",
@@ -221,10 +222,13 @@ def test_parabola_finds_a_known_vertex():
 
     N = np.logspace(4, 6, 9)
     loss = 2.0 + 0.3 * (np.log10(N) - 5.2) ** 2 + np.random.default_rng(0).normal(0, 1e-3, N.size)
-    fit = fit_parabola(N, loss, window=1.0)
-    assert fit["status"] == "ok" and fit["N_opt"] == pytest.approx(10 ** 5.2, rel=0.03)
-    assert fit["N_lo"] < 10 ** 5.2 < fit["N_hi"] and fit["loss_opt"] == pytest.approx(2.0, abs=0.01)
-    assert fit_parabola(N[:3], loss[:3])["status"] in ("ok", "extrapolated", "no_minimum")
+    fit = profile_minimum(N, loss, decades=1.0)
+    assert fit["status"] == "ok" and fit["x_opt"] == pytest.approx(10 ** 5.2, rel=0.03)
+    assert fit["x_lo"] < 10 ** 5.2 < fit["x_hi"] and fit["loss_opt"] == pytest.approx(2.0, abs=0.01)
+    # The best of the first three sizes is the largest: unbracketed, said so, the best run stands.
+    edge = profile_minimum(N[:3], loss[:3])
+    assert edge["status"] == "unbracketed" and "largest size tried" in edge["reason"]
+    assert edge["x_opt"] == N[2]
 
 
 def test_allocation_exponents_over_budgets():
@@ -239,8 +243,8 @@ def test_allocation_exponents_over_budgets():
         D = C / (6 * N)
         loss = 2 + 0.2 * np.log10(N / (0.1 * C ** 0.5)) ** 2
         rows = [{"N": n, "D": d, "C": C, "final_val_loss": l} for n, d, l in zip(N, D, loss)]
-        summaries.append({"C": C, "trials": rows, "fit": fit_parabola(N, loss, window=1.0)})
-    out = fit_allocation(summaries)
+        summaries.append({"C": C, "trials": rows, "fit": profile_minimum(N, loss, decades=1.0)})
+    out = fit_allocation(summaries, window=1.0)
     assert out["a"] == pytest.approx(0.5, abs=1e-6) and out["b"] == pytest.approx(0.5, abs=1e-6)
 
 

@@ -100,6 +100,32 @@ def test_study_is_idempotent(smoke_store):
     # Three sizes at one D: the loss falls with N, and the study says so for its one group.
     checks = again.report["study"]["monotone_in_N"]
     assert len(checks) == 1 and all(v is True for v in checks.values()), checks
+    # Two runs had finished when the third started: its final-loss predictions came from them.
+    assert again.report["study"]["study_prediction"]["n_runs"] == 3
+    assert "study_predict_error_median" in parent.data.metrics
+    _third_run_predicted_from_the_first_two(client, first.children)
+
+
+def _third_run_predicted_from_the_first_two(client, outcomes):
+    from scaling_suite import earlystop
+
+    def curve(run_id):
+        h = sorted(client.get_metric_history(run_id, "val_loss"), key=lambda m: m.step)
+        return [m.step for m in h], [m.value for m in h]
+
+    ref = earlystop.Reference()
+    for o in outcomes[:2]:
+        m = client.get_run(o.run_id).data.metrics
+        t, v = curve(o.run_id)
+        ref = ref.add([x / m["D"] for x in t], v, m["final_val_loss"], m["N"], m["D"])
+    third = outcomes[2].run_id
+    m = client.get_run(third).data.metrics
+    logged = sorted(client.get_metric_history(third, "predicted_final_loss"), key=lambda x: x.step)
+    t, v = curve(third)
+    seen = [i for i, x in enumerate(t) if x <= logged[0].step]
+    want = earlystop.predict_from_study(ref, [t[i] / m["D"] for i in seen], [v[i] for i in seen], logged[0].step,
+                                        m["N"], m["D"])
+    assert logged[0].value == pytest.approx(want.final_loss, rel=1e-9)
 
 
 def test_analyze_cli_nests_under_the_study(smoke_store, capsys):

@@ -54,15 +54,19 @@ def test_fit_lr_law_recovers_a_planted_law():
 def test_lr_grid_and_optimum():
     g = tune.lr_grid(1e-3, 1e-1, 3)
     assert g[0] == pytest.approx(1e-2) and sorted(g) == pytest.approx([1e-3, 1e-2, 1e-1])
-    # a parabola in log10 lr with its vertex at 10^-2.2; one trial pruned, one at another beta2
+    # a parabola in log10 lr with its vertex at 10^-2.2; one trial pruned, one at another beta2.
+    # 12 trials: the bootstrap over trials bounds the optimum only where few resamples lose every
+    # trial on one side of the best (with 6 it is unbounded, NaN, which the last lines check).
     rows = [{"state": "COMPLETE", "lr": lr, "beta2": 0.95, "final_val_loss": 2 + 0.4 * (math.log10(lr) + 2.2) ** 2}
-            for lr in np.logspace(-3, -1.4, 6)]
+            for lr in np.logspace(-3, -1.4, 12)]
     rows += [{"state": "PRUNED", "lr": 0.1, "beta2": 0.95, "final_val_loss": math.nan},
              {"state": "COMPLETE", "lr": 0.003, "beta2": 0.999, "final_val_loss": 2.5}]
     opt = tune.fit_optimum(rows, window=1.0)
     assert opt["status"] == "ok" and opt["beta2_subset"] is True
     assert opt["lr_opt"] == pytest.approx(10 ** -2.2, rel=0.01) and opt["lr_lo"] < opt["lr_opt"] < opt["lr_hi"]
     assert tune.fit_optimum([], 0.5)["status"] == "no_trials"
+    few = tune.fit_optimum(rows[:12:2], window=1.0)
+    assert few["status"] == "ok" and (math.isnan(few["lr_lo"]) or math.isnan(few["lr_hi"]))
 
 
 def test_pruned_child_is_visible_and_not_retrained(mlflow_store, token_cache):
