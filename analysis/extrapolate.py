@@ -98,7 +98,11 @@ def at_N(fit: FitResult, N: float = DEFAULT_TARGET_N, level: float | None = None
         iv = None
         if fit.samples:
             s = fit.samples
-            iv = _band(laws.chinchilla(N, _optimal_D_for_N(N, s), **s), level)
+            # A draw whose amplitude overflowed (A = inf, an unidentified term) has no finite
+            # prediction (inf * 0 far out): it is NaN, and the band leaves it out, as it leaves out
+            # any non-finite draw.
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                iv = _band(laws.chinchilla(N, _optimal_D_for_N(N, s), **s), level)
         via, details = "Chinchilla L(N, D) at compute-optimal D", {"D": D, "C": 6.0 * N * D}
     else:
         raise SuiteError(f"at_N needs an L(N) power law or a chinchilla fit, got {fit.model} "
@@ -117,8 +121,9 @@ def at_C(fit: FitResult, C: float = DEFAULT_TARGET_C, level: float | None = None
         iv = None
         if fit.samples:
             s = fit.samples
-            Ns, Ds = laws.chinchilla_optimal(C, **s)
-            iv = _band(laws.chinchilla(Ns, Ds, **s), level)
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # as in at_N
+                Ns, Ds = laws.chinchilla_optimal(C, **s)
+                iv = _band(laws.chinchilla(Ns, Ds, **s), level)
         via, details = "Chinchilla L(N, D) at compute-optimal (N, D)", {"N": N, "D": D}
     elif fit.model == "power_law" and fit.extras.get("x_name") == "C":
         loss = float(fit.predict(C))

@@ -4,6 +4,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -247,6 +249,24 @@ def test_loo_and_holdout_on_planted_law():
     assert hold["n_heldout"] == 8 and hold["n_train"] == N.size - 8
     assert hold["mean_abs_rel_error"] < 0.02
     assert holdout_largest(res, N, D, loss=loss, by="C")["n_heldout"] >= 1
+
+# The fresh-clone `make quick` of 2026-11-30 (a7e3e38, preset lr law), same grid as above.
+QUICK_LOSS_PRESET = [1.8047, 1.8176, 1.7603, 1.9553, 1.6095, 1.4274, 2.4124, 2.0473, 1.5878, 2.6932, 2.3092,
+                     1.8762, 2.2954]
+
+
+def test_extrapolation_bands_of_a_degenerate_real_fit_raise_no_numpy_warning():
+    """Some bootstrap draws of a real quick study's Chinchilla fit overflow their amplitude (A = inf):
+    their extrapolations are left out of the band without numpy's divide/invalid warnings, which
+    reached the user's screen from analysis/laws.py."""
+    N = np.array([QUICK_DEPTH_N[d][1] for d in QUICK_DEPTH], dtype=float)
+    fit = fit_chinchilla(N, np.array(QUICK_D, dtype=float), np.array(QUICK_LOSS_PRESET), grid="coarse",
+                         n_bootstrap=200)
+    assert not np.all(np.isfinite(fit.samples["A"])), "the case needs draws whose amplitude overflowed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for ex in (extrapolate.at_N(fit), extrapolate.at_C(fit)):
+            assert np.isfinite(ex.loss) and ex.interval is not None
 
 
 def test_extrapolation_targets_and_warning():
