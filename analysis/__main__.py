@@ -1,4 +1,4 @@
-"""python -m analysis --csv FILE [...] | --experiment NAME | --parent-run ID: the same as
+"""python -m analysis --csv FILE [...] | --experiment NAME | --parent_run ID: the same as
 `scaling-suite analyze`. Bad input prints one `error:` line and exits 2."""
 
 import argparse

@@ -24,34 +24,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src = parser.add_argument_group("data (a CSV file, or MLflow runs; default: every experiment in MLflow)")
     src.add_argument("--csv", metavar="FILE", help="one row per run")
     src.add_argument("--experiment", action="append", metavar="NAME", help="MLflow experiment (repeatable)")
-    src.add_argument("--parent-run", metavar="ID", help="MLflow parent run: analyze its (nested) children")
+    src.add_argument("--parent_run", metavar="ID", help="MLflow parent run: analyze its (nested) children")
     col = parser.add_argument_group("columns")
-    col.add_argument("--N-col", default="N", help="parameters column (MLflow: N, N_nonembed or N_total)")
-    col.add_argument("--D-col", default="D", help="tokens column; if absent D = C / (6 N)")
-    col.add_argument("--C-col", default="C", help="FLOPs column; if absent C = 6 N D")
-    col.add_argument("--loss-col", default=None, help="loss column (default: loss for CSV, final_val_loss for MLflow)")
+    col.add_argument("--N_col", default="N", help="parameters column (MLflow: N, N_nonembed or N_total)")
+    col.add_argument("--D_col", default="D", help="tokens column; if absent D = C / (6 N)")
+    col.add_argument("--C_col", default="C", help="FLOPs column; if absent C = 6 N D")
+    col.add_argument("--loss_col", default=None, help="loss column (default: loss for CSV, final_val_loss for MLflow)")
     fit = parser.add_argument_group("fitting")
-    fit.add_argument("--drop-highest", type=int, default=0, metavar="K",
+    fit.add_argument("--drop_highest", type=int, default=0, metavar="K",
                      help="drop the K highest-loss runs first (Besiroglu et al. 2024 drop 5)")
     fit.add_argument("--grid", default="published", choices=["published", "coarse"],
                      help="Chinchilla start grid: the published 4,500 starts or a 243-start one")
     fit.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples (0: none)")
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--target-N", type=float, default=extrapolate.DEFAULT_TARGET_N, help="extrapolate loss to this N")
-    fit.add_argument("--target-C", type=float, default=extrapolate.DEFAULT_TARGET_C, help="extrapolate loss to this C")
+    fit.add_argument("--target_N", type=float, default=extrapolate.DEFAULT_TARGET_N, help="extrapolate loss to this N")
+    fit.add_argument("--target_C", type=float, default=extrapolate.DEFAULT_TARGET_C, help="extrapolate loss to this C")
     parser.add_argument("--out", default="out/analysis", metavar="DIR", help="report.md, report.json, PNGs")
-    parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    parser.add_argument("--no_plots", action="store_true", help="skip the figures")
     return parser
 
 
 def _check_args(args):
     if args.csv and (args.experiment or args.parent_run):
-        raise SuiteError("use either --csv or --experiment/--parent-run, not both")
+        raise SuiteError("use either --csv or --experiment/--parent_run, not both")
     if args.bootstrap < 0:
         raise SuiteError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if args.drop_highest < 0:
-        raise SuiteError(f"--drop-highest must be >= 0, got {args.drop_highest}")
-    for flag, v in (("--target-N", args.target_N), ("--target-C", args.target_C)):
+        raise SuiteError(f"--drop_highest must be >= 0, got {args.drop_highest}")
+    for flag, v in (("--target_N", args.target_N), ("--target_C", args.target_C)):
         if not (np.isfinite(v) and v > 0):
             raise SuiteError(f"{flag} must be a positive number, got {v}")
 
@@ -77,12 +77,12 @@ def read_csv_runs(path, N_col="N", D_col="D", C_col="C", loss_col="loss", drop_h
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SuiteError(f"could not read {path} as CSV: {exc}") from None
     cols = ", ".join(map(str, raw.columns))
-    for col, flag in ((N_col, "--N-col"), (loss_col, "--loss-col")):
+    for col, flag in ((N_col, "--N_col"), (loss_col, "--loss_col")):
         if col not in raw.columns:
             raise SuiteError(f"column {col!r} not in {path.name} (columns: {cols}); choose it with {flag}")
     if D_col not in raw.columns and C_col not in raw.columns:
-        raise SuiteError(f"{path.name} needs a tokens column ({D_col!r}, --D-col) or a FLOPs column "
-                         f"({C_col!r}, --C-col); columns: {cols}")
+        raise SuiteError(f"{path.name} needs a tokens column ({D_col!r}, --D_col) or a FLOPs column "
+                         f"({C_col!r}, --C_col); columns: {cols}")
     if raw.empty:
         raise SuiteError(f"{path.name} has no rows")
 
@@ -105,7 +105,7 @@ def read_csv_runs(path, N_col="N", D_col="D", C_col="C", loss_col="loss", drop_h
             df[extra] = raw[extra].to_numpy()
     if drop_highest:
         if drop_highest >= len(df):
-            raise SuiteError(f"--drop-highest {drop_highest} would drop all {len(df)} runs")
+            raise SuiteError(f"--drop_highest {drop_highest} would drop all {len(df)} runs")
         threshold = sorted(df["loss"])[-drop_highest]
         n0 = len(df)
         df = df[df["loss"] < threshold].reset_index(drop=True)

@@ -1,12 +1,12 @@
 """How long the published Chinchilla Approach-3 fit and its bootstrap take on this machine.
 
-    python benchmarks/fit_speed.py [--bootstrap 1000] [--repeats 3] [--scipy-loop]
+    python benchmarks/fit_speed.py [--bootstrap 1000] [--repeats 3] [--scipy_loop]
 
 Data: the 240 points of Hoffmann et al. 2022 Fig. 4 as reconstructed by Besiroglu et al. 2024
 (file data/svg_extracted_data.csv of epoch-research/analyzing-chinchilla, 5 highest losses dropped;
 read from the published-data folder beside a developer's checkout, REFERENCE below). Without that file, 240
 planted-law points with 1% noise stand in (said so in the output). Acceptance lines: the 4,500-start
-grid fit <= 5 s, 1,000 bootstrap refits <= 60 s. --scipy-loop also times the plain loop of
+grid fit <= 5 s, 1,000 bootstrap refits <= 60 s. --scipy_loop also times the plain loop of
 scipy.optimize.minimize(L-BFGS-B) over the same grid (about a minute here) for comparison.
 """
 
@@ -58,7 +58,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--scipy-loop", action="store_true")
+    ap.add_argument("--scipy_loop", action="store_true")
     args = ap.parse_args()
     label, N, D, loss = points()
     print(f"data: {label}")

@@ -23,7 +23,7 @@ from scaling_suite import earlystop
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--design", default=None, help="only runs of this design (isoflop, n_sweep, ...)")
-    p.add_argument("--parent-run", default=None, help="only the children of this study run")
+    p.add_argument("--parent_run", default=None, help="only the children of this study run")
     a = p.parse_args()
     runs = load.fitting_runs(load.load_runs(parent_run_id=a.parent_run))
     if a.design:

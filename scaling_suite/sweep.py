@@ -247,7 +247,7 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
             reason = f"{type(e).__name__}: {e}"
             parent.set_tags({"analysis_error": reason[:5000]})
             print(f"analysis failed ({reason}); the runs are kept: rerun it with "
-                  f"`scaling-suite analyze --parent-run {parent.run_id}`")
+                  f"`scaling-suite analyze --parent_run {parent.run_id}`")
     parent.finish("FINISHED")
     return study
 

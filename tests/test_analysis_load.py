@@ -148,9 +148,9 @@ def test_empty_experiment_gives_empty_frame(store):
 
 
 def test_analyze_command_reads_an_mlflow_study(store, tmp_path, capsys, monkeypatch):
-    """`analyze --parent-run ID` end to end: runs and curves from MLflow into every section."""
+    """`analyze --parent_run ID` end to end: runs and curves from MLflow into every section."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
-    assert cli(["--parent-run", store["iso_parent"], "--grid", "coarse", "--bootstrap", "0", "--no-plots",
+    assert cli(["--parent_run", store["iso_parent"], "--grid", "coarse", "--bootstrap", "0", "--no_plots",
                 "--out", str(tmp_path / "out")]) == 0
     res = json.loads((tmp_path / "out" / "report.json").read_text())
     assert res["data"]["n_runs"] == 12 and res["data"]["loss_col"] == "final_val_loss"

@@ -93,8 +93,8 @@ def test_main_with_csv_and_logger(tmp_path, capsys):
     csv = tmp_path / "runs.csv"
     runs.drop(columns=["D"]).rename(columns={"N": "params", "loss": "val"}).to_csv(csv, index=False)
     logger = FakeLogger()
-    args = parse(["--csv", str(csv), "--N-col", "params", "--loss-col", "val", "--grid", "coarse",
-                  "--bootstrap", "20", "--out", str(tmp_path / "out"), "--no-plots"])
+    args = parse(["--csv", str(csv), "--N_col", "params", "--loss_col", "val", "--grid", "coarse",
+                  "--bootstrap", "20", "--out", str(tmp_path / "out"), "--no_plots"])
     assert main(args, logger=logger) == 0
     out = capsys.readouterr().out
     assert "Chinchilla fit" in out and "report:" in out
@@ -112,8 +112,8 @@ def test_cli_reproduces_published_fit(tmp_path):  # are asserted in test_analysi
         pytest.skip(f"reference data not present at {FIG4}")
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "analysis", "--csv", str(FIG4), "--N-col", "Model Size", "--C-col", "Training FLOP",
-         "--drop-highest", "5", "--bootstrap", "0", "--no-plots", "--out", str(out)],
+        [sys.executable, "-m", "analysis", "--csv", str(FIG4), "--N_col", "Model Size", "--C_col", "Training FLOP",
+         "--drop_highest", "5", "--bootstrap", "0", "--no_plots", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     assert proc.returncode == 0, proc.stderr
@@ -128,12 +128,12 @@ def test_cli_reproduces_published_fit(tmp_path):  # are asserted in test_analysi
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--csv", "missing.csv"], "CSV file not found"),
-    (["--csv", "{csv}", "--N-col", "size"], "column 'size' not in"),
+    (["--csv", "{csv}", "--N_col", "size"], "column 'size' not in"),
     (["--csv", "{nan}"], "column 'loss' has 1 NaN"),
     (["--csv", "{neg}"], "column 'N' must be > 0"),
     (["--csv", "{noD}"], "needs a tokens column"),
     (["--csv", "{csv}", "--experiment", "x"], "either --csv or --experiment"),
-    (["--csv", "{csv}", "--drop-highest", "99"], "would drop all"),
+    (["--csv", "{csv}", "--drop_highest", "99"], "would drop all"),
     (["--csv", "{csv}", "--bootstrap", "-1"], "--bootstrap must be >= 0"),
 ])
 def test_cli_bad_input_is_one_error_line(tmp_path, capsys, argv, fragment):
@@ -143,7 +143,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path, capsys, argv, fragment):
     for name, frame in paths.items():
         frame.to_csv(tmp_path / f"{name}.csv", index=False)
     argv = [a.format(**{k: tmp_path / f"{k}.csv" for k in paths}) for a in argv]
-    assert cli(argv + ["--out", str(tmp_path / "out"), "--no-plots"]) == 2
+    assert cli(argv + ["--out", str(tmp_path / "out"), "--no_plots"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
 

@@ -131,7 +131,7 @@ def _third_run_predicted_from_the_first_two(client, outcomes):
 def test_analyze_cli_nests_under_the_study(smoke_store, capsys):
     from scaling_suite import cli
     uri, study = smoke_store
-    assert cli.main(["analyze", "--experiment", "s", "--bootstrap", "20", "--no-plots"]) == 0
+    assert cli.main(["analyze", "--experiment", "s", "--bootstrap", "20", "--no_plots"]) == 0
     client = mlflow.MlflowClient(uri)
     (analysis,) = [k for k in children(client, study.parent_run_id) if k.data.tags.get("role") == "analysis"]
     assert analysis.info.status == "FINISHED"
