@@ -484,6 +484,7 @@ def cmd_optimize(args) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _threads(args.threads)
+    args.storage = worker.storage_url(args.storage)
     flops = parse_flops(args.flops)
     n_trials = _int(args.trials, "--trials")
     workers = _int(args.workers, "--workers", 0)
@@ -572,6 +573,7 @@ def cmd_worker(args) -> int:
     from . import worker
 
     _threads(args.threads)
+    args.storage = worker.storage_url(args.storage)
     n = worker.work(args.storage, args.study, args.heartbeat, args.grace, parent_run_id=args.parent_run_id,
                     max_trials=_int(args.max_trials, "--max_trials") if args.max_trials else None,
                     progress=not args.quiet, seed=args.sampler_seed)
@@ -582,11 +584,12 @@ def cmd_worker(args) -> int:
 def register(sub) -> None:
     """Add `optimize` and `worker` to the CLI (called by cli.build_parser)."""
     from .cli import add_config_flags
-    from .worker import DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE
+    from .worker import DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV
 
     def storage_flags(p):
-        p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna RDB URL (default {DEFAULT_STORAGE}; "
-                       "postgresql://user:pw@host/db for many machines)")
+        p.add_argument("--storage", default=None, help=f"Optuna RDB URL (default ${STORAGE_ENV}, else {DEFAULT_STORAGE}; "
+                       f"postgresql://user:pw@host/db for many machines: put it in ${STORAGE_ENV} to keep the "
+                       "password off the command line)")
         p.add_argument("--heartbeat", type=int, default=None,
                        help=f"seconds between trial heartbeats (default: the study's, {DEFAULT_HEARTBEAT})")
         p.add_argument("--grace", type=int, default=None,
