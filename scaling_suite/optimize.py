@@ -378,7 +378,7 @@ def open_search(storage, name: str, space: Space, n_trials: int, sampler: str, i
         run_id = None
     tags = {"role": "optuna_search", "optuna_study": name, "optuna_storage": worker.safe_url(storage.url)}
     tracker = tracking.start_run(experiment, run_name=f"optuna {name}", tags=tags, parent_run_id=top_run_id,
-                                 run_id=run_id, system_metrics=False)
+                                 run_id=run_id, system_metrics=False, reopen=True)   # a resumed search
     if run_id and top_run_id:
         tracking.adopt(client, run_id, top_run_id)
     tracker.log_params({"C": space.C, "sampler": spec["sampler"], "study": name, "spread": space.spread,

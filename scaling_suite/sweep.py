@@ -195,8 +195,9 @@ def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.Ml
         tracker = tracking.start_run(tags={**tags, "mlflow.runName": f"{plan.mode} {plan.design} study"})
     else:
         earlier = tracking.find_study(client, experiment, plan.key)
+        # A re-run of the study continues its parent, finished or not (run_study holds its lock).
         tracker = tracking.start_run(experiment, run_name=f"{plan.mode} {plan.design} study", tags=tags,
-                                     run_id=earlier)
+                                     run_id=earlier, reopen=True)
     tracker.log_params(params)
     return tracker
 

@@ -121,12 +121,13 @@ def init_store(uri: str | None = None):
     if uri.startswith(("http://", "https://")):
         check_server(uri)
     try:
-        client = MlflowClient(uri)   # a database URL's driver is imported here
-        # The first query builds MLflow's store object, which creates and migrates the schema of
-        # a fresh database: one process at a time (fcntl lock beside the db), so processes started
-        # together all find a whole schema. Later opens only read the schema version.
+        # The client builds MLflow's store object (importing a database URL's driver), which creates
+        # and migrates the schema of a fresh database: one process at a time (fcntl lock beside
+        # the db), so processes started together all find a whole schema. Later opens only read
+        # the schema version.
         with (FileLock(Path(uri[len("sqlite:///"):] + ".lock")) if uri.startswith("sqlite:///")
               else contextlib.nullcontext()):
+            client = MlflowClient(uri)
             client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 — any store failure is the user's to fix, in one line
         raise SuiteError(f"cannot open the MLflow store {safe_uri(uri)}: {type(e).__name__}: {e}") from None
@@ -392,9 +393,10 @@ def _gist(e: Exception) -> str:
 
 def start_run(experiment: str | None = None, run_name: str | None = None, tags: dict | None = None,
               parent_run_id: str | None = None, run_id: str | None = None,
-              system_metrics: bool = True) -> MlflowTracker:
+              system_metrics: bool = True, reopen: bool = False) -> MlflowTracker:
     """Open a run: resume RUN_ID, else attach to `mlflow run`'s MLFLOW_RUN_ID, else create one
-    (nested under PARENT_RUN_ID when given)."""
+    (nested under PARENT_RUN_ID when given). A FINISHED RUN_ID is refused unless REOPEN (a
+    study's parent, re-run by the process that holds the study's lock)."""
     from mlflow.exceptions import MlflowException
 
     client = init_store()
@@ -411,7 +413,7 @@ def start_run(experiment: str | None = None, run_name: str | None = None, tags: 
         if run_id is None and status not in ("RUNNING", "SCHEDULED"):
             raise SuiteError(f"MLFLOW_RUN_ID names run {attach}, which is {status}; unset MLFLOW_RUN_ID "
                              "(left over from an earlier `mlflow run`?) to start a new run")
-        if run_id is not None and status == "FINISHED":
+        if run_id is not None and status == "FINISHED" and not reopen:
             raise SuiteError(f"run {attach} is FINISHED: nothing to resume (start a new run instead)")
         if status != "RUNNING":
             client.update_run(attach, status="RUNNING")
