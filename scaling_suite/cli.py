@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
     from .device import pick_device
     from .train import config_from_params, load_checkpoint, result_dict, train
 
-    quiet_downloads(args.quiet)
+    tracking.quiet_downloads(args.quiet)
     if args.resume:
         # The run's own settings, exactly: a flag beside --resume would either be ignored or make
         # another run under this one's id.
@@ -93,12 +93,6 @@ def cmd_train(args) -> int:
     if args.json:
         print(json.dumps(out))
     return 0
-
-
-def quiet_downloads(quiet: bool) -> None:
-    """--quiet also silences MLflow's "Downloading artifacts" bar (checkpoints fetched to resume)."""
-    if quiet:
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 
 
 def cmd_doctor(args) -> int:
@@ -157,7 +151,7 @@ def cmd_sweep(args) -> int:
 
     from .tune import parse_lr, resolve_lr
 
-    quiet_downloads(args.quiet)
+    tracking.quiet_downloads(args.quiet)
     overrides = {k: getattr(args, k) for k in STUDY_FLAGS if getattr(args, k) not in (None, "") and k != "lr"}
     lr = parse_lr(args.lr)             # None: auto (the default), resolved below once the plan is final
     design = None if args.design in (None, "", "auto") else args.design

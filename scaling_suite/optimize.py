@@ -484,6 +484,7 @@ def cmd_optimize(args) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _threads(args.threads)
+    tracking.quiet_downloads(args.quiet)
     args.storage = worker.storage_url(args.storage)
     flops = parse_flops(args.flops)
     n_trials = _int(args.trials, "--trials")
@@ -570,9 +571,10 @@ def _threads(n: int) -> None:
 
 
 def cmd_worker(args) -> int:
-    from . import worker
+    from . import tracking, worker
 
     _threads(args.threads)
+    tracking.quiet_downloads(args.quiet)
     args.storage = worker.storage_url(args.storage)
     n = worker.work(args.storage, args.study, args.heartbeat, args.grace, parent_run_id=args.parent_run_id,
                     max_trials=_int(args.max_trials, "--max_trials") if args.max_trials else None,

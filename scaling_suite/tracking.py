@@ -87,6 +87,12 @@ def same_value(a: str, b: str) -> bool:
         return False
 
 
+def quiet_downloads(quiet: bool) -> None:
+    """--quiet also silences MLflow's "Downloading artifacts" bar (checkpoints fetched to resume)."""
+    if quiet:
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set (obey it), else a SQLite store under ./mlruns."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI

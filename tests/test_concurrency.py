@@ -25,6 +25,7 @@ from pathlib import Path
 from mlflow import MlflowClient  # noqa: F401 — imported before the start line
 from scaling_suite import tracking
 go = Path(sys.argv[1])
+(go.parent / f"ready-{os.getpid()}").touch()
 while not go.exists():
     time.sleep(0.005)
 t = tracking.start_run("race", run_name=f"p{os.getpid()}", system_metrics=False)
@@ -43,7 +44,9 @@ def test_processes_opening_a_fresh_store_at_once_all_succeed(n, tmp_path, monkey
     go = tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(go)], env=env, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
-    time.sleep(8)           # the imports (mlflow: a few seconds each on 2 cores), then all at once
+    deadline = time.time() + 120    # the imports (mlflow: seconds each on 2 cores), then all at once
+    while len(list(tmp_path.glob("ready-*"))) < n and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
     go.touch()
     results = [(p, *p.communicate(timeout=300)) for p in procs]
     assert [p.returncode for p, _, _ in results] == [0] * n, [e[-1500:] for _, _, e in results]
