@@ -62,6 +62,8 @@ def test_concurrent_sweeps_of_one_study_train_each_configuration_once(n, tmp_pat
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     env = {**os.environ, **ENV, "MLFLOW_TRACKING_URI": uri, "SCALING_SUITE_CACHE": str(token_cache)}
     env.pop("MLFLOW_RUN_ID", None)
+    subprocess.run([sys.executable, "-c", "from scaling_suite import tracking; tracking.init_store()"], env=env,
+                   cwd=tmp_path, check=True)   # the store exists: this test is about the claims
     cmd = [sys.executable, "-m", "scaling_suite.cli", "sweep", "--mode", "smoke", "--experiment", "c",
            "--quiet", "--no_analysis"]
     procs = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
