@@ -87,7 +87,13 @@ def read_csv_runs(path, N_col="N", D_col="D", C_col="C", loss_col="loss", drop_h
         raise SuiteError(f"{path.name} has no rows")
 
     def column(name):
-        return check_positive(f"column {name!r}", pd.to_numeric(raw[name], errors="coerce"))
+        values = pd.to_numeric(raw[name], errors="coerce")
+        text = (values.isna() & raw[name].notna()).to_numpy()   # coerced to NaN, but was not empty
+        if text.any():
+            i = int(text.argmax())
+            raise SuiteError(f"column {name!r} of {path.name} holds text where numbers belong: {int(text.sum())} "
+                             f"value(s), the first on line {i + 2}: {raw[name].iloc[i]!r}")
+        return check_positive(f"column {name!r}", values)
     df = pd.DataFrame({"N": column(N_col), "loss": column(loss_col)})
     notes = []
     if D_col in raw.columns:

@@ -10,26 +10,36 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields
 
-from .config import add_config_flags, config_from_args, from_preset
+from .config import RunConfig, add_config_flags, config_from_args, from_preset
 from .errors import SuiteError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def cmd_train(args) -> int:
     from . import data as data_lib
     from . import tracking
     from .device import pick_device
-    from .train import TrainingFailed, config_from_params, result_dict, train
+    from .train import config_from_params, load_checkpoint, result_dict, train
 
-    resume_from = None
+    tracking.quiet_downloads(args.quiet)
     if args.resume:
+        # The run's own settings, exactly: a flag beside --resume would either be ignored or make
+        # another run under this one's id.
+        given = [f"--{f.name}" for f in fields(RunConfig) if getattr(args, f.name, None) not in (None, "")]
+        given += [f"--{k}" for k in ("experiment", "run_name") if getattr(args, k, None)]
+        if given:
+            raise SuiteError(f"--resume continues run {args.resume} with its own settings; drop {', '.join(given)}")
         client = tracking.init_store()
         try:
             run = client.get_run(args.resume)
         except Exception:  # noqa: BLE001
             raise SuiteError(f"no MLflow run {args.resume!r} in {tracking.tracking_uri()}") from None
+        if run.info.status == "FINISHED":
+            raise SuiteError(f"run {args.resume} is FINISHED: nothing to resume (start a new run instead)")
         cfg = config_from_params(run.data.params)
     else:
         cfg = config_from_args(args)
@@ -37,25 +47,18 @@ def cmd_train(args) -> int:
     tracking.init_store()                        # so does an unwritable store
     d = cfg.derived()
     data = data_lib.load_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size)
-    tracker = tracking.start_run(args.experiment, run_name=args.run_name or tracking.run_name(d.N, d.D),
-                                 run_id=args.resume)
-    try:
+    with tracking.scratch() as tmp:
+        resume_from = None
         if args.resume:
-            scratch = tracking.scratch_dir()
-            resume_from = tracker.fetch_checkpoint(scratch)
+            # Fetched and checked before the run is touched: a refusal leaves it as it was.
+            resume_from = tracking.fetch_checkpoint(client, args.resume, tmp)
             if resume_from is None:
                 raise SuiteError(f"run {args.resume} has no checkpoint to resume from; start it again")
-        result = train(cfg, tracker, data=data, resume_from=resume_from, progress=not args.quiet)
-    except KeyboardInterrupt:
-        tracker.finish("KILLED", "interrupted by the user")
-        raise
-    except (TrainingFailed, SuiteError) as e:
-        tracker.finish("FAILED", str(e))
-        raise
-    except Exception as e:
-        tracker.finish("FAILED", f"{type(e).__name__}: {e}")
-        raise
-    tracker.finish("FINISHED")
+            load_checkpoint(resume_from, cfg, run_id=args.resume)
+        tracker = tracking.start_run(args.experiment, run_name=args.run_name or tracking.run_name(d.N, d.D),
+                                     run_id=args.resume)
+        with tracker.running():
+            result = train(cfg, tracker, data=data, resume_from=resume_from, progress=not args.quiet)
     out = result_dict(result)
     print(f"run {result.run_id}: N={d.N:,} D={d.D:,} C={d.C:.3g} FLOPs  final_val_loss={result.final_val_loss:.4f} "
           f"({result.val_bpb:.3f} bits/byte)  {result.wall_seconds:.1f}s, {result.tokens_per_second:,.0f} tok/s")
@@ -206,10 +209,13 @@ def cmd_sweep(args) -> int:
 
     from .lr_auto import parse_lr, resolve_lr
 
+    tracking.quiet_downloads(args.quiet)
     overrides = {k: getattr(args, k) for k in STUDY_FLAGS if getattr(args, k) not in (None, "") and k != "lr"}
     lr = parse_lr(args.lr)             # None: auto (the default), resolved below once the plan is final
     design = None if args.design in (None, "", "auto") else args.design
     budget = None if args.budget in (None, "", "0", "none") else plan_lib.parse_duration(args.budget)
+    if budget:
+        plan_lib.check_time_budget(budget)   # before the speed probe below, which takes a minute
     branching = args.branching or "auto"
     plan = plan_lib.make_plan(args.mode, design, overrides, branching)   # validates mode, design, every config
     pick_device(plan.points[0].config.device)
@@ -311,12 +317,8 @@ def cmd_analyze(args) -> int:
     else:
         tracker = tracking.start_run((args.experiment or [None])[0], run_name="analysis",
                                      tags={"role": "analysis"}, parent_run_id=parent, system_metrics=False)
-    try:
+    with tracker.running():
         code = report.main(args, logger=tracker) or 0
-    except BaseException as e:
-        tracker.finish("FAILED", f"{type(e).__name__}: {e}")
-        raise
-    tracker.finish("FINISHED")
     print(f"analysis run {tracker.run_id}" + (f" (nested under {parent})" if parent else ""))
     return code
 
@@ -328,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        # The runs were marked KILLED on the way out (Tracker.running); 130 = 128 + SIGINT, the
+        # shell's code for a Ctrl-C.
+        print("interrupted: the run(s) in progress are marked KILLED; rerun the same command "
+              "(or train --resume RUN_ID) to continue from the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -174,7 +174,16 @@ def _read_file(path: Path, rel: str) -> Iterator[tuple[str, str]]:
     else:
         import pyarrow.parquet as pq
         try:
-            batches = pq.ParquetFile(path).iter_batches(columns=["text"])
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # not a parquet file, unreadable
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise SuiteError(f"cannot read {path} as parquet: {why}") from None
+        names = pf.schema_arrow.names
+        if "text" not in names:
+            shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+            raise SuiteError(f"{path} has no 'text' column; its columns: {shown or 'none'}")
+        try:
+            batches = pf.iter_batches(columns=["text"])
             for i, text in enumerate(t for b in batches for t in b.column(0).to_pylist()):
                 yield f"{rel}#{i}", "" if text is None else str(text)
         except Exception as e:  # missing column, not a parquet file, ...
@@ -402,6 +411,9 @@ def _build(corpus: _Corpus, dest: Path, meta: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+SCAN_CHUNK = 1 << 24   # tokens checked per step of the load-time scan (32 MB of uint16)
+
+
 def _open(dest: Path, want: dict):
     """Open and validate a cache dir -> (train, val, tokenizer, meta); raises ValueError if corrupt."""
     try:
@@ -419,11 +431,15 @@ def _open(dest: Path, want: dict):
         if not isinstance(n, int) or n < 1 or not path.exists() or path.stat().st_size != 2 * n:
             raise ValueError(f"{split}.bin does not hold the {n} tokens meta.json records")
         arr = np.memmap(path, dtype=np.uint16, mode="r")
-        # A full scan of a multi-GB file on every load is too slow; ends + a fixed random sample.
-        idx = np.unique(np.concatenate([np.arange(min(n, 4096)), np.arange(max(0, n - 4096), n),
-                                        np.random.default_rng(0).integers(0, n, 65536)]))
-        if int(arr[idx].max()) >= meta["vocab_size"]:
-            raise ValueError(f"{split}.bin has token ids >= vocab_size {meta['vocab_size']}")
+        # Every token, in chunks: a sample missed a single bad id, which then stopped the run
+        # mid-way with an IndexError in the embedding. The scan reads the file once at load
+        # (about 1 GB/s; the stdlib cache in tens of ms), far less than training on it.
+        for i in range(0, n, SCAN_CHUNK):
+            top = int(arr[i:i + SCAN_CHUNK].max())
+            if top >= meta["vocab_size"]:
+                at = i + int(np.argmax(arr[i:i + SCAN_CHUNK] >= meta["vocab_size"]))
+                raise ValueError(f"{split}.bin has token id {int(arr[at])} >= vocab_size {meta['vocab_size']} "
+                                 f"at position {at}")
         arrays.append(arr)
     if meta["tokenizer"] == "bpe":
         try:

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
-from bisect import bisect_left
 from dataclasses import dataclass, fields
 
 from .config import RunConfig, add_config_flags, derive, make_config, validate
@@ -329,7 +327,7 @@ def open_search(storage, name: str, space: Space, n_trials: int, sampler: str, i
         run_id = None
     tags = {"role": "optuna_search", "optuna_study": name, "optuna_storage": worker.safe_url(storage.url)}
     tracker = tracking.start_run(experiment, run_name=f"optuna {name}", tags=tags, parent_run_id=top_run_id,
-                                 run_id=run_id, system_metrics=False)
+                                 run_id=run_id, system_metrics=False, reopen=True)   # a resumed search
     if run_id and top_run_id:
         tracking.adopt(client, run_id, top_run_id)
     tracker.log_params({"C": space.C, "sampler": spec["sampler"], "study": name, "spread": space.spread,
@@ -435,6 +433,8 @@ def cmd_optimize(args) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _threads(args.threads)
+    tracking.quiet_downloads(args.quiet)
+    args.storage = worker.storage_url(args.storage)
     flops = parse_flops(args.flops)
     n_trials = _int(args.trials, "--trials")
     workers = _int(args.workers, "--workers", 0)
@@ -520,9 +520,11 @@ def _threads(n: int) -> None:
 
 
 def cmd_worker(args) -> int:
-    from . import worker
+    from . import tracking, worker
 
     _threads(args.threads)
+    tracking.quiet_downloads(args.quiet)
+    args.storage = worker.storage_url(args.storage)
     n = worker.work(args.storage, args.study, args.heartbeat, args.grace, parent_run_id=args.parent_run_id,
                     max_trials=_int(args.max_trials, "--max_trials") if args.max_trials else None,
                     progress=not args.quiet, seed=args.sampler_seed)
@@ -532,11 +534,12 @@ def cmd_worker(args) -> int:
 
 def register(sub) -> None:
     """Add `optimize` and `worker` to the CLI (called by cli.build_parser)."""
-    from .worker import DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE
+    from .worker import DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV
 
     def storage_flags(p):
-        p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna RDB URL (default {DEFAULT_STORAGE}; "
-                       "postgresql://user:pw@host/db for many machines)")
+        p.add_argument("--storage", default=None, help=f"Optuna RDB URL (default ${STORAGE_ENV}, else {DEFAULT_STORAGE}; "
+                       f"postgresql://user:pw@host/db for many machines: put it in ${STORAGE_ENV} to keep the "
+                       "password off the command line)")
         p.add_argument("--heartbeat", type=int, default=None,
                        help=f"seconds between trial heartbeats (default: the study's, {DEFAULT_HEARTBEAT})")
         p.add_argument("--grace", type=int, default=None,

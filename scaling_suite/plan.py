@@ -266,8 +266,17 @@ def estimate_seconds(plan: Plan, rate: dict[int, float], per_run_s: float = 2.0)
     return total
 
 
+TIME_OVERHEAD_S = 40.0   # a study's set-up and analysis, outside its runs' training
+
+
+def check_time_budget(seconds: float, overhead_s: float = TIME_OVERHEAD_S) -> None:
+    """Refuse a budget that the overhead alone exceeds: before the speed probe, which costs a minute."""
+    if seconds <= overhead_s:
+        raise SuiteError(f"a budget of {seconds:.0f}s is too small: set-up and analysis alone take about {overhead_s:.0f}s")
+
+
 def fit_to_time(mode: str, design: str | None, seconds: float, rate: dict[int, float],
-                overrides: dict | None = None, overhead_s: float = 40.0, branching: str | bool = "auto") -> Plan:
+                overrides: dict | None = None, overhead_s: float = TIME_OVERHEAD_S, branching: str | bool = "auto") -> Plan:
     """The largest plan of the design whose estimated wall time fits SECONDS.
 
     RATE is this device's measured training FLOP/s per depth (sweep.probe_rates). The mode's
@@ -276,9 +285,8 @@ def fit_to_time(mode: str, design: str | None, seconds: float, rate: dict[int, f
     optimizer step is an error, never silently dropped. overhead_s: set-up and the analysis.
     """
     base = make_plan(mode, design, overrides, branching)
+    check_time_budget(seconds, overhead_s)
     target = seconds - overhead_s
-    if target <= 0:
-        raise SuiteError(f"a budget of {seconds:.0f}s is too small: set-up and analysis alone take about {overhead_s:.0f}s")
     lo, hi = 1e-6, 1e6          # bisect the scale factor in log space: estimate is monotone in it
     for _ in range(60):
         mid = math.sqrt(lo * hi)

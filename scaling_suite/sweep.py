@@ -17,6 +17,7 @@ skipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from .config import RunConfig
 from .device import pick_device, release_memory
 from .errors import SuiteError
 from .plan import Plan
-from .train import Pruned, TrainingFailed, train
+from .train import Pruned, train
 
 INTERRUPTED = ("RUNNING", "KILLED", "SCHEDULED")
 
@@ -69,7 +70,27 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
     """
     client = tracking.init_store()
     params, code = cfg.to_params(), code_version()
+    # The claim: this configuration is trained by the process holding its lock, so the check for
+    # an earlier run and the creation of a new one below are one step for all processes on this
+    # machine, and a RUNNING run whose lock is free was left by a process that died (resume it).
     scope = {"study_key": study_key} if study_key else {"mlflow.parentRunId": parent_run_id}
+    key = hashlib.sha256(json.dumps([scope, params, code], sort_keys=True).encode()).hexdigest()[:24]
+    claim = tracking.FileLock(tracking.lock_dir() / f"run-{key}.lock")
+    if not claim.acquire(blocking=False):
+        d = cfg.derived()
+        print(f"{tracking.run_name(d.N, d.D)}: another process is training this configuration; waiting for it",
+              flush=True)
+        claim.acquire()
+    try:
+        return _run_claimed(client, cfg, parent_run_id, scope, code, tags, data, progress, resume_running,
+                            study_key, bar_position, save_at_steps, branch, on_eval, reference)
+    finally:
+        claim.release()
+
+
+def _run_claimed(client, cfg, parent_run_id, scope, code, tags, data, progress, resume_running, study_key,
+                 bar_position, save_at_steps, branch, on_eval, reference) -> ChildOutcome:
+    params = cfg.to_params()
     same = [r for r in tracking.find_runs(client, parent_run_id, {**scope, "code_version": code})
             if r.data.params == params]
     d = cfg.derived()
@@ -93,35 +114,42 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
 
     resume_id = next((r.info.run_id for r in same if r.info.status in INTERRUPTED), None) if resume_running else None
     child_tags = {"code_version": code, "study_key": study_key or "", **(tags or {})}
-    tracker = tracking.start_run(run_name=tracking.run_name(d.N, d.D), tags=child_tags, parent_run_id=parent_run_id,
-                                 run_id=resume_id)
-    if resume_id:
-        tracking.adopt(client, resume_id, parent_run_id)
-    ckpt = tracker.fetch_checkpoint(tracking.scratch_dir()) if resume_id else None
-    branch_ckpt = None
-    if branch and ckpt is None:
-        branch_ckpt = start_branch(tracker, cfg, *branch)
-    try:
-        result = train(cfg, tracker, data=data, resume_from=ckpt, progress=progress, bar_position=bar_position,
-                       save_at_steps=save_at_steps, branch_from=branch_ckpt, on_eval=on_eval, tags={"role": tags["role"]} if tags and "role" in tags else None,
-                       reference=reference)
-    except Pruned as e:
-        # KILLED (stopped from outside, not broken) and tagged, with the tokens actually trained.
-        tokens = e.step * cfg.batch_tokens
-        tracker.set_tags({"pruned": "true", "pruned_at_tokens": tokens})
-        tracker.log_metrics({"tokens_trained": tokens, "flops_trained": tokens * d.flops_per_token}, step=tokens)
-        tracker.finish("KILLED", str(e))
-        release_memory(pick_device(cfg.device))
-        return ChildOutcome("PRUNED", tracker.run_id, math.nan, d.C, reason=str(e), tokens_trained=tokens)
-    except (TrainingFailed, SuiteError, RuntimeError) as e:
-        # RuntimeError covers out-of-memory from torch; the study goes on without this point.
-        reason = str(e) if isinstance(e, SuiteError) else f"{type(e).__name__}: {e}"
-        tracker.finish("FAILED", reason)
-        release_memory(pick_device(cfg.device))  # an OOM leaves the failed run's tensors behind
-        return ChildOutcome("FAILED", tracker.run_id, math.nan, d.C, reason=reason)
-    except BaseException:
-        tracker.finish("KILLED", "interrupted")
-        raise
+    with tracking.scratch() as tmp:     # downloaded checkpoints: removed when the run ends
+        ckpt = tracking.fetch_checkpoint(client, resume_id, tmp) if resume_id else None
+        tracker = tracking.start_run(run_name=tracking.run_name(d.N, d.D), tags=child_tags,
+                                     parent_run_id=parent_run_id, run_id=resume_id)
+        if resume_id:
+            tracking.adopt(client, resume_id, parent_run_id)
+        branch_ckpt = None
+        if branch and ckpt is None:
+            branch_ckpt = start_branch(tracker, cfg, *branch, tmp)
+        try:
+            result = train(cfg, tracker, data=data, resume_from=ckpt, progress=progress, bar_position=bar_position,
+                           save_at_steps=save_at_steps, branch_from=branch_ckpt, on_eval=on_eval,
+                           trunk_run_id=branch[0] if branch else None,
+                           tags={"role": tags["role"]} if tags and "role" in tags else None, reference=reference)
+        except Pruned as e:
+            # KILLED (stopped from outside, not broken) and tagged, with the tokens actually trained.
+            tokens = e.step * cfg.batch_tokens
+            tracker.set_tags({"pruned": "true", "pruned_at_tokens": tokens})
+            tracker.log_metrics({"tokens_trained": tokens, "flops_trained": tokens * d.flops_per_token}, step=tokens)
+            tracker.finish("KILLED", str(e))
+            release_memory(pick_device(cfg.device))
+            return ChildOutcome("PRUNED", tracker.run_id, math.nan, d.C, reason=str(e), tokens_trained=tokens)
+        except Exception as e:  # noqa: BLE001
+            # A run that cannot go on (NaN loss, out of memory: a RuntimeError from torch, a bug)
+            # is FAILED with its reason and the study goes on without this point; only an
+            # interruption (Ctrl-C, SystemExit) is KILLED and stops the study.
+            reason = str(e) if isinstance(e, SuiteError) else f"{type(e).__name__}: {e}"
+            tracker.finish("FAILED", reason)
+            release_memory(pick_device(cfg.device))  # an OOM leaves the failed run's tensors behind
+            return ChildOutcome("FAILED", tracker.run_id, math.nan, d.C, reason=reason)
+        except BaseException:
+            # KILLED, not FAILED: a rerun of the study resumes it from its last checkpoint (and
+            # measures again the points after it, which are therefore not sent now).
+            tracker.discard()
+            tracker.end("KILLED", "interrupted")
+            raise
     if on_eval is not None:   # a tuning trial: its compute is compared with pruned ones'
         tracker.log_metrics({"tokens_trained": d.D, "flops_trained": d.C}, step=d.D)
     tracker.finish("FINISHED")
@@ -134,10 +162,11 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
 TRUNK_HISTORY = ("train_loss", "lr", "tokens", "flops", "tokens_per_second", "val_loss", "val_bpb", "mem_gb")
 
 
-def start_branch(tracker, cfg: RunConfig, trunk_run_id: str | None, step: int):
+def start_branch(tracker, cfg: RunConfig, trunk_run_id: str | None, step: int, dst_dir):
     """Tag TRACKER's run as a branch of the trunk, copy the trunk's history up to STEP once, and
-    return the trunk's checkpoint at STEP; None (and a line saying so) when the trunk has none."""
-    ckpt = tracker.fetch_branch_checkpoint(trunk_run_id, step, tracking.scratch_dir()) if trunk_run_id else None
+    return the trunk's checkpoint at STEP (downloaded into DST_DIR); None (and a line saying so)
+    when the trunk has none."""
+    ckpt = tracker.fetch_branch_checkpoint(trunk_run_id, step, dst_dir) if trunk_run_id else None
     if ckpt is None:
         d = cfg.derived()
         print(f"{tracking.run_name(d.N, d.D)}: trunk {trunk_run_id} has no checkpoint at step {step}; "
@@ -170,8 +199,9 @@ def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.Ml
         tracker = tracking.start_run(tags={**tags, "mlflow.runName": f"{plan.mode} {plan.design} study"})
     else:
         earlier = tracking.find_study(client, experiment, plan.key)
+        # A re-run of the study continues its parent, finished or not (run_study holds its lock).
         tracker = tracking.start_run(experiment, run_name=f"{plan.mode} {plan.design} study", tags=tags,
-                                     run_id=earlier)
+                                     run_id=earlier, reopen=True)
     tracker.log_params(params)
     return tracker
 
@@ -180,7 +210,23 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
               planned_seconds: float | None = None, analyze: bool = True, n_bootstrap: int = 200,
               lr_info: dict | None = None) -> StudyOutcome:
     """lr_info: how the runs' learning rates were chosen (lr_auto.resolve_lr), logged as the parent's
-    params lr, lr_source, lr_law_run_id; without it the plan's own lrs are described (fixed or not)."""
+    params lr, lr_source, lr_law_run_id; without it the plan's own lrs are described (fixed or not).
+
+    One process at a time runs a given study (a lock per study key): a second sweep of the same
+    study on this machine waits, then finds every run the first finished and skips it, instead of
+    opening a second parent or attaching to the live one. (run_child also claims each
+    configuration, for callers that train concurrently.)"""
+    lock = tracking.FileLock(tracking.lock_dir() / f"study-{plan.key}.lock")
+    if not lock.acquire(blocking=False):
+        print(f"another process is running this {plan.mode} study on this store; waiting for it to end", flush=True)
+        lock.acquire()
+    try:
+        return _run_study(plan, experiment, params, progress, planned_seconds, analyze, n_bootstrap, lr_info)
+    finally:
+        lock.release()
+
+
+def _run_study(plan, experiment, params, progress, planned_seconds, analyze, n_bootstrap, lr_info) -> StudyOutcome:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -230,7 +276,7 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
             parent.log_metrics({"runs_done": k + 1, "flops_done": flops_done}, step=k + 1)
     except BaseException:
         bar.close()
-        parent.finish("KILLED", "interrupted")
+        parent.end("KILLED", "interrupted")
         raise
     bar.close()
     wall = time.perf_counter() - t0

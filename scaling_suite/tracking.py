@@ -11,8 +11,13 @@ over HTTP (measured with mlflow 3.17.2). The MLflow ``step`` of every metric is 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
+import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -38,8 +43,39 @@ class NullTracker:
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def fetch_checkpoint(self, dst_dir: str | Path) -> Path | None: return None
+    def fetch_branch_checkpoint(self, trunk_run_id: str, step: int, dst_dir) -> Path | None: return None
+    def copy_history(self, src_run_id: str, keys, max_step: int) -> int: return 0
     def flush(self) -> None: ...
+    def discard(self) -> None: ...
     def finish(self, status: str = "FINISHED", reason: str = "") -> None: ...
+
+    @contextlib.contextmanager
+    def running(self):
+        """The one place a run's end status is decided: FINISHED when the block ends normally,
+        KILLED on Ctrl-C, FAILED (with the reason as the failure_reason tag) on any error; the
+        exception goes on. Only a process that created or legitimately attached to the run
+        (start_run) holds its tracker, so only it ever changes the run's status."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.discard()
+            self.end("KILLED", "interrupted by the user")
+            raise
+        except SuiteError as e:
+            self.end("FAILED", str(e))
+            raise
+        except BaseException as e:
+            self.end("FAILED", f"{type(e).__name__}: {e}")
+            raise
+        self.finish("FINISHED")
+
+    def end(self, status: str, reason: str = "") -> None:
+        """finish() while another error is on its way: a store that cannot take the status (it was
+        deleted, the server is down) must not replace that error with its own traceback."""
+        try:
+            self.finish(status, reason)
+        except Exception:  # noqa: BLE001 — the caller re-raises the original error
+            logging.getLogger(__name__).debug("could not mark run %s %s", self.run_id, status, exc_info=True)
 
 
 def same_value(a: str, b: str) -> bool:
@@ -49,6 +85,12 @@ def same_value(a: str, b: str) -> bool:
         return float(a) == float(b)
     except ValueError:
         return False
+
+
+def quiet_downloads(quiet: bool) -> None:
+    """--quiet also silences MLflow's "Downloading artifacts" bar (checkpoints fetched to resume)."""
+    if quiet:
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 
 
 def tracking_uri() -> str:
@@ -78,13 +120,100 @@ def init_store(uri: str | None = None):
     # MLflow's INFO lines (table creation, system-metrics thread start/stop) drown the progress
     # bar and the one-line errors; warnings and errors still show.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # This one logs every database error with its traceback before raising it; the raised error
+    # reaches the user anyway, as one line (MlflowTracker._timed, init_store below).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     try:
-        client.search_experiments(max_results=1)
+        # The client builds MLflow's store object (importing a database URL's driver), which creates
+        # and migrates the schema of a fresh database: one process at a time (fcntl lock beside
+        # the db), so processes started together all find a whole schema. Later opens only read
+        # the schema version.
+        with (FileLock(Path(uri[len("sqlite:///"):] + ".lock")) if uri.startswith("sqlite:///")
+              else contextlib.nullcontext()):
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 — any store failure is the user's to fix, in one line
-        raise SuiteError(f"cannot open the MLflow store {uri}: {type(e).__name__}: {e}") from None
+        raise SuiteError(f"cannot open the MLflow store {safe_uri(uri)}: {type(e).__name__}: {e}") from None
     return client
+
+
+def safe_uri(uri: str) -> str:
+    """URI with a password masked (user:***@host), for messages."""
+    import re
+
+    return re.sub(r"(//[^/:@]+:)[^/@]+@", r"\1***@", uri)
+
+
+SERVER_TRIES = 3
+SERVER_TIMEOUT = 4.0   # seconds per try: a server that does not answer fails in about 15 s
+
+
+def check_server(uri: str) -> None:
+    """Fail in one line when the tracking server does not answer, within about 15 s.
+
+    MLflow's own client retries 7 times with exponential backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    _BACKOFF_FACTOR; about 4 minutes), right for a blip mid-run (the metrics wait in the
+    tracker's buffer meanwhile) but a long silence at start. Any HTTP answer counts: only a
+    refused or timed-out connection fails here."""
+    import requests
+
+    url = uri.rstrip("/") + "/health"
+    for i in range(SERVER_TRIES):
+        try:
+            requests.get(url, timeout=SERVER_TIMEOUT)
+            return
+        except requests.RequestException as e:
+            err = e
+            if i + 1 < SERVER_TRIES:
+                time.sleep(1.0)
+    reason = type(err).__name__ + (": connection refused" if "refused" in str(err).lower() else "")
+    raise SuiteError(f"the MLflow tracking server {uri} does not answer ({reason}, {SERVER_TRIES} tries); "
+                     "start it, or point MLFLOW_TRACKING_URI elsewhere")
+
+
+class FileLock:
+    """An exclusive fcntl lock on PATH (created 0600 if missing). The kernel releases it when the
+    holder exits or dies, so a lock held means a live process on this machine. Not across machines:
+    many machines coordinate through the Optuna storage (worker.py)."""
+
+    def __init__(self, path: Path, blocking: bool = True):
+        self.path, self.blocking, self.fd = Path(path), blocking, None
+
+    def acquire(self, blocking: bool | None = None) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if (self.blocking if blocking is None else blocking) else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)   # closing the descriptor drops the lock
+            self.fd = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_dir(uri: str | None = None) -> Path:
+    """Where a store's claim locks live: beside a SQLite db, else in the user's cache (one folder
+    per store URL)."""
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):] + ".locks")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "scaling-suite" / "locks" / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def git_commit() -> str:
@@ -106,7 +235,15 @@ def experiment_id(client, name: str | None) -> str:
     name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return client.create_experiment(name)
+        except MlflowException:
+            # Another process created it in between (the name is unique in the store): use theirs.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
     if exp.lifecycle_stage == "deleted":
         raise SuiteError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
     return exp.experiment_id
@@ -157,9 +294,17 @@ class MlflowTracker(NullTracker):
 
     def flush(self) -> None:
         while self._buffer:
-            chunk, self._buffer = self._buffer[:self.FLUSH_POINTS], self._buffer[self.FLUSH_POINTS:]
-            self._timed(self.client.log_batch, self.run_id, metrics=chunk)
+            # Points leave the buffer only once MLflow took them: a failed call (the store away
+            # longer than MLflow's retries) loses nothing, and the next flush sends them.
+            self._timed(self.client.log_batch, self.run_id, metrics=self._buffer[:self.FLUSH_POINTS])
+            del self._buffer[:self.FLUSH_POINTS]
         self._last_flush = time.monotonic()
+
+    def discard(self) -> None:
+        """Drop the points not yet sent. For an interrupted run: they were measured after its last
+        checkpoint (each checkpoint flushes), so a resume measures them again; sent now, they would
+        be in the run twice."""
+        self._buffer.clear()
 
     def set_tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
@@ -195,10 +340,7 @@ class MlflowTracker(NullTracker):
         self._timed(self.client.log_text, self.run_id, text, artifact_file)
 
     def fetch_checkpoint(self, dst_dir) -> Path | None:
-        folder = CHECKPOINT.rsplit("/", 1)[0]
-        if not any(f.path == CHECKPOINT for f in self.client.list_artifacts(self.run_id, folder)):
-            return None
-        return Path(self.client.download_artifacts(self.run_id, CHECKPOINT, str(dst_dir)))
+        return fetch_checkpoint(self.client, self.run_id, dst_dir)
 
     def fetch_branch_checkpoint(self, trunk_run_id: str, step: int, dst_dir) -> Path | None:
         """The trunk's checkpoint at STEP (checkpoints/branch_<step>.pt), or None if it has none."""
@@ -227,21 +369,40 @@ class MlflowTracker(NullTracker):
             if self._monitor is not None:
                 self._monitor.finish()
                 self._monitor = None
-            self.client.set_terminated(self.run_id, status)
+            self._timed(self.client.set_terminated, self.run_id, status)
 
     def _timed(self, fn, *args, **kw):
         t = time.perf_counter()
         try:
             return fn(*args, **kw)
+        except SuiteError:
+            raise
+        except Exception as e:  # noqa: BLE001 — MLflow, SQLAlchemy, OS and HTTP errors alike
+            # After MLflow's own retries: the store is gone (deleted, server down). One line; the
+            # run's checkpoints already logged are kept, and the run can be resumed.
+            raise StoreError(f"the MLflow store {safe_uri(tracking_uri())} failed ({fn.__name__}): "
+                             f"{type(e).__name__}: {_gist(e)}") from None
         finally:
             self.log_seconds += time.perf_counter() - t
 
 
+class StoreError(SuiteError):
+    """The tracking store failed mid-run."""
+
+
+def _gist(e: Exception) -> str:
+    """The informative line of a long error (SQLAlchemy's carry the SQL and a parameter dump)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("(raised as a result", "[SQL", "[parameters", "(Background"))]
+    return ((useful or lines or [type(e).__name__])[0])[:300]
+
+
 def start_run(experiment: str | None = None, run_name: str | None = None, tags: dict | None = None,
               parent_run_id: str | None = None, run_id: str | None = None,
-              system_metrics: bool = True) -> MlflowTracker:
+              system_metrics: bool = True, reopen: bool = False) -> MlflowTracker:
     """Open a run: resume RUN_ID, else attach to `mlflow run`'s MLFLOW_RUN_ID, else create one
-    (nested under PARENT_RUN_ID when given)."""
+    (nested under PARENT_RUN_ID when given). A FINISHED RUN_ID is refused unless REOPEN (a
+    study's parent, re-run by the process that holds the study's lock)."""
     from mlflow.exceptions import MlflowException
 
     client = init_store()
@@ -252,7 +413,15 @@ def start_run(experiment: str | None = None, run_name: str | None = None, tags: 
             run = client.get_run(attach)
         except MlflowException:
             raise SuiteError(f"no MLflow run {attach!r} in {tracking_uri()}") from None
-        if run.info.status != "RUNNING":
+        # Attach only where this process may own the run: `mlflow run`'s fresh run (RUNNING or
+        # SCHEDULED), or with --resume an interrupted one. A refusal leaves the run as it was.
+        status = run.info.status
+        if run_id is None and status not in ("RUNNING", "SCHEDULED"):
+            raise SuiteError(f"MLFLOW_RUN_ID names run {attach}, which is {status}; unset MLFLOW_RUN_ID "
+                             "(left over from an earlier `mlflow run`?) to start a new run")
+        if run_id is not None and status == "FINISHED" and not reopen:
+            raise SuiteError(f"run {attach} is FINISHED: nothing to resume (start a new run instead)")
+        if status != "RUNNING":
             client.update_run(attach, status="RUNNING")
         tracker = MlflowTracker(client, attach, system_metrics)
         existing = run.data.tags
@@ -270,6 +439,14 @@ def start_run(experiment: str | None = None, run_name: str | None = None, tags: 
         exp_id = experiment_id(client, experiment)
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
     return MlflowTracker(client, run.info.run_id, system_metrics)
+
+
+def fetch_checkpoint(client, run_id: str, dst_dir) -> Path | None:
+    """RUN_ID's last checkpoint, downloaded into DST_DIR, or None when it has none."""
+    folder = CHECKPOINT.rsplit("/", 1)[0]
+    if not any(f.path == CHECKPOINT for f in client.list_artifacts(run_id, folder)):
+        return None
+    return Path(client.download_artifacts(run_id, CHECKPOINT, str(dst_dir)))
 
 
 def find_runs(client, parent_run_id: str, tags: dict) -> list:
@@ -323,5 +500,30 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
+_SCRATCH: list[Path] = []
+
+
 def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="scaling-suite-"))
+    """A temporary folder for files that go to MLflow as artifacts (plots, reports), removed when
+    the process exits. Per-run files (checkpoints, often gigabytes) use `scratch`, removed when
+    the run ends."""
+    path = Path(tempfile.mkdtemp(prefix="scaling-suite-"))
+    if not _SCRATCH:
+        atexit.register(_remove_scratch)
+    _SCRATCH.append(path)
+    return path
+
+
+def _remove_scratch() -> None:
+    while _SCRATCH:
+        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch():
+    """A temporary folder removed when the block ends, however it ends."""
+    path = Path(tempfile.mkdtemp(prefix="scaling-suite-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

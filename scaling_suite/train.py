@@ -11,8 +11,11 @@ micro-batches (gradient accumulation), never the batch, the schedule or the toke
 from __future__ import annotations
 
 import math
+import pickle
+import re
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -28,7 +31,7 @@ from .device import (COMPILE_PROBE_STEPS, autocast, compile_key, compile_model, 
 from .errors import SuiteError
 from .model import GPT
 from .schedule import branch_problem, lr_at
-from .tracking import NullTracker, scratch_dir
+from .tracking import NullTracker, scratch
 
 
 class TrainingFailed(SuiteError):
@@ -77,26 +80,69 @@ def evaluate(model: GPT, val: torch.Tensor, micro: int, device, precision: str) 
 
 
 def save_checkpoint(path: Path, model, opt, step: int, cfg: RunConfig, curve, train_losses, predictions,
-                    branched_at: int = 0) -> None:
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-             "config": cfg.to_params(), "curve": curve, "train_losses": train_losses,
-             "predictions": [asdict(p) for p in predictions], "torch_rng": torch.get_rng_state(),
-             "branched_at": branched_at}
+                    branched_at: int = 0, run_id: str | None = None) -> None:
+    """Tensors and plain Python values only (dicts, lists, str, int, float, bool, None), so that
+    load_checkpoint can read it with torch.load(weights_only=True): numpy scalars (earlystop's
+    fits return np.float64) are turned into floats, the RNG state is a uint8 tensor already and the
+    config is its params dict. RUN_ID names the MLflow run the checkpoint belongs to."""
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": int(step),
+             "config": cfg.to_params(), "run_id": run_id or "",
+             "curve": [[int(t), float(v)] for t, v in curve], "train_losses": [float(x) for x in train_losses],
+             "predictions": [_plain(asdict(p)) for p in predictions], "torch_rng": torch.get_rng_state(),
+             "branched_at": int(branched_at)}
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a kill mid-write never leaves a truncated checkpoint
-
-
-def load_checkpoint(path: Path, cfg: RunConfig, branch: bool = False) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        torch.save(state, tmp)
+        tmp.replace(path)  # atomic: a kill mid-write never leaves a truncated checkpoint
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer reports a full disk as "file write failed", without the errno.
+        try:
+            tmp.unlink(missing_ok=True)
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MB free there"
+        except OSError:
+            free = "free space unknown"
+        raise SuiteError(f"cannot write the checkpoint {path}: {type(e).__name__}: {e} "
+                         f"(is the disk full? {free})") from None
+
+
+def _plain(d: dict) -> dict:
+    return {k: (int(v) if isinstance(v, (int, np.integer)) else float(v)) for k, v in d.items()}
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "curve", "train_losses", "predictions", "torch_rng")
+
+
+def load_checkpoint(path: Path, cfg: RunConfig, branch: bool = False, run_id: str | None = None) -> dict:
+    """Read a checkpoint without running code, and refuse one that is not RUN_ID's own (or, for a
+    branch, the trunk's) or does not fit CFG.
+
+    weights_only=True: a checkpoint comes from the tracking store, which anyone who can log
+    artifacts can write to; a full unpickle would run whatever a forged file asks for."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1).rstrip('.')})" if found else ""
+        raise SuiteError(f"refused checkpoint {path}: it holds objects other than tensors and plain values{what}, "
+                         "which could run code when loaded") from None
     except Exception as e:  # noqa: BLE001
         raise SuiteError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise SuiteError(f"checkpoint {path} is not a scaling-suite checkpoint: it lacks {', '.join(missing)}")
+    owner = state.get("run_id") or ""
+    # Checkpoints written before run ids were recorded have none; their config is still checked.
+    if run_id and owner and owner != run_id:
+        raise SuiteError(f"checkpoint {path} belongs to run {owner}, not {run_id}; refused")
     if branch:
         check_branch(state, cfg, path)
-    elif state["config"] != cfg.to_params():
-        diff = [k for k in state["config"] if state["config"][k] != cfg.to_params().get(k)]
-        raise SuiteError(f"checkpoint {path} was made with a different config ({', '.join(diff)})")
+    else:
+        # Compared as configs, not as strings: a preset's D=1_000_000 is written "1000000", and
+        # the same value rebuilt from MLflow's params (--resume) is the float 1000000.0.
+        made = config_from_params(state["config"])
+        diff = [f.name for f in fields(RunConfig) if getattr(made, f.name) != getattr(cfg, f.name)]
+        if diff:
+            raise SuiteError(f"checkpoint {path} was made with a different config ({', '.join(diff)})")
     return state
 
 
@@ -111,11 +157,25 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
           resume_from: Path | None = None, halt_at_step: int | None = None,
           checkpoint_dir: Path | None = None, progress: bool = True, tags: dict | None = None,
           bar_position: int = 0, save_at_steps=(), branch_from: Path | None = None, on_eval=None,
-          reference: earlystop.Reference | None = None) -> RunResult:
+          trunk_run_id: str | None = None, reference: earlystop.Reference | None = None) -> RunResult:
+    """Train CFG (_train). Without CHECKPOINT_DIR the checkpoints are written to a scratch folder
+    that is removed when the run ends, finished or not: each is logged to the tracker as an
+    artifact, and a full-size run's copy is gigabytes (a study would fill /tmp)."""
+    if checkpoint_dir is not None:
+        return _train(cfg, tracker, data, resume_from, halt_at_step, Path(checkpoint_dir), progress, tags,
+                      bar_position, save_at_steps, branch_from, on_eval, trunk_run_id, reference)
+    with scratch() as tmp:
+        return _train(cfg, tracker, data, resume_from, halt_at_step, tmp, progress, tags,
+                      bar_position, save_at_steps, branch_from, on_eval, trunk_run_id, reference)
+
+
+def _train(cfg: RunConfig, tracker, data, resume_from, halt_at_step, checkpoint_dir: Path, progress, tags,
+           bar_position, save_at_steps, branch_from, on_eval, trunk_run_id, reference) -> RunResult:
     """SAVE_AT_STEPS: also checkpoint the state after these steps as checkpoints/branch_<step>.pt
     (a WSD trunk keeps them for its branches). BRANCH_FROM: start from such a checkpoint of
     another run (the trunk) that differs only in the budget (check_branch); the run is then
-    CFG's own, with the trunk's first steps. Resuming an interrupted branch uses RESUME_FROM.
+    CFG's own, with the trunk's first steps (TRUNK_RUN_ID: the trunk's MLflow run, whose checkpoint
+    it must be). RESUME_FROM must be the tracker's run's own checkpoint. Resuming an interrupted branch uses RESUME_FROM.
     ON_EVAL(step, val_loss), when given, is called after each evaluation before the end of the
     run, and may raise Pruned to stop it (tune.py reports the loss to an Optuna pruner).
     REFERENCE: finished runs of this schedule (sweep.py); with enough of them the final-loss
@@ -137,7 +197,8 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
     lrs = np.array([lr_at(s, cfg, d) for s in range(d.steps)]) / cfg.lr   # for the predictor
     branched_at = 0                 # steps taken over from a trunk (BRANCH_FROM), not computed here
     if resume_from is not None or branch_from is not None:
-        state = load_checkpoint(Path(branch_from or resume_from), cfg, branch=branch_from is not None)
+        state = load_checkpoint(Path(branch_from or resume_from), cfg, branch=branch_from is not None,
+                                run_id=trunk_run_id if branch_from is not None else tracker.run_id)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -155,14 +216,18 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
                       "accumulation": pl.accumulation, "flops_convention": "6N+6*depth*context*d_model",
                       "N_convention": "N = non-embedding + output head (Porian et al. 2024)", **(tags or {})})
     tracker.log_dataset(data_lib.describe(data))
-    tracker.log_metrics({**d.metrics(), "bytes_per_token": bpt, "tokens": 0, "flops": 0}, step=0)
+    # Once per run: a resumed run logged these when it started, and a branch has its trunk's
+    # tokens and flops points (sweep.TRUNK_HISTORY); a second copy would be a duplicate point.
+    if resume_from is None:
+        start_metrics = {**d.metrics(), "bytes_per_token": bpt, **({"tokens": 0, "flops": 0} if branch_from is None else {})}
+        tracker.log_metrics(start_metrics, step=0)
 
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else scratch_dir()
+    ckpt_dir = checkpoint_dir
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "last.pt"
 
     def checkpoint(step, path=ckpt_path):
-        save_checkpoint(path, model, opt, step, cfg, curve, train_losses, predictions, branched_at)
+        save_checkpoint(path, model, opt, step, cfg, curve, train_losses, predictions, branched_at, tracker.run_id)
         tracker.flush()  # metrics up to this step are durable together with the checkpoint
         tracker.log_artifact(path, "checkpoints")
 
@@ -311,8 +376,9 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
                        steps_run, d.D, d.C, d.N, wall, (steps_run - start) * cfg.batch_tokens / wall, curve,
                        predicted=stopped, predictions=predictions)
     # C_spent: the FLOPs this run computed itself; a branch took its first steps from its trunk.
-    tracker.log_metrics({"final_val_loss": final, "final_train_loss": train_loss, "val_bpb": result.val_bpb,
-                         "wall_seconds": wall, **d.metrics(),
+    # val_bpb at D is the final evaluation's, logged with it, unless the run stopped early.
+    tracker.log_metrics({"final_val_loss": final, "final_train_loss": train_loss,
+                         **({"val_bpb": result.val_bpb} if stopped else {}), "wall_seconds": wall, **d.metrics(),
                          "C_spent": (steps_run - branched_at) * cfg.batch_tokens * float(d.flops_per_token)},
                         step=d.D)
     # Logging overhead (issue: ≤ 2% of step time): seconds inside the tracker over the run's wall.
@@ -359,9 +425,8 @@ def _progress(total: int, initial: int, enabled: bool, cfg: RunConfig, position:
 
 
 def config_from_params(params: dict) -> RunConfig:
-    """Rebuild a RunConfig from an MLflow run's params (for --resume)."""
-    from dataclasses import fields
-
+    """Rebuild a RunConfig from an MLflow run's params (for --resume). It equals the logged config
+    (dataclass equality: 1000000 == 1000000.0), though its to_params may spell a number otherwise."""
     names = {f.name for f in fields(RunConfig)}
     return make_config(**{k: v for k, v in params.items() if k in names})
 

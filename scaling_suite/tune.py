@@ -234,7 +234,8 @@ def run_tune(cfgs: list[RunConfig], *, trials: int, lr_min: float, lr_max: float
         earlier = client.search_runs([exp_id], f"tags.role = '{ROLE}' and tags.tune_key = '{skey}'", max_results=1,
                                      order_by=["attributes.start_time DESC"])
         parent = tracking.start_run(experiment, run_name="lr tuning", tags=tags,
-                                    run_id=earlier[0].info.run_id if earlier else None, system_metrics=False)
+                                    run_id=earlier[0].info.run_id if earlier else None, system_metrics=False,
+                                    reopen=True)   # the same tuning, run again
     try:
         parent.log_params({**(params or {}), "depths": " ".join(str(c.depth) for c in cfgs),
                            "tokens_per_param": first.tokens_per_param, "lr_min": lr_min, "lr_max": lr_max,

@@ -22,6 +22,7 @@ at once do not overshoot the trial count.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,9 +32,11 @@ import socket
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from .config import RunConfig, make_config
 from .errors import SuiteError
+from .tracking import FileLock
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 DEFAULT_HEARTBEAT = 20     # seconds between a running trial's heartbeats
@@ -41,6 +44,12 @@ DEFAULT_GRACE = 90         # a trial silent this long is failed and retried
 MAX_RETRY = 3              # retries of one trial after its worker died
 ATTR = "scaling_suite"     # study user attr holding the study's spec (kind, budget, base config, ...)
 CLAIMS = "scaling_suite_claims"
+STORAGE_ENV = "SCALING_SUITE_STORAGE"   # the storage URL when --storage is not given
+
+
+def storage_url(flag: str | None) -> str:
+    """--storage, else $SCALING_SUITE_STORAGE (keeps a password off the command line), else the default."""
+    return flag or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
 def config_key(cfg: RunConfig) -> str:
@@ -85,16 +94,22 @@ def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT, grace: int
                 raise SuiteError(f"cannot create the folder of {url}: {e.strerror or e}") from None
         # Several processes write heartbeats and trials; wait for the lock rather than fail.
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    with warnings.catch_warnings():
+    db = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    # Optuna creates (or upgrades) its schema when the storage is opened; processes starting at
+    # once on a fresh SQLite file crashed doing it together (PITFALLS.md): one at a time.
+    lock = FileLock(Path(os.path.abspath(db) + ".lock")) if db and db != ":memory:" else contextlib.nullcontext()
+    with warnings.catch_warnings(), lock:
         warnings.simplefilter("ignore")  # heartbeat_interval is "experimental" in Optuna 5
         try:
             return optuna.storages.RDBStorage(
                 url, heartbeat_interval=heartbeat, grace_period=grace if heartbeat else None,
                 heartbeat_stale_trial_callback=(optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry)
                                                 if heartbeat else None), **kwargs)
-        except ModuleNotFoundError as e:
+        except ImportError as e:   # a missing driver, or one that fails to import (ModuleNotFoundError is one)
             hint = (" (pip install 'scaling-suite[postgres]')" if parsed.get_backend_name() == "postgresql" else "")
-            raise SuiteError(f"the storage {safe_url(url)} needs the Python driver {e.name!r}{hint}") from None
+            name = e.name or parsed.get_driver_name() or parsed.get_backend_name()
+            raise SuiteError(f"the storage {safe_url(url)} needs the Python driver {name!r}, which does not "
+                             f"import{hint}") from None
         except (SQLAlchemyError, ValueError, OSError) as e:
             raise SuiteError(f"cannot open the Optuna storage {safe_url(url)}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0]}") from None
@@ -439,11 +454,13 @@ def spawn_workers(storage_url: str, study_name: str, k: int, quiet: bool = True)
 
     env = {k_: v for k_, v in os.environ.items() if k_ != "MLFLOW_RUN_ID"}
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    # The URL may hold a database password: through the environment (readable by this user only,
+    # /proc/<pid>/environ), never the command line, which every user sees in `ps`.
+    env[STORAGE_ENV] = storage_url
     # The machine's cores split between the workers: oversubscribed OpenMP threads busy-wait, and
     # a 5-step smoke run took 5.4 s with 2 threads per worker against 0.07 s with 1 (2 cores).
     threads = max(1, (os.cpu_count() or 1) // k)
-    cmd = [sys.executable, "-m", "scaling_suite.worker", "--storage", storage_url, "--study", study_name,
-           "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "scaling_suite.worker", "--study", study_name, "--threads", str(threads)]
     return [subprocess.Popen(cmd + (["--quiet"] if quiet else []), env=env) for _ in range(k)]
 
 

@@ -248,8 +248,9 @@ def test_empty_corpus_and_bad_records(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(SuiteError, match=r"bad.jsonl:2: expected a JSON object"):
         load_data(str(tmp_path / "bad.jsonl"))
-    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
-    with pytest.raises(SuiteError, match="'text' column") as e:
+    pq.write_table(pa.table({"body": ["x"], "title": ["y"]}), tmp_path / "bad.parquet")
+    # a7e3e38 said only "index out of bounds": the message names the columns there are.
+    with pytest.raises(SuiteError, match="no 'text' column; its columns: body, title") as e:
         load_data(str(tmp_path / "bad.parquet"))
     assert "\n" not in str(e.value)
 
@@ -281,6 +282,24 @@ def test_corrupt_cache_is_refused_then_rebuilt(tmp_path, cache, damage):
     shutil.rmtree(d)  # what the message tells the user to do
     again = load_data(str(root))
     assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
+
+
+def test_one_bad_token_anywhere_is_found_at_load(tmp_path, cache):
+    """a7e3e38 checked the ends and a sample of 65,536 positions: a bad id elsewhere passed the load
+    and stopped the run mid-way with an IndexError in the embedding."""
+    (tmp_path / "big.txt").write_text("".join(f"line {i}: some text to tokenize\n" for i in range(12000)))
+    good = load_data(str(tmp_path / "big.txt"))
+    n, d = len(good.train), cache / good.digest
+    del good
+    sampled = set(np.arange(4096)) | set(np.arange(n - 4096, n)) | set(np.random.default_rng(0).integers(0, n, 65536))
+    pos = next(i for i in range(n // 2, n) if i not in sampled)
+    m = np.memmap(d / "train.bin", dtype=np.uint16, mode="r+")
+    m[pos] = 300                     # >= vocab_size 256
+    m.flush()
+    del m
+    with pytest.raises(SuiteError, match=f"token id 300 >= vocab_size 256 at position {pos}") as e:
+        load_data(str(tmp_path / "big.txt"))
+    assert "\n" not in str(e.value)
 
 
 def test_failed_build_leaves_no_cache(tmp_path, cache, monkeypatch):
