@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaling_suite.config import make_config  # noqa: E402
 from analysis.minimum import profile_minimum  # noqa: E402
-from scaling_suite.optimize import DEFAULT_SAMPLER, Space, make_sampler  # noqa: E402
+from scaling_suite.space import DEFAULT_SAMPLER, Space, make_sampler  # noqa: E402
 
 TOL = math.log10(1.25)
 

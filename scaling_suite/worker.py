@@ -36,6 +36,8 @@ from pathlib import Path
 
 from .config import RunConfig, make_config
 from .errors import SuiteError
+from . import tracking
+from .space import Space, make_sampler
 from .tracking import FileLock
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -227,12 +229,10 @@ class Objective:
     """Trains one configuration per trial and returns its final validation loss (nats/token)."""
 
     def __init__(self, storage, study, parent_run_id: str, progress: bool = True):
-        from . import optimize
-
         self.storage, self.study, self.spec = storage, study, study_spec(study)
         self.parent_run_id = parent_run_id
         self.progress = progress
-        self.space = optimize.Space.from_spec(self.spec) if self.spec["kind"] == "allocation" else None
+        self.space = Space.from_spec(self.spec) if self.spec["kind"] == "allocation" else None
         self.exhausted = False
         self.failures: list[str] = []
         self._data: dict = {}
@@ -367,7 +367,6 @@ def work(storage_url: str, study_name: str, heartbeat: int | None = None, grace:
     import optuna
     from optuna.trial import TrialState
 
-    from . import optimize, tracking
 
     # mlflow#15713: with MLFLOW_RUN_ID set, a "child" would resume the parent. The parent id comes
     # from the study (or --parent_run_id), never from the environment.
@@ -380,7 +379,7 @@ def work(storage_url: str, study_name: str, heartbeat: int | None = None, grace:
     if storage is None:
         storage = open_storage(storage_url, heartbeat or spec.get("heartbeat", DEFAULT_HEARTBEAT),
                                grace or spec.get("grace", DEFAULT_GRACE))
-    sampler = optimize.make_sampler(spec.get("sampler", "gp"), seed, spec.get("n_startup", 0)) \
+    sampler = make_sampler(spec.get("sampler", "gp"), seed, spec.get("n_startup", 0)) \
         if spec["kind"] == "allocation" else optuna.samplers.RandomSampler()
     study = load_study(storage, study_name, sampler)
     parent = parent_run_id or spec["mlflow_parent_run_id"]
@@ -450,8 +449,6 @@ def spawn_workers(storage_url: str, study_name: str, k: int, quiet: bool = True)
     """K local worker processes, with MLFLOW_RUN_ID removed from their environment (mlflow#15713)."""
     import subprocess
 
-    from . import tracking
-
     env = {k_: v for k_, v in os.environ.items() if k_ != "MLFLOW_RUN_ID"}
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     # The URL may hold a database password: through the environment (readable by this user only,
@@ -460,26 +457,5 @@ def spawn_workers(storage_url: str, study_name: str, k: int, quiet: bool = True)
     # The machine's cores split between the workers: oversubscribed OpenMP threads busy-wait, and
     # a 5-step smoke run took 5.4 s with 2 threads per worker against 0.07 s with 1 (2 cores).
     threads = max(1, (os.cpu_count() or 1) // k)
-    cmd = [sys.executable, "-m", "scaling_suite.worker", "--study", study_name, "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "scaling_suite.cli", "worker", "--study", study_name, "--threads", str(threads)]
     return [subprocess.Popen(cmd + (["--quiet"] if quiet else []), env=env) for _ in range(k)]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m scaling_suite.worker ...`: the worker alone, without the rest of the CLI's imports
-    (spawn_workers uses it; people type `scaling-suite worker`, which takes the same flags)."""
-    import argparse
-
-    from .optimize import register
-
-    p = argparse.ArgumentParser(prog="scaling-suite")
-    register(p.add_subparsers(dest="verb", required=True))
-    args = p.parse_args(["worker", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return args.fn(args)
-    except SuiteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

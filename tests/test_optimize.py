@@ -20,7 +20,7 @@ from scaling_suite import worker
 from scaling_suite.cli import main
 from scaling_suite.config import make_config
 from analysis.minimum import profile_minimum
-from scaling_suite.optimize import Space
+from scaling_suite.space import Space
 
 # Smoke scale: N 7k-54k (depth 1-2), context 32, 4-24 steps of 512 tokens: about a second per trial.
 SMOKE = ["--context", "32", "--batch_tokens", "512", "--eval_tokens", "1024", "--head_dim", "8", "--device", "cpu",

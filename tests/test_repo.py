@@ -1,5 +1,6 @@
 """The repository's own text points only at files it holds (README, MLproject, docs, comments)."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -51,3 +52,44 @@ def test_readme_tree_lists_every_source_file():
     files |= {str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")}
     assert not files - listed, f"files missing from the README's tree: {sorted(files - listed)}"
     assert len(readme.splitlines()) <= 200, "the README is a newcomer's page: topics go to docs/"
+
+
+def _imports(path, package):
+    """The project modules PATH imports, at module level or inside functions (relative or absolute)."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = package + ("." + base if base else "")
+            found |= {f"{base}.{a.name}" for a in node.names} | {base}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def test_no_import_circle():
+    """Layers point down (cli -> studies / search -> one run -> model, data, device, config,
+    tracking; analysis beside): the import graph of scaling_suite/ and analysis/, function-local
+    imports included, has no cycle."""
+    modules = {f"{top}.{p.stem}": p for top in ("scaling_suite", "analysis") for p in (REPO / top).glob("*.py")}
+    graph = {m: sorted(t for t in _imports(p, m.split(".")[0]) if t in modules and t != m)
+             for m, p in modules.items()}
+    state, stack, cycles = {}, [], []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for t in graph[m]:
+            if state.get(t) == "open":
+                cycles.append(" -> ".join(stack[stack.index(t):] + [t]))
+            elif t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import circles:\n" + "\n".join(cycles)
