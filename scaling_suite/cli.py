@@ -203,6 +203,7 @@ STUDY_FLAGS = ("dataset", "tokenizer", "vocab_size", "schedule", "lr", "beta2", 
 
 
 def cmd_sweep(args) -> int:
+    from . import data as data_lib
     from . import plan as plan_lib
     from . import sweep, tracking
     from .device import pick_device
@@ -220,18 +221,17 @@ def cmd_sweep(args) -> int:
     plan = plan_lib.make_plan(args.mode, design, overrides, branching)   # validates mode, design, every config
     pick_device(plan.points[0].config.device)
     tracking.init_store()
+    # The corpus, loaded once for the speed probe, the lr law's key and the study's runs (the
+    # dataset and tokenizer are study-wide flags, so the final plan's first point has the same).
+    first = plan.points[0].config
+    data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
     if budget:
-        from . import data as data_lib
-        first = plan.points[0].config
-        data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
         print(f"measuring this device's speed for a {args.budget} study ...", flush=True)
         rates = sweep.probe_rates(plan, data)
         plan = plan_lib.fit_to_time(args.mode, design, budget, rates, overrides, branching=branching)
         print(f"planned {len(plan.points)} runs, {plan.spent_flops():.3g} FLOPs, "
               f"estimated {plan_lib.estimate_seconds(plan, rates):.0f}s of training", flush=True)
-    from . import data as data_lib
-    first = plan.points[0].config
-    plan, lr_info = resolve_lr(plan, data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size), lr)
+    plan, lr_info = resolve_lr(plan, data, lr)
     print(f"learning rates: {lr_info['lr_source']}: {lr_info['lr_rule']}", flush=True)
     if plan.branching:
         print(f"WSD branching: {len(plan.branches())} of {len(plan.points)} runs are cooldown branches; "
@@ -240,7 +240,7 @@ def cmd_sweep(args) -> int:
     params = {"mode": args.mode, "design": args.design or "auto", "budget": args.budget or "0",
               "branching": branching}   # as asked (auto, true, false); the study's tag says whether it branched
     study = sweep.run_study(plan, args.experiment, params=params, progress=not args.quiet,
-                            planned_seconds=budget, analyze=not args.no_analysis, lr_info=lr_info)
+                            planned_seconds=budget, analyze=not args.no_analysis, lr_info=lr_info, data=data)
     done = sum(c.status != "FAILED" for c in study.children)
     print(f"study {study.parent_run_id}: {done}/{len(study.children)} runs finished "
           f"({sum(c.status == 'SKIPPED' for c in study.children)} from earlier), {study.wall_seconds:.0f}s")

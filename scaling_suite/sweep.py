@@ -208,9 +208,10 @@ def open_parent(plan: Plan, experiment: str | None, params: dict) -> tracking.Ml
 
 def run_study(plan: Plan, experiment: str | None = None, params: dict | None = None, progress: bool = True,
               planned_seconds: float | None = None, analyze: bool = True, n_bootstrap: int = 200,
-              lr_info: dict | None = None) -> StudyOutcome:
+              lr_info: dict | None = None, data: data_lib.TokenData | None = None) -> StudyOutcome:
     """lr_info: how the runs' learning rates were chosen (lr_auto.resolve_lr), logged as the parent's
     params lr, lr_source, lr_law_run_id; without it the plan's own lrs are described (fixed or not).
+    data: the plan's corpus when the caller has loaded it already (else loaded here).
 
     One process at a time runs a given study (a lock per study key): a second sweep of the same
     study on this machine waits, then finds every run the first finished and skips it, instead of
@@ -221,18 +222,19 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
         print(f"another process is running this {plan.mode} study on this store; waiting for it to end", flush=True)
         lock.acquire()
     try:
-        return _run_study(plan, experiment, params, progress, planned_seconds, analyze, n_bootstrap, lr_info)
+        return _run_study(plan, experiment, params, progress, planned_seconds, analyze, n_bootstrap, lr_info, data)
     finally:
         lock.release()
 
 
-def _run_study(plan, experiment, params, progress, planned_seconds, analyze, n_bootstrap, lr_info) -> StudyOutcome:
+def _run_study(plan, experiment, params, progress, planned_seconds, analyze, n_bootstrap, lr_info,
+               data=None) -> StudyOutcome:
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     first = plan.points[0].config
     # The corpus is loaded (and validated: an empty corpus fails here) before any run starts.
-    data = data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
+    data = data or data_lib.load_data(first.dataset, first.tokenizer, first.vocab_size)
     lr_info = lr_info or describe_lr(plan)
     parent = open_parent(plan, experiment, {**(params or {"mode": plan.mode, "design": plan.design}),
                                             **{k: lr_info[k] for k in ("lr", "lr_source", "lr_law_run_id")}})
