@@ -252,6 +252,32 @@ def learning_curves(curves_df, runs_df=None, loss_col="val_loss", path=None):
     return _finish(fig, path)
 
 
+def search_trials(rows, fit, title, path=None):
+    """One budget of the Optuna allocation search (scaling_suite/optimize.py): the trials' final
+    losses against N, coloured by trial number, the parabola of analysis.minimum.profile_minimum,
+    N_opt and its interval where bounded."""
+    fig, (ax,) = _figure(width=6.4, height=4.2)
+    sc = ax.scatter([r["N"] for r in rows], [r["final_val_loss"] for r in rows], c=[r["trial"] for r in rows],
+                    cmap=CMAP, zorder=3)
+    fig.colorbar(sc, ax=ax, label="trial")
+    if "coef" in fit:
+        a, b, c = fit["coef"]
+        lo, hi = fit["x_range"]
+        xs = np.linspace(lo - 0.1, hi + 0.1, 100)
+        ax.plot(10 ** xs, a + b * (xs - fit["x_center"]) + c * (xs - fit["x_center"]) ** 2, "k-", lw=1,
+                label="parabola in log N")
+    if np.isfinite(fit["x_opt"]):
+        ax.axvline(fit["x_opt"], color="C3", lw=1, label=f"N_opt = {fit['x_opt']:,.0f} ({fit['status']})")
+        if 0 < fit["x_lo"] and fit["x_hi"] < np.inf:    # a bootstrap interval, where it is bounded
+            ax.axvspan(fit["x_lo"], fit["x_hi"], color="C3", alpha=0.12, label=f"{100 * fit['level']:g}% interval")
+    ax.set_xscale("log")
+    ax.set_xlabel("N (parameters, non-embedding + head)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
 def lr_law(sizes, law=None, tokens_per_param=None, parametrization="standard", path=None):
     """The learning-rate tuning of scaling_suite/tune.py. Left: final loss vs peak lr per size
     (pruned trials as crosses at their last loss), the parabola in log lr and the optimum. Right:

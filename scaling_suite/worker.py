@@ -25,19 +25,29 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import logging
+import math
 import os
 import socket
+import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
+import optuna
+import sqlalchemy as sa
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+
+from . import data as data_lib
+from . import tracking
 from .config import RunConfig, make_config
 from .errors import SuiteError
-from . import tracking
 from .space import Space, make_sampler
+from .sweep import run_child
 from .tracking import FileLock
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -62,7 +72,6 @@ def config_key(cfg: RunConfig) -> str:
 def safe_url(url: str) -> str:
     """The URL with any password masked, for tags and messages."""
     try:
-        from sqlalchemy.engine import make_url
 
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001
@@ -74,9 +83,6 @@ def safe_url(url: str) -> str:
 def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT, grace: int | None = DEFAULT_GRACE,
                  max_retry: int = MAX_RETRY):
     """An Optuna RDBStorage with heartbeats and retry of dead workers' trials, or one clear error."""
-    import optuna
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
     try:
         parsed = make_url(url)
@@ -98,10 +104,10 @@ def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT, grace: int
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     db = parsed.database if parsed.get_backend_name() == "sqlite" else None
     # Optuna creates (or upgrades) its schema when the storage is opened; processes starting at
-    # once on a fresh SQLite file crashed doing it together (PITFALLS.md): one at a time.
+    # once on a fresh SQLite file crashed doing it together (3 of 4 here): one at a time.
     lock = FileLock(Path(os.path.abspath(db) + ".lock")) if db and db != ":memory:" else contextlib.nullcontext()
     with warnings.catch_warnings(), lock:
-        warnings.simplefilter("ignore")  # heartbeat_interval is "experimental" in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
         try:
             return optuna.storages.RDBStorage(
                 url, heartbeat_interval=heartbeat, grace_period=grace if heartbeat else None,
@@ -118,7 +124,6 @@ def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT, grace: int
 
 
 def load_study(storage, name: str, sampler=None):
-    import optuna
 
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
@@ -137,7 +142,6 @@ def study_spec(study) -> dict:
 
 
 def _claims_table():
-    import sqlalchemy as sa
 
     meta = sa.MetaData()
     return sa.Table(CLAIMS, meta, sa.Column("study", sa.String(512), primary_key=True),
@@ -156,8 +160,6 @@ def claim(storage, study, key: str, trial_number: int, may_take=lambda owner: Fa
     may_take(owner_trial) says whether an existing owner may be replaced (a dead trial's retry);
     the replacement names the old owner in its WHERE clause, so two takers cannot both win.
     """
-    import sqlalchemy as sa
-    from sqlalchemy.exc import IntegrityError
 
     t = _claims_table()
     for _ in range(5):
@@ -194,7 +196,6 @@ def enqueue_configs(storage, study_name: str, configs: list[RunConfig], parent_r
     before any worker starts: concurrent creation crashes on SQLite). A configuration already in
     the study (waiting, running or done) is not queued again, so calling this twice is harmless.
     """
-    import optuna
 
     if isinstance(storage, str):
         storage = open_storage(storage, heartbeat, grace)
@@ -238,7 +239,6 @@ class Objective:
         self._data: dict = {}
 
     def data(self, cfg: RunConfig):
-        from . import data as data_lib
 
         k = (cfg.dataset, cfg.tokenizer, cfg.vocab_size)
         if k not in self._data:
@@ -247,7 +247,6 @@ class Objective:
 
     def _dead(self, owner: int) -> bool:
         """A claim owner that no longer trains: failed, pruned, or waiting as a queued copy."""
-        from optuna.trial import TrialState
 
         try:
             t = self.study._storage.get_trial(self.study._storage.get_trial_id_from_study_id_trial_number(
@@ -290,7 +289,6 @@ class Objective:
 
     def _dead_or_done(self, owner: int) -> bool:
         # A finished owner may be replaced too: sweep.run_child then finds its FINISHED run and skips.
-        from optuna.trial import TrialState
 
         if self._dead(owner):
             return True
@@ -299,9 +297,7 @@ class Objective:
         return t.state == TrialState.COMPLETE
 
     def __call__(self, trial) -> float:
-        import optuna
 
-        from .sweep import run_child
 
         if self.spec["kind"] == "allocation" and not self._slot(trial):
             trial.set_user_attr("skipped", "surplus: the study already has its trials")
@@ -347,15 +343,13 @@ class Objective:
 
 def fail_stale(study) -> None:
     """Fail trials whose worker went silent (their retry callback queues them again)."""
-    import optuna
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "experimental" since Optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # since Optuna 2.9
         optuna.storages.fail_stale_trials(study)
 
 
 def counts(study) -> dict[str, int]:
-    from collections import Counter
 
     return Counter(t.state.name for t in study.get_trials(deepcopy=False))
 
@@ -364,8 +358,6 @@ def work(storage_url: str, study_name: str, heartbeat: int | None = None, grace:
          parent_run_id: str | None = None, max_trials: int | None = None, progress: bool = True,
          seed: int | None = None, poll: float = 2.0, storage=None, say=print) -> int:
     """Pull and train trials until the study is done. Returns how many trials this worker ran."""
-    import optuna
-    from optuna.trial import TrialState
 
 
     # mlflow#15713: with MLFLOW_RUN_ID set, a "child" would resume the parent. The parent id comes
@@ -423,7 +415,7 @@ def work(storage_url: str, study_name: str, heartbeat: int | None = None, grace:
                 # An unexpected error (not a failed training): queue the trial again, as for a
                 # dead worker, at most MAX_RETRY times; its MLflow run resumes from its checkpoint.
                 with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY)(study, t)
         if len(objective.failures) >= 3:
             raise SuiteError(f"3 trials in a row failed in study {study_name!r}; the last: {objective.failures[-1]}")
@@ -447,7 +439,6 @@ def _report(say, study_name: str, t) -> None:
 
 def spawn_workers(storage_url: str, study_name: str, k: int, quiet: bool = True) -> list:
     """K local worker processes, with MLFLOW_RUN_ID removed from their environment (mlflow#15713)."""
-    import subprocess
 
     env = {k_: v for k_, v in os.environ.items() if k_ != "MLFLOW_RUN_ID"}
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()

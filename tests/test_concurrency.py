@@ -2,7 +2,7 @@
 configuration is trained once, however many processes run the same study.
 
 Each subprocess uses one thread (two torch processes at full threads on 2 cores slow down
-10-80x, PITFALLS.md)."""
+10-80x, measured on a 2-core machine)."""
 
 import json
 import os

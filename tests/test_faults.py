@@ -27,7 +27,7 @@ from scaling_suite.errors import SuiteError
 from scaling_suite.train import config_from_params, load_checkpoint, save_checkpoint
 
 FAST = ["--preset", "tiny", "--D", "40960", "--eval_every", "2", "--quiet"]
-# Subprocesses share 2 cores: one thread each, or they slow each other 10-80x (PITFALLS.md).
+# Subprocesses share 2 cores: one thread each, or they slow each other 10-80x (measured here).
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 

@@ -8,7 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOP = ("scaling_suite", "analysis", "tests", "benchmarks", "docs", ".ci")
 # A path that starts at one of the repository's top-level folders, e.g. analysis/fit.py.
 PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./-]*[\w/])" % "|".join(re.escape(t) for t in TOP))
-OUTSIDE = re.compile(r"(?<![\w.-])(?:\.\./)?shared/[\w./-]+|/tmp/[\w./-]+\.py")
+OUTSIDE = re.compile(r"(?<![\w.-])(?:\.\./)?shared/[\w./-]+|/tmp/[\w./-]+\.py|PITFALLS\.md|DESIGN\.md")
 
 
 def _texts():
