@@ -12,19 +12,27 @@ import sys
 import time
 from dataclasses import fields
 
+import statistics
+
+import torch
+
+from analysis import report
+
+from . import data as data_lib
+from . import optimize, sweep, tracking, tune
+from . import plan as plan_lib
 from .config import RunConfig, add_config_flags, config_from_args, from_preset
+from .device import (TORCH_MIN, autocast, available_memory, compile_support, mps_state, pick_device, pick_precision,
+                     place)
 from .errors import SuiteError
+from .lr_auto import parse_lr, resolve_lr
+from .train import config_from_params, load_checkpoint, result_dict, train
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
 def cmd_train(args) -> int:
-    from . import data as data_lib
-    from . import tracking
-    from .device import pick_device
-    from .train import config_from_params, load_checkpoint, result_dict, train
-
     tracking.quiet_downloads(args.quiet)
     if args.resume:
         # The run's own settings, exactly: a flag beside --resume would either be ignored or make
@@ -79,15 +87,6 @@ def cmd_doctor(args) -> int:
     the store, the data, a 12-step eager run and, where compiling is supported, three compiled
     steps (a warm-up and two timed). Every check prints one line, and the measured step times say
     what a run at that shape costs here; any failure ends in one `error:` line and exit status 1."""
-    import statistics
-
-    import torch
-
-    from . import data as data_lib
-    from . import tracking
-    from .device import (TORCH_MIN, autocast, available_memory, compile_support, mps_state, pick_device,
-                         pick_precision, place)
-    from .train import train
 
     class Recorder(tracking.NullTracker):
         """Keeps a doctor run's tags and metrics, so doctor reports what the run did: the
@@ -203,13 +202,6 @@ STUDY_FLAGS = ("dataset", "tokenizer", "vocab_size", "schedule", "lr", "beta2", 
 
 
 def cmd_sweep(args) -> int:
-    from . import data as data_lib
-    from . import plan as plan_lib
-    from . import sweep, tracking
-    from .device import pick_device
-
-    from .lr_auto import parse_lr, resolve_lr
-
     tracking.quiet_downloads(args.quiet)
     overrides = {k: getattr(args, k) for k in STUDY_FLAGS if getattr(args, k) not in (None, "") and k != "lr"}
     lr = parse_lr(args.lr)             # None: auto (the default), resolved below once the plan is final
@@ -282,11 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_doctor)
 
     a = sub.add_parser("analyze", help="fit scaling laws to runs in MLflow or a CSV file")
-    from analysis import report
     report.add_arguments(a)
     a.set_defaults(fn=cmd_analyze)
 
-    from . import optimize, tune
     optimize.register(sub)  # optimize, worker
     tune.register(sub)      # tune
     return p
@@ -295,10 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_analyze(args) -> int:
     """From a CSV: just the report. From MLflow: the report is logged to an analysis run, nested
     under the study's parent run when one is named (or the experiment holds exactly one study)."""
-    from analysis import report
-
-    from . import tracking
-
     if args.csv:
         return report.main(args) or 0
     client = tracking.init_store()
