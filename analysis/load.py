@@ -59,7 +59,7 @@ def _experiment_ids(client, names) -> list[str]:
 def store_uri(client=None) -> str:
     """The URI of the store `client` (or a default client) reads."""
     import mlflow
-    return getattr(getattr(client, "_tracking_client", None), "tracking_uri", None) or mlflow.get_tracking_uri()
+    return getattr(client, "tracking_uri", None) or mlflow.get_tracking_uri()   # MlflowClient.tracking_uri
 
 
 def _search(client, experiment_ids, filter_string="") -> list:

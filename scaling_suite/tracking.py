@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -315,16 +316,17 @@ class MlflowTracker(NullTracker):
         """Record the corpus as an MLflow dataset input with our own content digest.
 
         MLflow's automatic digest only covers the first 10,000 elements (mlflow 3.17)."""
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
         source = info["source"]
         url = (f"https://huggingface.co/datasets/{source[3:].split(':')[0]}" if source.startswith("hf:")
                else Path(info.get("path", source)).resolve().as_uri())
-        ds = MetaDataset(HTTPDatasetSource(url), name=info["name"], digest=info["digest"][:36])
+        # The public entity, filled as mlflow.data's HTTP source would fill it (source type "http",
+        # the source as {"url": ...}), with our digest instead of MLflow's sampled one.
+        ds = Dataset(name=info["name"], digest=info["digest"][:36], source_type="http",
+                     source=json.dumps({"url": url}))
         tags = [InputTag("mlflow.data.context", "training")]
-        inputs = [DatasetInput(ds._to_mlflow_entity(), tags)]
+        inputs = [DatasetInput(ds, tags)]
         try:
             self._timed(self.client.log_inputs, self.run_id, datasets=inputs)
         except Exception:  # noqa: BLE001

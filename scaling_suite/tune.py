@@ -264,7 +264,7 @@ def run_tune(cfgs: list[RunConfig], *, trials: int, lr_min: float, lr_max: float
                     study.enqueue_trial(fixed)
             for t in study.get_trials(deepcopy=False):   # left RUNNING by a killed process: not counted
                 if t.state.name == "RUNNING":
-                    study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+                    study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             counted = [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")
                        or (t.state.name == "FAIL" and "run_status" in t.user_attrs)]
             todo = max(0, trials - len(counted))

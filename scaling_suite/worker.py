@@ -248,12 +248,16 @@ class Objective:
     def _dead(self, owner: int) -> bool:
         """A claim owner that no longer trains: failed, pruned, or waiting as a queued copy."""
 
+        t = self._trial(owner)
+        return t is None or t.state in (TrialState.FAIL, TrialState.PRUNED)
+
+    def _trial(self, number: int):
+        """The study's trial NUMBER (None if it has none), through the storage's public API."""
         try:
-            t = self.study._storage.get_trial(self.study._storage.get_trial_id_from_study_id_trial_number(
-                self.study._study_id, owner))
+            sid = self.storage.get_study_id_from_name(self.study.study_name)
+            return self.storage.get_trial(self.storage.get_trial_id_from_study_id_trial_number(sid, number))
         except KeyError:
-            return True
-        return t.state in (TrialState.FAIL, TrialState.PRUNED)
+            return None
 
     def _slot(self, trial) -> bool:
         """One of the study's n_trials slots, or False: the study already has enough trials."""
@@ -292,9 +296,7 @@ class Objective:
 
         if self._dead(owner):
             return True
-        t = self.study._storage.get_trial(self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, owner))
-        return t.state == TrialState.COMPLETE
+        return self._trial(owner).state == TrialState.COMPLETE
 
     def __call__(self, trial) -> float:
 
