@@ -11,6 +11,8 @@ only as good as the term it bounds, and a term seen at one or two sizes has none
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -102,6 +104,19 @@ class FitResult:
             "n_points": self.n_points, "intervals": {k: list(v) for k, v in self.intervals.items()},
             "stderr": self.stderr, "n_bootstrap": self.n_bootstrap, "converged": self.converged,
             "level": self.level, "extras": self.extras})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FitResult":
+        """The FitResult that to_dict wrote (e.g. read back from a report.json or lr_law.json): a
+        number to_dict stored as None (it was NaN or infinite) comes back as NaN; the bootstrap
+        draws, which to_dict leaves out, do not come back (samples is None)."""
+        num = lambda v: math.nan if v is None else float(v)  # noqa: E731
+        return cls(model=d["model"], params={k: num(v) for k, v in d["params"].items()},
+                   objective=num(d.get("objective")), n_points=int(d["n_points"]),
+                   intervals={k: (num(v[0]), num(v[1])) for k, v in d.get("intervals", {}).items()},
+                   stderr={k: num(v) for k, v in d.get("stderr", {}).items()},
+                   n_bootstrap=int(d.get("n_bootstrap", 0)), converged=bool(d.get("converged", True)),
+                   level=float(d.get("level", 0.95)), extras=dict(d.get("extras", {})))
 
 
 # --- input checks: every problem is a one-line SuiteError ----------------------------------------

@@ -309,8 +309,7 @@ def lr_law(sizes, law=None, tokens_per_param=None, parametrization="standard", p
     ax.legend(fontsize=7)
     ax.set_title("loss vs learning rate per size", fontsize=10)
     if law is not None:
-        fit = FitResult(model="lr_law", params=law["params"], objective=law["objective"] or 0.0,
-                        n_points=law["n_points"], level=law["level"], extras=law["extras"])
+        fit = FitResult.from_dict(law)
         Ns = np.logspace(np.log10(min(s["N"] for s in sizes)) - 0.2, np.log10(max(s["N"] for s in sizes)) + 0.3, 60)
         p = law["params"]
         iv = law["intervals"].get("k")

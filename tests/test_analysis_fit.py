@@ -237,6 +237,10 @@ def test_fit_result_is_frozen_reportable_and_json_safe():
     lo, hi = res.predict_interval(np.array([1e9, 1e10]), np.array([2e10, 2e11]))
     mid = res.predict(np.array([1e9, 1e10]), np.array([2e10, 2e11]))
     assert np.all(lo <= mid) and np.all(mid <= hi)
+    # Round trip through JSON: the same fit, less its bootstrap draws, predicting the same losses.
+    back = FitResult.from_dict(d)
+    assert back == res and back.samples is None and back.identified == res.identified
+    assert back.predict(np.array([1e9, 1e10]), np.array([2e10, 2e11])) == pytest.approx(mid, rel=1e-12)
 
 
 def test_loo_and_holdout_on_planted_law():
