@@ -45,7 +45,8 @@ from .config import PRESETS, RunConfig, add_config_flags, make_config
 from .errors import SuiteError
 from .space import DEFAULT_SAMPLER, SAMPLERS, SEARCHED, TUNABLE, Space
 from .tracking import scratch_dir
-from .worker import ATTR, DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV, counts, fail_stale
+from .worker import (DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV, StudySpec, counts,
+                     fail_stale)
 
 # --- the optimum -------------------------------------------------------------------------------------
 
@@ -124,13 +125,12 @@ def open_search(storage, name: str, space: Space, n_trials: int, sampler: str, i
                 top_run_id: str | None, experiment: str | None, heartbeat: int, grace: int):
     """Create the study (and its MLflow search run) or load it to resume. Returns (study, search run tracker)."""
     study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
-    spec = study.user_attrs.get(worker.ATTR)
+    spec = StudySpec.find(study)
     want = space.to_spec()
     if spec is None:
         worker.ensure_claims(storage)
-        spec = {"kind": "allocation", **want, "sampler": sampler, "n_startup": init, "seed": seed,
-                "study_key": f"optuna:{name}", "heartbeat": heartbeat, "grace": grace,
-                "tracking_uri": worker.safe_url(tracking.tracking_uri()), "mlflow_parent_run_id": None}
+        spec = StudySpec("allocation", f"optuna:{name}", heartbeat, grace, sampler=sampler, n_startup=init,
+                         seed=seed, tracking_uri=worker.safe_url(tracking.tracking_uri()), space=want)
         for s in (space.grid(init) if sampler.startswith("grid") else []):
             cfg = space.config(s)
             d = cfg.derived()
@@ -139,15 +139,16 @@ def open_search(storage, name: str, space: Space, n_trials: int, sampler: str, i
                                                     "N": d.N, "D": d.D, "C": d.C, "depth": s.depth, "aspect": s.aspect,
                                                     "log10_N_trained": math.log10(d.N), "grid_point": True})
     else:
-        if spec.get("kind") != "allocation":
-            raise SuiteError(f"study {name!r} is a {spec.get('kind')} study, not an allocation search; use another --study")
-        diff = [k for k in want if json.dumps(want[k], sort_keys=True) != json.dumps(spec.get(k), sort_keys=True)]
+        if spec.kind != "allocation":
+            raise SuiteError(f"study {name!r} is a {spec.kind} study, not an allocation search; use another --study")
+        diff = [k for k in want if json.dumps(want[k], sort_keys=True) != json.dumps((spec.space or {}).get(k),
+                                                                                     sort_keys=True)]
         if diff:
             raise SuiteError(f"study {name!r} exists with other settings ({', '.join(diff)}); resume it with the same "
                              "settings or choose another --study")
-    spec["n_trials"] = n_trials
+    spec.n_trials = n_trials
     client = tracking.init_store()
-    run_id = spec.get("mlflow_parent_run_id")
+    run_id = spec.mlflow_parent_run_id
     try:
         client.get_run(run_id) if run_id else None
     except Exception:  # noqa: BLE001 — the study outlived its MLflow store: start a new search run
@@ -157,12 +158,12 @@ def open_search(storage, name: str, space: Space, n_trials: int, sampler: str, i
                                  run_id=run_id, system_metrics=False, reopen=True)   # a resumed search
     if run_id and top_run_id:
         tracking.adopt(client, run_id, top_run_id)
-    tracker.log_params({"C": space.C, "sampler": spec["sampler"], "study": name, "spread": space.spread,
+    tracker.log_params({"C": space.C, "sampler": spec.sampler, "study": name, "spread": space.spread,
                         "tune": ",".join(space.tune) or "-", "N_range": f"{space.shapes[0].N}-{space.shapes[-1].N}"})
     if not run_id:
         tracker.log_text(json.dumps(space.base.to_params(), indent=1), "base_config.json")
-    spec["mlflow_parent_run_id"] = tracker.run_id
-    study.set_user_attr(worker.ATTR, spec)
+    spec.mlflow_parent_run_id = tracker.run_id
+    spec.save(study)
     requeue_interrupted(study)
     return study, tracker
 
@@ -186,10 +187,11 @@ def wait_done(study, poll: float = 5.0, say=print) -> None:
     said = False
     while True:
         fail_stale(study)
-        if counts(study)["COMPLETE"] >= int(study.user_attrs[ATTR]["n_trials"]):
+        n = int(StudySpec.of(study).n_trials)
+        if counts(study)["COMPLETE"] >= n:
             return
         if not said:
-            say(f"[{study.study_name}] waiting for workers to complete {study.user_attrs[ATTR]['n_trials']} trials")
+            say(f"[{study.study_name}] waiting for workers to complete {n} trials")
             said = True
         time.sleep(poll)
 

@@ -23,6 +23,7 @@ at once do not overshoot the trial count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ import sys
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -83,7 +85,6 @@ def safe_url(url: str) -> str:
 def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT, grace: int | None = DEFAULT_GRACE,
                  max_retry: int = MAX_RETRY):
     """An Optuna RDBStorage with heartbeats and retry of dead workers' trials, or one clear error."""
-
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -124,7 +125,6 @@ def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT, grace: int
 
 
 def load_study(storage, name: str, sampler=None):
-
     try:
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
@@ -134,15 +134,54 @@ def load_study(storage, name: str, sampler=None):
                          "`scaling-suite optimize ... --create_only` or enqueue_configs") from None
 
 
-def study_spec(study) -> dict:
-    spec = study.user_attrs.get(ATTR)
-    if not spec:
-        raise SuiteError(f"study {study.study_name!r} was not made by scaling-suite (no {ATTR!r} attribute)")
-    return spec
+SPACE_FIELDS = ("C", "base", "spread", "min_tpp", "max_tpp", "min_steps", "tune")   # space.Space.to_spec()
+
+
+@dataclass
+class StudySpec:
+    """What a scaling-suite Optuna study is: the contract between the process that creates it
+    (optimize.open_search, enqueue_configs) and the workers on any machine that train its trials.
+    Stored as one flat JSON dict in the study's user attr ATTR (the space's fields beside the rest,
+    as studies made before this class were stored, so they still load)."""
+    kind: str                              # "allocation" (optimize.py) or "queue" (enqueue_configs)
+    study_key: str                         # sweep.run_child's key: one MLflow run per configuration
+    heartbeat: int | None = None
+    grace: int | None = None
+    mlflow_parent_run_id: str | None = None
+    n_trials: int | None = None            # allocation: completed trials wanted
+    sampler: str = "gp"                    # allocation: space.make_sampler's name
+    n_startup: int = 0
+    seed: int | None = None
+    tracking_uri: str | None = None        # where the MLflow runs are (password masked)
+    space: dict | None = None              # allocation: space.Space.to_spec()
+
+    def to_attrs(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "space"}
+        return {**d, **(self.space or {})}
+
+    @classmethod
+    def from_attrs(cls, d: dict) -> "StudySpec":
+        names = {f.name for f in dataclasses.fields(cls)} - {"space"}
+        space = {k: d[k] for k in SPACE_FIELDS if k in d} or None
+        return cls(**{k: v for k, v in d.items() if k in names}, space=space)
+
+    @classmethod
+    def find(cls, study) -> "StudySpec | None":
+        d = study.user_attrs.get(ATTR)
+        return cls.from_attrs(d) if d else None
+
+    @classmethod
+    def of(cls, study) -> "StudySpec":
+        spec = cls.find(study)
+        if spec is None:
+            raise SuiteError(f"study {study.study_name!r} was not made by scaling-suite (no {ATTR!r} attribute)")
+        return spec
+
+    def save(self, study) -> None:
+        study.set_user_attr(ATTR, self.to_attrs())
 
 
 def _claims_table():
-
     meta = sa.MetaData()
     return sa.Table(CLAIMS, meta, sa.Column("study", sa.String(512), primary_key=True),
                     sa.Column("key", sa.String(128), primary_key=True),
@@ -160,7 +199,6 @@ def claim(storage, study, key: str, trial_number: int, may_take=lambda owner: Fa
     may_take(owner_trial) says whether an existing owner may be replaced (a dead trial's retry);
     the replacement names the old owner in its WHERE clause, so two takers cannot both win.
     """
-
     t = _claims_table()
     for _ in range(5):
         try:
@@ -196,18 +234,15 @@ def enqueue_configs(storage, study_name: str, configs: list[RunConfig], parent_r
     before any worker starts: concurrent creation crashes on SQLite). A configuration already in
     the study (waiting, running or done) is not queued again, so calling this twice is harmless.
     """
-
     if isinstance(storage, str):
         storage = open_storage(storage, heartbeat, grace)
     study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True)
-    spec = study.user_attrs.get(ATTR)
+    spec = StudySpec.find(study)
     if spec is None:
         ensure_claims(storage)
-        study.set_user_attr(ATTR, {"kind": "queue", "mlflow_parent_run_id": parent_run_id,
-                                   "study_key": study_key or f"optuna:{study_name}",
-                                   "heartbeat": heartbeat, "grace": grace})
-    elif spec.get("kind") != "queue":
-        raise SuiteError(f"study {study_name!r} is a {spec.get('kind')} study, not a queue; choose another name")
+        StudySpec("queue", study_key or f"optuna:{study_name}", heartbeat, grace, parent_run_id).save(study)
+    elif spec.kind != "queue":
+        raise SuiteError(f"study {study_name!r} is a {spec.kind} study, not a queue; choose another name")
     known = {t.user_attrs.get("config_key") for t in study.get_trials(deepcopy=False)
              if t.state != optuna.trial.TrialState.PRUNED}
     new = 0
@@ -228,18 +263,16 @@ def enqueue_configs(storage, study_name: str, configs: list[RunConfig], parent_r
 
 class Objective:
     """Trains one configuration per trial and returns its final validation loss (nats/token)."""
-
     def __init__(self, storage, study, parent_run_id: str, progress: bool = True):
-        self.storage, self.study, self.spec = storage, study, study_spec(study)
+        self.storage, self.study, self.spec = storage, study, StudySpec.of(study)
         self.parent_run_id = parent_run_id
         self.progress = progress
-        self.space = Space.from_spec(self.spec) if self.spec["kind"] == "allocation" else None
+        self.space = Space.from_spec(self.spec.space) if self.spec.kind == "allocation" else None
         self.exhausted = False
         self.failures: list[str] = []
         self._data: dict = {}
 
     def data(self, cfg: RunConfig):
-
         k = (cfg.dataset, cfg.tokenizer, cfg.vocab_size)
         if k not in self._data:
             self._data[k] = data_lib.load_data(*k)
@@ -247,7 +280,6 @@ class Objective:
 
     def _dead(self, owner: int) -> bool:
         """A claim owner that no longer trains: failed, pruned, or waiting as a queued copy."""
-
         t = self._trial(owner)
         return t is None or t.state in (TrialState.FAIL, TrialState.PRUNED)
 
@@ -261,7 +293,7 @@ class Objective:
 
     def _slot(self, trial) -> bool:
         """One of the study's n_trials slots, or False: the study already has enough trials."""
-        n = int(self.study.user_attrs[ATTR]["n_trials"])  # re-read: a resumed search may raise it
+        n = int(StudySpec.of(self.study).n_trials)  # re-read: a resumed search may raise it
         return any(claim(self.storage, self.study, f"slot:{i}", trial.number, self._dead) is None for i in range(n))
 
     def _choose(self, trial) -> RunConfig | None:
@@ -299,12 +331,10 @@ class Objective:
         return self._trial(owner).state == TrialState.COMPLETE
 
     def __call__(self, trial) -> float:
-
-
-        if self.spec["kind"] == "allocation" and not self._slot(trial):
+        if self.spec.kind == "allocation" and not self._slot(trial):
             trial.set_user_attr("skipped", "surplus: the study already has its trials")
             raise optuna.TrialPruned("surplus trial")
-        if self.spec["kind"] == "queue" and not trial.user_attrs.get("config"):
+        if self.spec.kind == "queue" and not trial.user_attrs.get("config"):
             trial.set_user_attr("skipped", "nothing left in the queue")
             raise optuna.TrialPruned("nothing queued")
         for k in ("error", "interrupted"):  # a retried copy inherits its original's user attrs
@@ -318,10 +348,10 @@ class Objective:
         # Strings: the REST store (a tracking server) refuses other tag types; SQLite converts them.
         tags = {k: str(v) for k, v in {**trial.user_attrs.get("tags", {}), "optuna_trial": trial.number,
                                         "optuna_study": self.study.study_name, "role": "train",
-                                        "search": self.spec["kind"]}.items()}
+                                        "search": self.spec.kind}.items()}
         try:
             out = run_child(cfg, parent, tags=tags, data=self.data(cfg), progress=self.progress,
-                            resume_running=True, study_key=self.spec.get("study_key"))
+                            resume_running=True, study_key=self.spec.study_key)
         except Exception as e:  # noqa: BLE001 — e.g. a store hiccup: the worker loop queues a retry
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:1000])
             self.failures.append(f"{type(e).__name__}: {e}")
@@ -345,14 +375,12 @@ class Objective:
 
 def fail_stale(study) -> None:
     """Fail trials whose worker went silent (their retry callback queues them again)."""
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # since Optuna 2.9
         optuna.storages.fail_stale_trials(study)
 
 
 def counts(study) -> dict[str, int]:
-
     return Counter(t.state.name for t in study.get_trials(deepcopy=False))
 
 
@@ -360,8 +388,6 @@ def work(storage_url: str, study_name: str, heartbeat: int | None = None, grace:
          parent_run_id: str | None = None, max_trials: int | None = None, progress: bool = True,
          seed: int | None = None, poll: float = 2.0, storage=None, say=print) -> int:
     """Pull and train trials until the study is done. Returns how many trials this worker ran."""
-
-
     # mlflow#15713: with MLFLOW_RUN_ID set, a "child" would resume the parent. The parent id comes
     # from the study (or --parent_run_id), never from the environment.
     os.environ.pop("MLFLOW_RUN_ID", None)
@@ -369,28 +395,28 @@ def work(storage_url: str, study_name: str, heartbeat: int | None = None, grace:
     for h in optuna.logging.get_logger("optuna").handlers:
         h.addFilter(_quiet_greenlet)
     probe = storage or open_storage(storage_url, None, None)
-    spec = study_spec(load_study(probe, study_name))
+    spec = StudySpec.of(load_study(probe, study_name))
     if storage is None:
-        storage = open_storage(storage_url, heartbeat or spec.get("heartbeat", DEFAULT_HEARTBEAT),
-                               grace or spec.get("grace", DEFAULT_GRACE))
-    sampler = make_sampler(spec.get("sampler", "gp"), seed, spec.get("n_startup", 0)) \
-        if spec["kind"] == "allocation" else optuna.samplers.RandomSampler()
+        storage = open_storage(storage_url, heartbeat or spec.heartbeat or DEFAULT_HEARTBEAT,
+                               grace or spec.grace or DEFAULT_GRACE)
+    sampler = make_sampler(spec.sampler, seed, spec.n_startup) if spec.kind == "allocation" \
+        else optuna.samplers.RandomSampler()
     study = load_study(storage, study_name, sampler)
-    parent = parent_run_id or spec["mlflow_parent_run_id"]
+    parent = parent_run_id or spec.mlflow_parent_run_id
     client = tracking.init_store()
     try:
         client.get_run(parent)
     except Exception:  # noqa: BLE001
         raise SuiteError(f"the study's parent MLflow run {parent} is not in {tracking.tracking_uri()}; point "
-                         f"MLFLOW_TRACKING_URI at the study's tracking server ({spec.get('tracking_uri', '?')})") from None
+                         f"MLFLOW_TRACKING_URI at the study's tracking server ({spec.tracking_uri or '?'})") from None
     objective = Objective(storage, study, parent, progress)
     ran, said_wait = 0, False
     while max_trials is None or ran < max_trials:
         fail_stale(study)
         c = counts(study)
         done, running, waiting = c[TrialState.COMPLETE.name], c[TrialState.RUNNING.name], c[TrialState.WAITING.name]
-        if spec["kind"] == "allocation":
-            n = int(study.user_attrs[ATTR]["n_trials"])
+        if spec.kind == "allocation":
+            n = int(StudySpec.of(study).n_trials)
             if done >= n or objective.exhausted:
                 break
             busy = waiting == 0 and done + running >= n
@@ -441,7 +467,6 @@ def _report(say, study_name: str, t) -> None:
 
 def spawn_workers(storage_url: str, study_name: str, k: int, quiet: bool = True) -> list:
     """K local worker processes, with MLFLOW_RUN_ID removed from their environment (mlflow#15713)."""
-
     env = {k_: v for k_, v in os.environ.items() if k_ != "MLFLOW_RUN_ID"}
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     # The URL may hold a database password: through the environment (readable by this user only,

@@ -279,3 +279,19 @@ def test_bad_input_is_one_line(argv, message, mlflow_store, capsys, tmp_path):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_study_spec_round_trips_through_user_attrs():
+    """The study's contract between its creator and the workers: typed, and stored as the flat dict
+    that studies made before the class hold (so they still load)."""
+    from scaling_suite.worker import StudySpec
+
+    space = Space(make_config(C=1e18), 1e13)
+    alloc = StudySpec("allocation", "optuna:x", 20, 90, "run1", 12, "grid+gp", 4, 0, "sqlite:///m.db", space.to_spec())
+    queue = StudySpec("queue", "optuna:q", 20, 90, "run2")
+    for spec in (alloc, queue):
+        stored = json.loads(json.dumps(spec.to_attrs()))
+        assert StudySpec.from_attrs(stored) == spec
+    flat = alloc.to_attrs()
+    assert flat["C"] == 1e13 and flat["kind"] == "allocation" and "space" not in flat
+    assert Space.from_spec(StudySpec.from_attrs(flat).space).shapes == space.shapes
