@@ -268,7 +268,7 @@ def cmd_optimize(args) -> int:
                              tags={"role": "optimize", "optuna_storage": worker.safe_url(args.storage)},
                              system_metrics=False)
     summaries = []
-    try:
+    with top.running():
         # `mlflow run` has logged its own spelling of these (e.g. flops='1e12 3e12', quoted): keep it.
         have = tracking.init_store().get_run(top.run_id).data.params
         top.log_params({k: v for k, v in {"flops": " ".join(args.flops), "trials": args.trials,
@@ -305,13 +305,6 @@ def cmd_optimize(args) -> int:
                 iv = lambda i: f" [{i[0]:.3f}, {i[1]:.3f}]" if math.isfinite(i[0]) else ""  # noqa: E731
                 print(f"N_opt ∝ C^{alloc['a']:.3f}{iv(alloc['a_interval'])}   "
                       f"D_opt ∝ C^{alloc['b']:.3f}{iv(alloc['b_interval'])}   ({alloc['n_budgets']} budgets)")
-    except KeyboardInterrupt:
-        top.finish("KILLED", "interrupted by the user")
-        raise
-    except BaseException as e:
-        top.finish("FAILED", f"{type(e).__name__}: {e}")
-        raise
-    top.finish("FINISHED")
     if args.json:
         print(json.dumps(summaries, default=str))
     return 0

@@ -24,12 +24,15 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from tqdm.auto import tqdm
+
 from . import data as data_lib
 from . import earlystop, tracking
 from .config import RunConfig
 from .device import pick_device, release_memory
 from .errors import SuiteError
 from .plan import Plan
+from .study_report import analyze_study
 from .train import Pruned, train
 
 INTERRUPTED = ("RUNNING", "KILLED", "SCHEDULED")
@@ -124,35 +127,35 @@ def _run_claimed(client, cfg, parent_run_id, scope, code, tags, data, progress, 
         if branch and ckpt is None:
             branch_ckpt = start_branch(tracker, cfg, *branch, tmp)
         try:
-            result = train(cfg, tracker, data=data, resume_from=ckpt, progress=progress, bar_position=bar_position,
-                           save_at_steps=save_at_steps, branch_from=branch_ckpt, on_eval=on_eval,
-                           trunk_run_id=branch[0] if branch else None,
-                           tags={"role": tags["role"]} if tags and "role" in tags else None, reference=reference)
+            # The run's end status: tracker.running() (FINISHED; KILLED for a pruned trial or an
+            # interruption, which a rerun of the study resumes from its last checkpoint; FAILED
+            # with the reason for anything else).
+            with tracker.running(stopped=(Pruned,)):
+                try:
+                    result = train(cfg, tracker, data=data, resume_from=ckpt, progress=progress,
+                                   bar_position=bar_position, save_at_steps=save_at_steps, branch_from=branch_ckpt,
+                                   on_eval=on_eval, trunk_run_id=branch[0] if branch else None,
+                                   tags={"role": tags["role"]} if tags and "role" in tags else None,
+                                   reference=reference)
+                except Pruned as e:  # tagged, with the tokens actually trained
+                    tokens = e.step * cfg.batch_tokens
+                    tracker.set_tags({"pruned": "true", "pruned_at_tokens": tokens})
+                    tracker.log_metrics({"tokens_trained": tokens, "flops_trained": tokens * d.flops_per_token},
+                                        step=tokens)
+                    raise
+                if on_eval is not None:   # a tuning trial: its compute is compared with pruned ones'
+                    tracker.log_metrics({"tokens_trained": d.D, "flops_trained": d.C}, step=d.D)
         except Pruned as e:
-            # KILLED (stopped from outside, not broken) and tagged, with the tokens actually trained.
-            tokens = e.step * cfg.batch_tokens
-            tracker.set_tags({"pruned": "true", "pruned_at_tokens": tokens})
-            tracker.log_metrics({"tokens_trained": tokens, "flops_trained": tokens * d.flops_per_token}, step=tokens)
-            tracker.finish("KILLED", str(e))
             release_memory(pick_device(cfg.device))
-            return ChildOutcome("PRUNED", tracker.run_id, math.nan, d.C, reason=str(e), tokens_trained=tokens)
+            return ChildOutcome("PRUNED", tracker.run_id, math.nan, d.C, reason=str(e), tokens_trained=e.step *
+                                cfg.batch_tokens)
         except Exception as e:  # noqa: BLE001
             # A run that cannot go on (NaN loss, out of memory: a RuntimeError from torch, a bug)
-            # is FAILED with its reason and the study goes on without this point; only an
-            # interruption (Ctrl-C, SystemExit) is KILLED and stops the study.
-            reason = str(e) if isinstance(e, SuiteError) else f"{type(e).__name__}: {e}"
-            tracker.finish("FAILED", reason)
+            # is FAILED and the study goes on without this point; only an interruption (Ctrl-C,
+            # SystemExit) stops the study.
             release_memory(pick_device(cfg.device))  # an OOM leaves the failed run's tensors behind
-            return ChildOutcome("FAILED", tracker.run_id, math.nan, d.C, reason=reason)
-        except BaseException:
-            # KILLED, not FAILED: a rerun of the study resumes it from its last checkpoint (and
-            # measures again the points after it, which are therefore not sent now).
-            tracker.discard()
-            tracker.end("KILLED", "interrupted")
-            raise
-    if on_eval is not None:   # a tuning trial: its compute is compared with pruned ones'
-        tracker.log_metrics({"tokens_trained": d.D, "flops_trained": d.C}, step=d.D)
-    tracker.finish("FINISHED")
+            return ChildOutcome("FAILED", tracker.run_id, math.nan, d.C,
+                                reason=str(e) if isinstance(e, SuiteError) else f"{type(e).__name__}: {e}")
     return ChildOutcome("FINISHED", tracker.run_id, result.final_val_loss, d.C, result.wall_seconds,
                         resumed=ckpt is not None, tokens_trained=d.D)
 
@@ -229,8 +232,6 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
 
 def _run_study(plan, experiment, params, progress, planned_seconds, analyze, n_bootstrap, lr_info,
                data=None) -> StudyOutcome:
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     first = plan.points[0].config
     # The corpus is loaded (and validated: an empty corpus fails here) before any run starts.
@@ -254,49 +255,47 @@ def _run_study(plan, experiment, params, progress, planned_seconds, analyze, n_b
                desc=f"{plan.mode} study", dynamic_ncols=True)
     outcomes, flops_done, run_ids = [], 0.0, {}
     references: dict = {}     # schedule -> earlystop.Reference of the finished runs (the predictor's)
-    try:
-        for k, i in enumerate(order):
-            p = plan.points[i]
-            branch = (run_ids.get(branches[i][0]), branches[i][1]) if i in branches else None
-            shape = schedule_key(p.config)
-            out = run_child(p.config, parent.run_id, {**p.tags, "mode": plan.mode, "role": "train"}, data=data,
-                            progress=progress, study_key=plan.key, bar_position=1, save_at_steps=saves.get(i, ()),
-                            branch=branch, reference=references.get(shape))
-            references[shape] = add_reference(references.get(shape, earlystop.Reference()), out)
-            run_ids[i] = out.run_id
-            outcomes.append(out)
-            bar.update(spent[i])
-            flops_done += spent[i]
-            bar.set_postfix(runs=f"{k + 1}/{len(plan.points)}", last=f"{out.status} {out.final_val_loss:.3f}")
-            if progress:  # one line per run, also where no bar is drawn (a log, CI)
-                elapsed = time.perf_counter() - t0
-                eta = elapsed / flops_done * (total - flops_done)
-                d = p.config.derived()
-                kind = f" (branch at step {branches[i][1]})" if i in branches else ""
-                tqdm.write(f"[{k + 1}/{len(plan.points)}] {tracking.run_name(d.N, d.D)}{kind} {out.status:8s} "
-                           f"final_val_loss={out.final_val_loss:.4f}  {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
-            parent.log_metrics({"runs_done": k + 1, "flops_done": flops_done}, step=k + 1)
-    except BaseException:
-        bar.close()
-        parent.end("KILLED", "interrupted")
-        raise
-    bar.close()
-    wall = time.perf_counter() - t0
-    study = StudyOutcome(parent.run_id, outcomes, wall, lr_info=lr_info)
-    parent.log_metrics({"wall_seconds": wall, "runs_finished": sum(o.status != "FAILED" for o in outcomes),
-                        "runs_failed": sum(o.status == "FAILED" for o in outcomes),
-                        "total_flops": total, **({"planned_seconds": planned_seconds} if planned_seconds else {})},
-                       step=0)
-    if analyze:
-        from .study_report import analyze_study
+    # The parent's end status: tracker.running(), KILLED on an error (a rerun of the study resumes
+    # it, skipping what finished), FINISHED when every run and the analysis are through.
+    with parent.running(on_error="KILLED"):
         try:
-            study.report = analyze_study(study, plan, parent, planned_seconds, n_bootstrap)
-        except Exception as e:  # noqa: BLE001 — the runs are done and kept; the analysis can be redone
-            reason = f"{type(e).__name__}: {e}"
-            parent.set_tags({"analysis_error": reason[:5000]})
-            print(f"analysis failed ({reason}); the runs are kept: rerun it with "
-                  f"`scaling-suite analyze --parent_run {parent.run_id}`")
-    parent.finish("FINISHED")
+            for k, i in enumerate(order):
+                p = plan.points[i]
+                branch = (run_ids.get(branches[i][0]), branches[i][1]) if i in branches else None
+                shape = schedule_key(p.config)
+                out = run_child(p.config, parent.run_id, {**p.tags, "mode": plan.mode, "role": "train"}, data=data,
+                                progress=progress, study_key=plan.key, bar_position=1, save_at_steps=saves.get(i, ()),
+                                branch=branch, reference=references.get(shape))
+                references[shape] = add_reference(references.get(shape, earlystop.Reference()), out)
+                run_ids[i] = out.run_id
+                outcomes.append(out)
+                bar.update(spent[i])
+                flops_done += spent[i]
+                bar.set_postfix(runs=f"{k + 1}/{len(plan.points)}", last=f"{out.status} {out.final_val_loss:.3f}")
+                if progress:  # one line per run, also where no bar is drawn (a log, CI)
+                    elapsed = time.perf_counter() - t0
+                    eta = elapsed / flops_done * (total - flops_done)
+                    d = p.config.derived()
+                    kind = f" (branch at step {branches[i][1]})" if i in branches else ""
+                    tqdm.write(f"[{k + 1}/{len(plan.points)}] {tracking.run_name(d.N, d.D)}{kind} {out.status:8s} "
+                               f"final_val_loss={out.final_val_loss:.4f}  {elapsed:.0f}s elapsed, ETA {eta:.0f}s")
+                parent.log_metrics({"runs_done": k + 1, "flops_done": flops_done}, step=k + 1)
+        finally:
+            bar.close()
+        wall = time.perf_counter() - t0
+        study = StudyOutcome(parent.run_id, outcomes, wall, lr_info=lr_info)
+        parent.log_metrics({"wall_seconds": wall, "runs_finished": sum(o.status != "FAILED" for o in outcomes),
+                            "runs_failed": sum(o.status == "FAILED" for o in outcomes),
+                            "total_flops": total, **({"planned_seconds": planned_seconds} if planned_seconds else {})},
+                           step=0)
+        if analyze:
+            try:
+                study.report = analyze_study(study, plan, parent, planned_seconds, n_bootstrap)
+            except Exception as e:  # noqa: BLE001 — the runs are done and kept; the analysis can be redone
+                reason = f"{type(e).__name__}: {e}"
+                parent.set_tags({"analysis_error": reason[:5000]})
+                print(f"analysis failed ({reason}); the runs are kept: rerun it with "
+                      f"`scaling-suite analyze --parent_run {parent.run_id}`")
     return study
 
 

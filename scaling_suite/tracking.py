@@ -51,22 +51,25 @@ class NullTracker:
     def finish(self, status: str = "FINISHED", reason: str = "") -> None: ...
 
     @contextlib.contextmanager
-    def running(self):
-        """The one place a run's end status is decided: FINISHED when the block ends normally,
-        KILLED on Ctrl-C, FAILED (with the reason as the failure_reason tag) on any error; the
-        exception goes on. Only a process that created or legitimately attached to the run
+    def running(self, stopped: tuple = (), on_error: str = "FAILED"):
+        """The one place a run's end status is decided: FINISHED when the block ends normally;
+        KILLED on Ctrl-C or SystemExit (the points measured since the last checkpoint are dropped:
+        a resume measures them again); KILLED with its message for an exception in STOPPED (a run
+        stopped from outside, not broken: a pruned trial); ON_ERROR (FAILED; KILLED for a study's
+        parent, which a re-run resumes) on any other error, with the reason as the failure_reason
+        tag. The exception goes on. Only a process that created or legitimately attached to the run
         (start_run) holds its tracker, so only it ever changes the run's status."""
         try:
             yield self
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):
             self.discard()
             self.end("KILLED", "interrupted by the user")
             raise
-        except SuiteError as e:
-            self.end("FAILED", str(e))
+        except stopped as e:
+            self.end("KILLED", str(e))
             raise
         except BaseException as e:
-            self.end("FAILED", f"{type(e).__name__}: {e}")
+            self.end(on_error, str(e) if isinstance(e, SuiteError) else f"{type(e).__name__}: {e}")
             raise
         self.finish("FINISHED")
 

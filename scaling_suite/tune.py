@@ -236,7 +236,7 @@ def run_tune(cfgs: list[RunConfig], *, trials: int, lr_min: float, lr_max: float
         parent = tracking.start_run(experiment, run_name="lr tuning", tags=tags,
                                     run_id=earlier[0].info.run_id if earlier else None, system_metrics=False,
                                     reopen=True)   # the same tuning, run again
-    try:
+    with parent.running():
         parent.log_params({**(params or {}), "depths": " ".join(str(c.depth) for c in cfgs),
                            "tokens_per_param": first.tokens_per_param, "lr_min": lr_min, "lr_max": lr_max,
                            "search": " ".join(search), "beta2": " ".join(f"{b:g}" for b in beta2),
@@ -294,10 +294,6 @@ def run_tune(cfgs: list[RunConfig], *, trials: int, lr_min: float, lr_max: float
                 say(f"[depth {cfg.depth}] lr_opt = {opt['lr_opt']:.4g}{iv} ({opt['status']}; best trial lr "
                     f"{opt['best_lr']:.3g}, beta2 {opt['best_beta2']:g}, loss {opt['best_loss']:.4f})")
         out = summarize(sizes, first, parent, key, key_parts, time.perf_counter() - t0)
-    except BaseException as e:
-        parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
-        raise
-    parent.finish("FINISHED")
     out["run_id"] = parent.run_id
     return out
 
