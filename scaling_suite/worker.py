@@ -45,11 +45,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
 from . import data as data_lib
-from . import tracking
+from . import sweep, tracking
 from .config import RunConfig, make_config
 from .errors import SuiteError
 from .space import Space, make_sampler
-from .sweep import run_child
 from .tracking import FileLock
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -350,7 +349,7 @@ class Objective:
                                         "optuna_study": self.study.study_name, "role": "train",
                                         "search": self.spec.kind}.items()}
         try:
-            out = run_child(cfg, parent, tags=tags, data=self.data(cfg), progress=self.progress,
+            out = sweep.run_child(cfg, parent, tags=tags, data=self.data(cfg), progress=self.progress,
                             resume_running=True, study_key=self.spec.study_key)
         except Exception as e:  # noqa: BLE001 — e.g. a store hiccup: the worker loop queues a retry
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:1000])
