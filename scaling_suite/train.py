@@ -153,6 +153,67 @@ def check_branch(state: dict, cfg: RunConfig, path) -> None:
         raise SuiteError(f"checkpoint {path} cannot start a branch: {problem}")
 
 
+class CompilePolicy:
+    """torch.compile of the training forward (device.py): `true` from the first step; `auto` after
+    timing a few eager steps, and only when the time saved repays the warm-up within this run.
+    The same function in fused kernels: losses agree with eager to float rounding
+    (tests/test_train.py). Evaluation stays eager, so it costs no second graph.
+    precision=auto may differ for compiled steps (device.pick_precision: bf16 on an AMX CPU at
+    d_model >= 32): eager steps and every evaluation run in the placement's precision, compiled
+    steps in the precision chosen with the compile.
+
+    `at` is the step where the decision is made (None: never compiled, tagged so at once)."""
+
+    def __init__(self, cfg: RunConfig, d, pl, start: int, tracker):
+        self.cfg, self.shape, self.eager_precision, self.tracker = cfg, d.shape, pl.precision, tracker
+        why_not = compile_support(pl.device) if cfg.compile != "false" else "compile=false"
+        if cfg.compile == "true" and why_not:
+            raise SuiteError(f"compile=true, but {why_not}")
+        self.precision = pick_precision(pl.device, cfg.precision, d.shape, compiled=True)
+        self.key = compile_key(pl.device, d.shape, self.precision, pl.micro_batch)
+        self.at, self.fresh = None, False
+        if why_not is None:
+            self.at = start if cfg.compile == "true" else start + COMPILE_PROBE_STEPS
+        if self.at is None or self.at >= d.steps:
+            why_not = why_not or f"the run's {d.steps - start} steps are too few to time and repay a compile"
+            tracker.set_tags({"compile": "false", "compile_reason": why_not})
+
+    def decide(self, model, step_seconds: list, steps_left: int):
+        """(the forward to train with, its precision), tagged with the reason."""
+        if self.cfg.compile == "true":
+            use, why = True, "compile=true"
+        else:   # median of the timed eager steps, the first two (allocation) left out
+            use, why = compile_pays(self.shape, float(np.median(step_seconds[2:])), steps_left, self.precision,
+                                    self.key)
+        self.fresh = self.shape not in compiled_shapes()   # the process's first compile of it: worth recording
+        fwd, precision = (compile_model(model), self.precision) if use else (model, self.eager_precision)
+        self.tracker.set_tags({"compile": str(use).lower(), "compile_reason": why, "precision": precision,
+                               **({"precision_eager": self.eager_precision} if precision != self.eager_precision
+                                  else {})})
+        return fwd, precision
+
+    def record(self, step_seconds: list, tokens: int) -> None:
+        """The first compiled step's excess over the eager median: the warm-up, logged, and
+        remembered for the next process that compiles this graph (device.record_warmup)."""
+        warm = max(0.0, step_seconds[-1] - float(np.median(step_seconds[2:-1] or [0])))
+        self.tracker.log_metrics({"compile_seconds": warm}, step=tokens)
+        if self.fresh:
+            record_warmup(self.key, warm)
+
+
+def _forward_backward(fwd, batch, pl, precision: str) -> float:
+    """Gradients of one global batch, accumulated over equal micro-batches; its mean loss."""
+    loss_sum = torch.zeros((), device=pl.device)
+    for m in range(pl.accumulation):
+        mb = batch[m * pl.micro_batch:(m + 1) * pl.micro_batch]
+        with autocast(pl.device, precision):
+            loss = fwd(mb[:, :-1], mb[:, 1:])
+        # Equal micro-batches: the mean over the global batch is the mean of micro means.
+        (loss / pl.accumulation).backward()
+        loss_sum += loss.detach()
+    return loss_sum.item() / pl.accumulation   # one device sync per step, not per micro-batch
+
+
 def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
           resume_from: Path | None = None, halt_at_step: int | None = None,
           checkpoint_dir: Path | None = None, progress: bool = True, tags: dict | None = None,
@@ -265,29 +326,12 @@ def _train(cfg: RunConfig, tracker, data, resume_from, halt_at_step, checkpoint_
                 predict(tokens // cfg.batch_tokens, loss)
     save_at = {s for s in save_at_steps if start < s < d.steps}
 
-    # torch.compile of the training forward (device.py): `true` from the first step; `auto` after
-    # timing a few eager steps, and only when the time saved repays the warm-up within this run.
-    # The same function in fused kernels: losses agree with eager to float rounding
-    # (tests/test_train.py). Evaluation stays eager, so it costs no second graph.
-    # precision=auto may differ for compiled steps (device.pick_precision: bf16 on an AMX CPU at
-    # d_model >= 32): eager steps and every evaluation run in pl.precision, compiled steps in
-    # step_precision, chosen with the compile.
-    fwd, compile_at, step_seconds, step_precision = model, None, [], pl.precision
-    why_not = compile_support(pl.device) if cfg.compile != "false" else "compile=false"
-    if cfg.compile == "true" and why_not:
-        raise SuiteError(f"compile=true, but {why_not}")
-    compiled_precision = pick_precision(pl.device, cfg.precision, d.shape, compiled=True)
-    key = compile_key(pl.device, d.shape, compiled_precision, pl.micro_batch)
-    if why_not is None:
-        compile_at = start if cfg.compile == "true" else start + COMPILE_PROBE_STEPS
-    if compile_at is None or compile_at >= d.steps:
-        why_not = why_not or f"the run's {d.steps - start} steps are too few to time and repay a compile"
-        tracker.set_tags({"compile": "false", "compile_reason": why_not})
+    fwd, step_seconds, step_precision = model, [], pl.precision
+    policy = CompilePolicy(cfg, d, pl, start, tracker)
 
     bar = _progress(d.steps, start, progress, cfg, bar_position)
     t0, train_loss, tok_s = time.perf_counter(), float("nan"), 0.0
     t_window, step_window = time.perf_counter(), start
-    micro_steps = pl.accumulation
     for step in range(start, d.steps):
         if step % d.eval_every == 0 and (not curve or curve[-1][0] != step * cfg.batch_tokens):
             eval_and_log(step)
@@ -295,31 +339,14 @@ def _train(cfg: RunConfig, tracker, data, resume_from, halt_at_step, checkpoint_
                 break
         if step == halt_at_step:
             break  # a simulated interruption, for tests: the last checkpoint stands
-        if step == compile_at:
-            if cfg.compile == "true":
-                use, why = True, "compile=true"
-            else:   # median of the timed eager steps, the first two (allocation) left out
-                use, why = compile_pays(d.shape, float(np.median(step_seconds[2:])), d.steps - step,
-                                        compiled_precision, key)
-            fresh = d.shape not in compiled_shapes()   # the process's first compile of it: worth recording
-            if use:
-                fwd, step_precision = compile_model(model), compiled_precision
-            tracker.set_tags({"compile": str(use).lower(), "compile_reason": why, "precision": step_precision,
-                              **({"precision_eager": pl.precision} if step_precision != pl.precision else {})})
+        if step == policy.at:
+            fwd, step_precision = policy.decide(model, step_seconds, d.steps - step)
         t_step = time.perf_counter()
         lr = lr_at(step, cfg, d)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)      # μP per-group lr (model.param_groups)
         batch = data_lib.train_batch(data, cfg.seed, step, d.batch_size, cfg.context).to(pl.device)
-        loss_sum = torch.zeros((), device=pl.device)
-        for m in range(micro_steps):
-            mb = batch[m * pl.micro_batch:(m + 1) * pl.micro_batch]
-            with autocast(pl.device, step_precision):
-                loss = fwd(mb[:, :-1], mb[:, 1:])
-            # Equal micro-batches: the mean over the global batch is the mean of micro means.
-            (loss / micro_steps).backward()
-            loss_sum += loss.detach()
-        train_loss = loss_sum.item() / micro_steps   # one device sync per step, not per micro-batch
+        train_loss = _forward_backward(fwd, batch, pl, step_precision)
         train_losses.append(train_loss)
         if not math.isfinite(train_loss):
             _fail(tracker, f"training diverged: loss is {train_loss} at step {step}", pl.device)
@@ -328,11 +355,8 @@ def _train(cfg: RunConfig, tracker, data, resume_from, halt_at_step, checkpoint_
         opt.step()
         opt.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - t_step)
-        if step == compile_at and fwd is not model:   # the first compiled step carries the warm-up
-            warm = max(0.0, step_seconds[-1] - float(np.median(step_seconds[2:-1] or [0])))
-            tracker.log_metrics({"compile_seconds": warm}, step=(step + 1) * cfg.batch_tokens)
-            if fresh:
-                record_warmup(key, warm)
+        if step == policy.at and fwd is not model:   # the first compiled step carries the warm-up
+            policy.record(step_seconds, (step + 1) * cfg.batch_tokens)
 
         tokens = (step + 1) * cfg.batch_tokens
         if (step + 1) % d.log_every == 0 or step + 1 == d.steps:
