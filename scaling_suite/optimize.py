@@ -130,7 +130,7 @@ def open_search(storage, name: str, space: Space, n_trials: int, sampler: str, i
     if spec is None:
         worker.ensure_claims(storage)
         spec = StudySpec("allocation", f"optuna:{name}", heartbeat, grace, sampler=sampler, n_startup=init,
-                         seed=seed, tracking_uri=worker.safe_url(tracking.tracking_uri()), space=want)
+                         seed=seed, tracking_uri=tracking.safe_uri(tracking.tracking_uri()), space=want)
         for s in (space.grid(init) if sampler.startswith("grid") else []):
             cfg = space.config(s)
             d = cfg.derived()
@@ -153,7 +153,7 @@ def open_search(storage, name: str, space: Space, n_trials: int, sampler: str, i
         client.get_run(run_id) if run_id else None
     except Exception:  # noqa: BLE001 — the study outlived its MLflow store: start a new search run
         run_id = None
-    tags = {"role": "optuna_search", "optuna_study": name, "optuna_storage": worker.safe_url(storage.url)}
+    tags = {"role": "optuna_search", "optuna_study": name, "optuna_storage": tracking.safe_uri(storage.url)}
     tracker = tracking.start_run(experiment, run_name=f"optuna {name}", tags=tags, parent_run_id=top_run_id,
                                  run_id=run_id, system_metrics=False, reopen=True)   # a resumed search
     if run_id and top_run_id:
@@ -265,7 +265,7 @@ def cmd_optimize(args) -> int:
     storage = worker.open_storage(args.storage, args.heartbeat, args.grace)
     tracking.init_store()
     top = tracking.start_run(args.experiment, run_name=f"optimize C={' '.join(f'{c:.3g}' for c in flops)}",
-                             tags={"role": "optimize", "optuna_storage": worker.safe_url(args.storage)},
+                             tags={"role": "optimize", "optuna_storage": tracking.safe_uri(args.storage)},
                              system_metrics=False)
     summaries = []
     with top.running():
@@ -281,7 +281,7 @@ def cmd_optimize(args) -> int:
                   f"{n_trials} trials ({args.sampler}); MLflow search run {search.run_id}")
             if args.create_only:
                 print(f"  workers: MLFLOW_TRACKING_URI={tracking.tracking_uri()} scaling-suite worker "
-                      f"--storage {worker.safe_url(args.storage)} --study '{name}'")
+                      f"--storage {tracking.safe_uri(args.storage)} --study '{name}'")
                 continue
             if workers == 1:
                 worker.work(args.storage, name, args.heartbeat, args.grace, progress=not args.quiet,

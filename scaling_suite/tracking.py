@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -145,9 +146,8 @@ def init_store(uri: str | None = None):
 
 
 def safe_uri(uri: str) -> str:
-    """URI with a password masked (user:***@host), for messages."""
-    import re
-
+    """URI with a password masked (user:***@host), for messages and tags: tracking servers and
+    database URLs alike (the one masking rule; a password in a valid URL is percent-encoded)."""
     return re.sub(r"(//[^/:@]+:)[^/@]+@", r"\1***@", uri)
 
 

@@ -70,15 +70,6 @@ def config_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.to_params(), sort_keys=True).encode()).hexdigest()[:20]
 
 
-def safe_url(url: str) -> str:
-    """The URL with any password masked, for tags and messages."""
-    try:
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
-        return url
-
-
 # --- storage ---------------------------------------------------------------------------------------
 
 def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT, grace: int | None = DEFAULT_GRACE,
@@ -116,10 +107,10 @@ def open_storage(url: str, heartbeat: int | None = DEFAULT_HEARTBEAT, grace: int
         except ImportError as e:   # a missing driver, or one that fails to import (ModuleNotFoundError is one)
             hint = (" (pip install 'scaling-suite[postgres]')" if parsed.get_backend_name() == "postgresql" else "")
             name = e.name or parsed.get_driver_name() or parsed.get_backend_name()
-            raise SuiteError(f"the storage {safe_url(url)} needs the Python driver {name!r}, which does not "
+            raise SuiteError(f"the storage {tracking.safe_uri(url)} needs the Python driver {name!r}, which does not "
                              f"import{hint}") from None
         except (SQLAlchemyError, ValueError, OSError) as e:
-            raise SuiteError(f"cannot open the Optuna storage {safe_url(url)}: {type(e).__name__}: "
+            raise SuiteError(f"cannot open the Optuna storage {tracking.safe_uri(url)}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0]}") from None
 
 
@@ -129,7 +120,7 @@ def load_study(storage, name: str, sampler=None):
     except KeyError:
         names = optuna.get_all_study_names(storage)
         there = f"studies there: {', '.join(names)}" if names else "it holds no study"
-        raise SuiteError(f"no study {name!r} in {safe_url(storage.url)} ({there}); create it first with "
+        raise SuiteError(f"no study {name!r} in {tracking.safe_uri(storage.url)} ({there}); create it first with "
                          "`scaling-suite optimize ... --create_only` or enqueue_configs") from None
 
 
