@@ -89,6 +89,9 @@ def _distinct(x, rel=0.01) -> int:
     return n_distinct(np.log(np.asarray(x, dtype=float)), rel)
 
 
+ISOFLOP_DESIGNS = ("isoflop", "adaptive")   # designs whose runs are grouped by compute budget
+
+
 def _design_groups(df) -> dict:
     """design -> rows. Runs carry a design tag from the planner; data without one (a CSV) is
     classified by shape: constant D = n_sweep, constant N = d_sweep; IsoFLOP budgets are found
@@ -203,9 +206,10 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
     # Compute-optimal allocation, approaches 2 and 1 (Hoffmann et al. 2022 §3.2, §3.1).
     # Tagged n_sweep/d_sweep runs are not IsoFLOP profiles; untagged ones (optimizer trials at one
     # budget, CSV rows) may be, and budgets with too few sizes are skipped with the reason anyway.
+    # An adaptive study's runs are IsoFLOP profiles placed by its search (scaling_suite/adaptive.py).
     iso_df = df
     if "design" in df and df["design"].notna().any():
-        iso_df = df[df["design"].isna() | (df["design"] == "isoflop")]
+        iso_df = df[df["design"].isna() | df["design"].isin(ISOFLOP_DESIGNS)]
     iso = R.run("allocation isoflop", allocation.isoflop, iso_df, loss_col=loss_col, **boot)
     if iso is not None:
         R.add("allocation_isoflop", iso)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -19,7 +20,8 @@ import torch
 from analysis import report
 
 from . import data as data_lib
-from . import optimize, sweep, tracking, tune
+from . import adaptive, optimize, sweep, tracking, tune, worker
+from . import ladder as ladder_lib
 from . import plan as plan_lib
 from .config import RunConfig, add_config_flags, config_from_args, from_preset
 from .device import (TORCH_MIN, autocast, available_memory, compile_support, mps_state, pick_device, pick_precision,
@@ -206,6 +208,11 @@ def cmd_sweep(args) -> int:
     overrides = {k: getattr(args, k) for k in STUDY_FLAGS if getattr(args, k) not in (None, "") and k != "lr"}
     lr = parse_lr(args.lr)             # None: auto (the default), resolved below once the plan is final
     design = None if args.design in (None, "", "auto") else args.design
+    if (design or plan_lib.default_design(args.mode)) == plan_lib.ADAPTIVE:   # validates the mode
+        return cmd_adaptive(args, overrides, lr)
+    for flag in ("target_width", "workers", "storage"):
+        if getattr(args, flag) not in (None, ""):
+            raise SuiteError(f"--{flag} applies to the adaptive design; --design {args.design} trains a fixed plan")
     budget = None if args.budget in (None, "", "0", "none") else plan_lib.parse_duration(args.budget)
     if budget:
         plan_lib.check_time_budget(budget)   # before the speed probe below, which takes a minute
@@ -239,6 +246,47 @@ def cmd_sweep(args) -> int:
     return 0 if done else 1
 
 
+def cmd_adaptive(args, overrides: dict, lr) -> int:
+    """`sweep` with the adaptive design (adaptive.py): every input checked before the speed probe."""
+    if str(args.branching or "auto").lower() != "auto":
+        raise SuiteError("--branching applies to the fixed designs (WSD runs sharing a trunk); the adaptive design "
+                         "places each run itself")
+    if str(overrides.get("early_stop", "false")).lower() in ("true", "1", "yes"):
+        raise SuiteError("early_stop applies to the fixed designs; the adaptive design stops a budget's search "
+                         "instead (--target_width stops the study)")
+    box = (plan_lib.parse_duration(args.budget) if args.budget not in (None, "", "0", "none")
+           else ladder_lib.BOXES[args.mode])
+    if box <= adaptive.ANALYSIS_S:
+        raise SuiteError(f"a box of {box:.0f}s is too small: set-up, the speed probe and the analysis alone take "
+                         f"about {adaptive.ANALYSIS_S:.0f}s")
+    width = None
+    if args.target_width not in (None, "", "none", "0"):
+        try:
+            width = float(args.target_width)
+        except ValueError:
+            raise SuiteError(f"--target_width takes a number, got {args.target_width!r}") from None
+    if width is not None and not (math.isfinite(width) and width > 0) or args.target_width == "0":
+        raise SuiteError(f"--target_width must be a positive width of the 95% interval on a, got {args.target_width!r}")
+    workers = int(args.workers) if args.workers not in (None, "") else adaptive.default_workers()
+    if workers < 1:
+        raise SuiteError(f"--workers must be at least 1, got {args.workers}")
+    base = adaptive.base_config(args.mode, overrides)         # validates every setting
+    pick_device(base.device)
+    tracking.init_store()
+    storage = worker.storage_url(args.storage)
+    worker.open_storage(storage, None, None)                  # an unreachable storage fails here
+    data = data_lib.load_data(base.dataset, base.tokenizer, base.vocab_size)
+    if not 1 <= args.heartbeat < args.grace:
+        raise SuiteError(f"--heartbeat ({args.heartbeat}s) must be at least 1 s and shorter than --grace ({args.grace}s)")
+    settings = adaptive.Settings(args.mode, box, workers, width, storage, args.heartbeat, args.grace, experiment=args.experiment,
+                                 progress=not args.quiet, analyze=not args.no_analysis)
+    print(f"{args.mode} study, adaptive design: a box of {box:.0f}s on this machine", flush=True)
+    out = adaptive.run_adaptive(base, data, settings, lr,
+                                params={"budget": args.budget or "0", "target_width": args.target_width or "none"})
+    print(f"study {out.parent_run_id}: {len(out.children)} runs, {out.wall_seconds:.0f}s")
+    return 0 if out.children else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaling-suite", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
@@ -254,8 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("sweep", help="run a planned scaling study (a parent run with a child per config)")
     w.add_argument("--mode", default="quick", help="smoke | quick | dev | full")
-    w.add_argument("--design", default="auto", help="isoflop | n_sweep | d_sweep (auto: the mode's own)")
-    w.add_argument("--budget", default=None, help="wall-time budget, e.g. 30m: the largest study that fits")
+    w.add_argument("--design", default="auto", help="adaptive | isoflop | n_sweep | d_sweep (auto: the mode's own: "
+                                                    "adaptive for quick, dev, full)")
+    w.add_argument("--budget", default=None, help="wall-time box, e.g. 30m (adaptive: default the mode's box; "
+                                                  "fixed designs: the largest plan that fits)")
+    w.add_argument("--target_width", default=None, help="adaptive: end the ladder once the 95%% interval on a is "
+                                                        "narrower than this")
+    w.add_argument("--workers", default=None, help="adaptive: trainings at once, the cores split between them "
+                                                   f"(default ${adaptive.WORKERS_ENV}, else 2 on a CPU with >= 2 cores, else 1)")
+    w.add_argument("--heartbeat", type=int, default=worker.DEFAULT_HEARTBEAT,
+                   help="adaptive: seconds between a trial's heartbeats")
+    w.add_argument("--grace", type=int, default=worker.DEFAULT_GRACE,
+                   help="adaptive: a trial silent this long (its worker died) is retried")
+    w.add_argument("--storage", default=None, help=f"adaptive: Optuna RDB (default ${worker.STORAGE_ENV}, else "
+                                                   f"{worker.DEFAULT_STORAGE})")
     w.add_argument("--experiment", default=None, help="MLflow experiment (default: scaling-suite)")
     for k in STUDY_FLAGS:
         w.add_argument(f"--{k}", default=None, help="applies to every run of the study" + (

@@ -330,9 +330,10 @@ def cmd_worker(args) -> int:
     _threads(args.threads)
     tracking.quiet_downloads(args.quiet)
     args.storage = worker.storage_url(args.storage)
-    n = worker.work(args.storage, args.study, args.heartbeat, args.grace, parent_run_id=args.parent_run_id,
-                    max_trials=_int(args.max_trials, "--max_trials") if args.max_trials else None,
-                    progress=not args.quiet, seed=args.sampler_seed)
+    run = worker.follow if args.follow else worker.work
+    n = run(args.storage, args.study, heartbeat=args.heartbeat, grace=args.grace, parent_run_id=args.parent_run_id,
+            max_trials=_int(args.max_trials, "--max_trials") if args.max_trials else None,
+            progress=not args.quiet, seed=args.sampler_seed)
     print(f"[{args.study}] worker done: ran {n} trial(s)")
     return 0
 
@@ -377,5 +378,7 @@ def register(sub) -> None:
     w.add_argument("--study", required=True, help="the study name `optimize` printed")
     w.add_argument("--parent_run_id", default=None, help="MLflow parent run (default: the study's)")
     w.add_argument("--max_trials", default=None, help="stop after this many trials")
+    w.add_argument("--follow", action="store_true",
+                   help="an adaptive study's ladder: go on to each next budget's study until the ladder ends")
     storage_flags(w)
     w.set_defaults(fn=cmd_worker)

@@ -39,6 +39,16 @@ from .errors import SuiteError
 from .schedule import BRANCH_FIELDS, branch_problem, cooldown_start
 
 DESIGNS = ("isoflop", "n_sweep", "d_sweep")
+# A mode's default study: "adaptive" (adaptive.py: a time box, Optuna placing the runs) for quick,
+# dev and full; smoke keeps its fixed n_sweep. Every mode's fixed grid stays available by name
+# (--design isoflop), for comparison (benchmarks/adaptive_vs_grid.py).
+ADAPTIVE = "adaptive"
+
+
+def default_design(mode: str) -> str:
+    if mode not in MODES:
+        raise SuiteError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    return ADAPTIVE if MODES[mode].get("adaptive") else MODES[mode]["design"]
 
 
 @dataclass(frozen=True)
@@ -132,17 +142,17 @@ MODES: dict[str, dict] = {
     # minutes on the reference 2-core CPU (README, "Modes").
     # With schedule=wsd: the branch-friendly grid of the same range (module docstring): 5 budgets
     # √2 apart, every depth at every budget, so each depth's 5 runs share one trunk.
-    "quick": dict(design="isoflop", budgets=[6e11, 1.2e12, 2.4e12],
+    "quick": dict(design="isoflop", adaptive=True, budgets=[6e11, 1.2e12, 2.4e12],
                   depths={6e11: [1, 2, 3, 4], 1.2e12: [1, 2, 3, 4], 2.4e12: [1, 2, 3, 4, 5]},
                   base=dict(aspect=16, head_dim=8, context=64, batch_tokens=8192, eval_tokens=16384),
                   wsd=dict(budgets=[6e11, 8.5e11, 1.2e12, 1.7e12, 2.4e12],
                            depths={c: [1, 2, 3, 4, 5] for c in (6e11, 8.5e11, 1.2e12, 1.7e12, 2.4e12)})),
     # For a laptop GPU (MPS) or a CUDA card: 4 budgets × 5 sizes.
-    "dev": dict(design="isoflop", budgets=[1e13, 3e13, 1e14, 3e14],
+    "dev": dict(design="isoflop", adaptive=True, budgets=[1e13, 3e13, 1e14, 3e14],
                 depths={c: [2, 3, 4, 5, 6] for c in (1e13, 3e13, 1e14, 3e14)},
                 base=dict(context=128, batch_tokens=16384, eval_tokens=65536)),
     # For a CUDA card: 5 budgets × 6 sizes, wider models.
-    "full": dict(design="isoflop", budgets=[1e15, 3e15, 1e16, 3e16, 1e17],
+    "full": dict(design="isoflop", adaptive=True, budgets=[1e15, 3e15, 1e16, 3e16, 1e17],
                  depths={c: [4, 6, 8, 10, 12, 14] for c in (1e15, 3e15, 1e16, 3e16, 1e17)},
                  base=dict(context=256, aspect=64, head_dim=64, batch_tokens=65536, eval_tokens=262144)),
 }
@@ -223,7 +233,7 @@ def _make_plan(mode: str, design: str | None, overrides: dict | None) -> Plan:
     spec = MODES[mode]
     design = design or spec["design"]
     if design not in DESIGNS:
-        raise SuiteError(f"unknown design {design!r}; choose one of: {', '.join(DESIGNS)}")
+        raise SuiteError(f"unknown design {design!r}; choose one of: {', '.join((ADAPTIVE,) + DESIGNS)}")
     base = {**spec["base"], **(overrides or {})}
     if "wsd" in spec and make_config(**base, D=1e9).schedule == "wsd":
         spec = {**spec, **spec["wsd"]}

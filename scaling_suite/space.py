@@ -70,13 +70,18 @@ class Space:
     """The sizes one budget's search may train, and how a trial picks one."""
 
     def __init__(self, base: RunConfig, C: float, spread: float = 2.0, min_tpp: float = 1.0,
-                 max_tpp: float = 1e4, min_steps: int = 20, tune: tuple = ()):
+                 max_tpp: float = 1e4, min_steps: int = 20, tune: tuple = (), N_min: float = 0.0,
+                 N_max: float = math.inf, D_max: float = math.inf, lr_rule: dict | None = None):
         if not (math.isfinite(C) and C > 0):
             raise SuiteError(f"--flops must be positive numbers, got {C}")
         if spread < 1:
             raise SuiteError(f"--spread must be at least 1 (1 = the depth dial alone), got {spread}")
         self.base, self.C, self.spread = base, float(C), float(spread)
         self.min_tpp, self.max_tpp, self.min_steps, self.tune = float(min_tpp), float(max_tpp), int(min_steps), tuple(tune)
+        # An adaptive study's window around the expected optimum, and its corpus limit (D_max: a
+        # run that would repeat the training split more often is left out; ladder.py).
+        self.N_min, self.N_max, self.D_max = float(N_min), float(N_max), float(D_max)
+        self.lr_rule = lr_rule     # each size's lr (lr_from_rule); None: the base's lr for every size
         bad = set(self.tune) - set(TUNABLE)
         if bad:
             raise SuiteError(f"--tune takes {', '.join(TUNABLE)}, got {', '.join(sorted(bad))}")
@@ -85,7 +90,8 @@ class Space:
         self.shapes = []
         for s in table:
             d = self._derive(s)
-            if d is not None and d.steps >= self.min_steps and self.min_tpp <= d.D / d.N <= self.max_tpp:
+            if (d is not None and d.steps >= self.min_steps and self.min_tpp <= d.D / d.N <= self.max_tpp
+                    and self.N_min <= s.N <= self.N_max and d.D <= self.D_max):
                 self.shapes.append(s)
         if len(self.shapes) < 2:
             smallest = table[0] if table else Shape(0, 1, base.aspect, 0)
@@ -106,6 +112,8 @@ class Space:
 
     def config(self, s: Shape, **extra) -> RunConfig:
         cfg = self.base.replace(depth=s.depth, aspect=s.aspect, C=self.C, D=0.0, tokens_per_param=0.0, **extra)
+        if self.lr_rule and "lr" not in extra:
+            cfg = cfg.replace(lr=lr_from_rule(self.lr_rule, cfg))
         validate(cfg)
         return cfg
 
@@ -135,12 +143,30 @@ class Space:
 
     def to_spec(self) -> dict:
         return {"C": self.C, "base": self.base.to_params(), "spread": self.spread, "min_tpp": self.min_tpp,
-                "max_tpp": self.max_tpp, "min_steps": self.min_steps, "tune": list(self.tune)}
+                "max_tpp": self.max_tpp, "min_steps": self.min_steps, "tune": list(self.tune),
+                **({"N_min": self.N_min, "N_max": self.N_max, "D_max": self.D_max}
+                   if (self.N_min, self.N_max, self.D_max) != (0.0, math.inf, math.inf) else {}),
+                **({"lr_rule": self.lr_rule} if self.lr_rule else {})}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "Space":
         return cls(make_config(**spec["base"]), spec["C"], spec["spread"], spec["min_tpp"], spec["max_tpp"],
-                   spec["min_steps"], tuple(spec["tune"]))
+                   spec["min_steps"], tuple(spec["tune"]), spec.get("N_min", 0.0), spec.get("N_max", math.inf),
+                   spec.get("D_max", math.inf), spec.get("lr_rule"))
+
+
+def lr_from_rule(rule: dict, cfg: RunConfig) -> float:
+    """The lr of CFG under an adaptive study's rule (adaptive.lr_rule_for): fixed; a law c N^-k
+    tuned at batch B_ref, moved to CFG's batch by the square-root rule for Adam (Malladi et al.
+    2022, §4: lr ∝ sqrt(B)); or DeepSeek LLM's 0.3118 C^-0.125 (§3.1, which sets the batch jointly)."""
+    kind = rule["kind"]
+    if kind == "fixed":
+        return float(rule["lr"])
+    if kind == "law":
+        return float(rule["c"] * derive(cfg).N ** -rule["k"] * math.sqrt(cfg.batch_tokens / rule["B_ref"]))
+    if kind == "rule":
+        return float(0.3118 * derive(cfg).C ** -0.125)
+    raise SuiteError(f"unknown lr rule {kind!r}")
 
 
 def make_sampler(name: str, seed: int | None = None, n_startup: int = 4):

@@ -124,7 +124,8 @@ def load_study(storage, name: str, sampler=None):
                          "`scaling-suite optimize ... --create_only` or enqueue_configs") from None
 
 
-SPACE_FIELDS = ("C", "base", "spread", "min_tpp", "max_tpp", "min_steps", "tune")   # space.Space.to_spec()
+SPACE_FIELDS = ("C", "base", "spread", "min_tpp", "max_tpp", "min_steps", "tune", "N_min", "N_max", "D_max",
+                "lr_rule")   # space.Space.to_spec()
 
 
 @dataclass
@@ -144,6 +145,8 @@ class StudySpec:
     seed: int | None = None
     tracking_uri: str | None = None        # where the MLflow runs are (password masked)
     space: dict | None = None              # allocation: space.Space.to_spec()
+    tags: dict | None = None               # tags of every trial's MLflow run (an adaptive study's budget)
+    next_study: str | None = None          # an adaptive ladder: the study `worker --follow` moves to ("": the end)
 
     def to_attrs(self) -> dict:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "space"}
@@ -251,6 +254,8 @@ def enqueue_configs(storage, study_name: str, configs: list[RunConfig], parent_r
 
 # --- one trial ---------------------------------------------------------------------------------------
 
+_CORPORA: dict = {}   # (dataset, tokenizer, vocab) -> TokenData: loaded once per process, for every study it works on
+
 class Objective:
     """Trains one configuration per trial and returns its final validation loss (nats/token)."""
     def __init__(self, storage, study, parent_run_id: str, progress: bool = True):
@@ -260,7 +265,7 @@ class Objective:
         self.space = Space.from_spec(self.spec.space) if self.spec.kind == "allocation" else None
         self.exhausted = False
         self.failures: list[str] = []
-        self._data: dict = {}
+        self._data = _CORPORA
 
     def data(self, cfg: RunConfig):
         k = (cfg.dataset, cfg.tokenizer, cfg.vocab_size)
@@ -336,7 +341,8 @@ class Objective:
         parent = trial.user_attrs.get("parent_run_id") or self.parent_run_id
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         # Strings: the REST store (a tracking server) refuses other tag types; SQLite converts them.
-        tags = {k: str(v) for k, v in {**trial.user_attrs.get("tags", {}), "optuna_trial": trial.number,
+        tags = {k: str(v) for k, v in {**(self.spec.tags or {}), **trial.user_attrs.get("tags", {}),
+                                        "optuna_trial": trial.number,
                                         "optuna_study": self.study.study_name, "role": "train",
                                         "search": self.spec.kind}.items()}
         try:
@@ -383,7 +389,7 @@ def work(storage_url: str, study_name: str, heartbeat: int | None = None, grace:
     os.environ.pop("MLFLOW_RUN_ID", None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for h in optuna.logging.get_logger("optuna").handlers:
-        h.addFilter(_quiet_greenlet)
+        h.addFilter(quiet_greenlet)
     probe = storage or open_storage(storage_url, None, None)
     spec = StudySpec.of(load_study(probe, study_name))
     if storage is None:
@@ -440,7 +446,27 @@ def work(storage_url: str, study_name: str, heartbeat: int | None = None, grace:
     return ran
 
 
-def _quiet_greenlet(record: logging.LogRecord) -> bool:
+def follow(storage_url: str, study_name: str, poll: float = 1.0, **kwargs) -> int:
+    """Work on STUDY_NAME, then on each study its spec names as the next one (an adaptive study's
+    ladder of budgets, adaptive.py), until a spec says the ladder has ended (next_study ""). While
+    the current study has no next one yet, trials queued in it later are trained too (the adaptive
+    study queues each run once it has seen the last results). One process for the whole ladder:
+    torch, the corpus and compiled kernels are loaded once."""
+    ran = 0
+    probe = open_storage(storage_url, None, None)
+    while study_name:
+        ran += work(storage_url, study_name, **kwargs)
+        while True:
+            study = load_study(probe, study_name)
+            nxt = StudySpec.of(study).next_study
+            if nxt is not None or counts(study).get(TrialState.WAITING.name, 0):
+                break
+            time.sleep(poll)
+        study_name = nxt if nxt is not None else study_name
+    return ran
+
+
+def quiet_greenlet(record: logging.LogRecord) -> bool:
     # GPSampler's note that it optimises its acquisition sequentially without `greenlet`: harmless.
     return "greenlet" not in record.getMessage()
 
@@ -455,7 +481,7 @@ def _report(say, study_name: str, t) -> None:
             f"{u.get('skipped') or u.get('failure_reason') or u.get('error') or ''}")
 
 
-def spawn_workers(storage_url: str, study_name: str, k: int, quiet: bool = True) -> list:
+def spawn_workers(storage_url: str, study_name: str, k: int, quiet: bool = True, follow_ladder: bool = False) -> list:
     """K local worker processes, with MLFLOW_RUN_ID removed from their environment (mlflow#15713)."""
     env = {k_: v for k_, v in os.environ.items() if k_ != "MLFLOW_RUN_ID"}
     env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
@@ -466,4 +492,5 @@ def spawn_workers(storage_url: str, study_name: str, k: int, quiet: bool = True)
     # a 5-step smoke run took 5.4 s with 2 threads per worker against 0.07 s with 1 (2 cores).
     threads = max(1, (os.cpu_count() or 1) // k)
     cmd = [sys.executable, "-m", "scaling_suite.cli", "worker", "--study", study_name, "--threads", str(threads)]
+    cmd += ["--follow"] if follow_ladder else []
     return [subprocess.Popen(cmd + (["--quiet"] if quiet else []), env=env) for _ in range(k)]

@@ -1,0 +1,165 @@
+"""The adaptive, time-boxed study (scaling_suite/adaptive.py, ladder.py): the plan on stubbed
+device speeds, the search's decisions on given profiles, bad input, and a SIGKILL mid-study at
+smoke scale that a rerun completes without duplicates."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+
+from scaling_suite import adaptive, cli
+from scaling_suite import ladder as ladder_lib
+from scaling_suite.plan import MODES
+
+# This machine's per-worker speed at quick's shapes (a probe here: N -> FLOP/s at 1 thread).
+HERE = ladder_lib.Rates(((7472, 6.9e9), (34976, 1.4e10), (217664, 2.1e10)), workers=2, efficiency=0.64)
+
+
+def quick_plan(rates):
+    base = adaptive.base_config("quick", {})
+    s = adaptive.Settings("quick", ladder_lib.BOXES["quick"], 2)
+    return base, adaptive.plan_for(base, None, s, rates, overhead=100.0)
+
+
+def test_faster_device_plans_larger_budgets_and_sizes_and_places_runs_around_each_optimum():
+    """Rates x1, x10, x100 (a stubbed probe): larger budgets and sizes, the validation budget beyond
+    the ladder, and at every budget the predicted optimum strictly inside the sizes its search may
+    place, with seeds on both sides of it."""
+    tops, sizes = [], []
+    for factor in (1, 10, 100):
+        base, lad = quick_plan(HERE.scaled(factor))
+        assert lad.est_ladder_seconds + lad.est_validation_seconds <= lad.train_seconds
+        assert lad.validation_C >= ladder_lib.VALIDATION_MIN * lad.rungs[-1].C
+        cs = [r.C for r in lad.rungs]
+        assert cs == sorted(cs) and all(b / a >= ladder_lib.RATIO * 0.999 for a, b in zip(cs, cs[1:]))
+        for rung in lad.rungs:
+            space = adaptive.budget_space(base, rung, rung.N_guess, math.inf, {"kind": "rule"})
+            Ns = [s.N for s in space.shapes]
+            assert Ns[0] < rung.N_guess < Ns[-1], (factor, rung, Ns[0], Ns[-1])
+            seeds = {space.nearest(math.log10(rung.N_guess) + o)[0].N for o in adaptive.FIRST_SEEDS}
+            assert min(seeds) < rung.N_guess < max(seeds)
+            # the batch grows with the budget (DeepSeek LLM §3.1's exponent), a multiple of the context
+            assert rung.batch_tokens % base.context == 0
+        assert [r.batch_tokens for r in lad.rungs] == sorted(r.batch_tokens for r in lad.rungs)
+        tops.append(lad.rungs[-1].C)
+        sizes.append(lad.rungs[-1].N_guess)
+    assert tops[0] < tops[1] < tops[2] and sizes[0] < sizes[1] < sizes[2]
+    # the first budget's optimum lies above the smallest sensible model on every device
+    assert all(quick_plan(HERE.scaled(f))[1].rungs[0].N_guess >= adaptive.smallest_sensible(
+        adaptive.base_config("quick", {})) for f in (1, 10, 100))
+
+
+def test_a_box_too_small_for_one_budget_is_refused_with_the_time_it_needs():
+    base = adaptive.base_config("quick", {})
+    with pytest.raises(Exception, match="too small for one bracketed budget"):
+        adaptive.plan_for(base, None, adaptive.Settings("quick", 130.0, 2), HERE, overhead=100.0)
+
+
+def rows_of(profile):
+    return [{"trial": i, "N": n, "D": 1, "C": 1, "lr": 0.01, "final_val_loss": L, "mlflow_run_id": str(i)}
+            for i, (n, L) in enumerate(profile)]
+
+
+def test_search_steps_out_beyond_an_edge_and_stops_once_the_minimum_is_pinned():
+    base = adaptive.base_config("quick", {})
+    rung = ladder_lib.Rung(4e11, 8192, 2e4)
+    space = adaptive.budget_space(base, rung, 2e4, math.inf, {"kind": "rule"})
+    Ns = [s.N for s in space.shapes]
+    # the best run is the largest tried: the next trial goes above it
+    step, x = adaptive.next_step(rows_of([(Ns[2], 2.3), (Ns[4], 2.2), (Ns[6], 2.1)]), space, set())
+    assert step == "step_out" and 10 ** x > Ns[6]
+    # ... the smallest: below it
+    step, x = adaptive.next_step(rows_of([(Ns[2], 2.0), (Ns[4], 2.2), (Ns[6], 2.4)]), space, set())
+    assert step == "step_out" and 10 ** x < Ns[2]
+    # bracketed by 4 sizes with a run at the vertex: pinned, no further run
+    prof = [(n, 2.0 + 0.5 * (math.log10(n) - math.log10(Ns[5])) ** 2) for n in (Ns[1], Ns[3], Ns[5], Ns[7], Ns[9])]
+    assert adaptive.next_step(rows_of(prof), space, set())[0] == "pinned"
+    # bracketed by 3 sizes only: the untried size nearest the vertex next ...
+    step, x = adaptive.next_step(rows_of(prof[1:4]), space, {Ns[3], Ns[5], Ns[7]})
+    assert step == "vertex" and round(10 ** x) not in (Ns[3], Ns[5], Ns[7])
+    assert abs(x - math.log10(Ns[5])) <= 1.5 * adaptive.PIN_DECADES
+    # ... and when every size near it is planned, Optuna's GP proposes one
+    near = {s.N for s in space.shapes if abs(math.log10(s.N / Ns[5])) <= 1.5 * adaptive.PIN_DECADES}
+    assert adaptive.next_step(rows_of(prof[1:4]), space, near | {Ns[3], Ns[7]})[0] == "search"
+    shape = adaptive.gp_proposal(rows_of(prof[1:4]), space, near | {Ns[3], Ns[7]}, seed=0)
+    assert shape is not None and shape.N not in near
+
+
+def test_law_guess_follows_the_budgets_done():
+    done = [adaptive.Budget(1e11, fit={"status": "ok", "x_opt": 1e4}),
+            adaptive.Budget(4e11, fit={"status": "ok", "x_opt": 2e4})]
+    assert adaptive.law_guess(done, 1.6e12, 150) == pytest.approx(4e4, rel=1e-6)   # slope 0.5 extended
+    assert adaptive.law_guess(done[:1], 4e11, 150) == pytest.approx(2e4, rel=1e-6)  # one budget: slope 1/2
+    assert adaptive.law_guess([], 6e11, 150) == pytest.approx(ladder_lib.prior_N(6e11, 150))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mode", "quick", "--budget", "30s"], "too small"),
+    (["--mode", "quick", "--target_width", "0"], "--target_width must be a positive"),
+    (["--mode", "quick", "--target_width", "-0.1"], "--target_width must be a positive"),
+    (["--mode", "quick", "--target_width", "wide"], "--target_width takes a number"),
+    (["--mode", "huge"], "unknown mode"),
+    (["--mode", "quick", "--design", "isoflop", "--target_width", "0.2"], "applies to the adaptive design"),
+    (["--mode", "quick", "--branching", "true"], "--branching applies to the fixed designs"),
+])
+def test_bad_input_is_one_line_before_any_training(argv, message, mlflow_store, capsys, monkeypatch):
+    monkeypatch.setattr(adaptive, "probe", lambda *a, **k: pytest.fail("probed before refusing bad input"))
+    assert cli.main(["sweep"] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_the_quick_mode_defaults_to_the_adaptive_design_and_keeps_its_grid_by_name():
+    from scaling_suite import plan as plan_lib
+    assert plan_lib.default_design("quick") == "adaptive" and plan_lib.default_design("smoke") == "n_sweep"
+    assert len(plan_lib.make_plan("quick", "isoflop").points) == 13
+
+
+def _children(uri):
+    client = mlflow.MlflowClient(uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps, "tags.design = 'adaptive'", max_results=1000)
+
+
+def test_sigkill_mid_study_then_rerun_completes_without_duplicates(mlflow_store, token_cache, tmp_path):
+    """A smoke-scale adaptive study killed (SIGKILL, the whole process group: coordinator and
+    workers) once two trials are done; the same command then completes it: every configuration has
+    one FINISHED run, and no Optuna trial is counted twice."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    cmd = [sys.executable, "-m", "scaling_suite.cli", "sweep", "--mode", "smoke", "--design", "adaptive",
+           "--budget", "150s", "--storage", storage, "--quiet", "--no_analysis", "--heartbeat", "1", "--grace", "3"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    p = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(1)
+        try:
+            names = optuna.get_all_study_names(storage)
+            done = sum(t.state.name == "COMPLETE" for n in names
+                       for t in optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False))
+        except Exception:  # noqa: BLE001 — the storage is being created
+            continue
+        if done >= 2:
+            break
+    assert p.poll() is None, p.stdout.read()
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = [r for r in _children(mlflow_store) if r.data.tags.get("role") == "train"]
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    keys = [tuple(sorted(r.data.params.items())) for r in finished]
+    assert finished and len(keys) == len(set(keys)), "a configuration FINISHED twice"
+    # every trial counted once: each budget's distinct configurations = its FINISHED runs
+    counted = 0
+    for n in optuna.get_all_study_names(storage):
+        counted += len(adaptive.unique_rows(optuna.load_study(study_name=n, storage=storage)))
+    assert counted == len(finished), (counted, len(finished))
+    assert "adaptive study" in out.stdout
