@@ -416,7 +416,8 @@ def run_adaptive(base: RunConfig, data: data_lib.TokenData, s: Settings, lr: flo
         plan.ladder = ladder
         say(f"plan: {ladder.describe()}")
         say(f"learning rates: {lr_info['lr_source']}: {lr_info['lr_rule']}")
-        parent = sweep.open_parent(plan, s.experiment, {**(params or {}), "mode": s.mode, "design": DESIGN,
+        # params as asked (design "auto" under `mlflow run`); the parent's tags say design=adaptive.
+        parent = sweep.open_parent(plan, s.experiment, {"mode": s.mode, "design": DESIGN, **(params or {}),
                                                         **{k: lr_info[k] for k in ("lr", "lr_source", "lr_law_run_id")}})
         parent.log_text(json.dumps(ladder.to_dict(), indent=1), "ladder.json")
         with parent.running(on_error="KILLED"):
@@ -471,6 +472,9 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
             t_b = time.perf_counter()
             b = search_budget(study, space, s.workers, spec.n_trials, lambda: any(p.poll() is None for p in procs), say)
             b.seconds, b.estimated = time.perf_counter() - t_b, est
+            client = tracking.init_store()
+            for r in b.rows:   # a resumed study's earlier runs, under this attempt's parent (`mlflow run` makes one each time)
+                tracking.adopt(client, r["mlflow_run_id"], parent.run_id)
             done.append(b)
             calib = max(1.0, sum(x.seconds for x in done) / max(1e-9, sum(x.estimated for x in done)))
             say(f"[C={rung.C:.3g}] " + _budget_line(b))

@@ -211,7 +211,7 @@ def cmd_sweep(args) -> int:
     if (design or plan_lib.default_design(args.mode)) == plan_lib.ADAPTIVE:   # validates the mode
         return cmd_adaptive(args, overrides, lr)
     for flag in ("target_width", "workers", "storage"):
-        if getattr(args, flag) not in (None, ""):
+        if getattr(args, flag) not in (None, "", "none"):
             raise SuiteError(f"--{flag} applies to the adaptive design; --design {args.design} trains a fixed plan")
     budget = None if args.budget in (None, "", "0", "none") else plan_lib.parse_duration(args.budget)
     if budget:
@@ -282,7 +282,8 @@ def cmd_adaptive(args, overrides: dict, lr) -> int:
                                  progress=not args.quiet, analyze=not args.no_analysis)
     print(f"{args.mode} study, adaptive design: a box of {box:.0f}s on this machine", flush=True)
     out = adaptive.run_adaptive(base, data, settings, lr,
-                                params={"budget": args.budget or "0", "target_width": args.target_width or "none"})
+                                params={"design": args.design or "auto", "budget": args.budget or "0",
+                                        "target_width": args.target_width or "none"})
     print(f"study {out.parent_run_id}: {len(out.children)} runs, {out.wall_seconds:.0f}s")
     return 0 if out.children else 1
 

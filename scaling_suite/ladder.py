@@ -22,7 +22,7 @@ The rules, and why:
 - **Global batch grows with the budget**: B ∝ C^0.3271, the exponent of the batch-size law of
   DeepSeek LLM (DeepSeek-AI 2024, §3.1, B_opt = 0.292 C^0.3271), anchored at the mode's batch at
   its reference budget (this CPU's step overhead makes DeepSeek's absolute batches, ~2k tokens at
-  1e12, slow here), rounded to a power of two times the context. The learning rate follows it by
+  1e12, slow here), in whole sequences. The learning rate follows it by
   the square-root rule for Adam (Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive
   Gradient Algorithms", §4): lr ∝ sqrt(B). So no budget's runs have only a few dozen steps.
 - **Cost of a budget**: RUNS_PER_BUDGET runs near its optimum, each C (plus its evaluations, a
@@ -124,11 +124,11 @@ def prior_N(C: float, tokens_per_param: float) -> float:
 
 
 def batch_for(C: float, base_batch: int, C_ref: float, context: int) -> int:
-    """The global batch at budget C: base_batch at C_ref, ∝ C^0.3271 (DeepSeek LLM §3.1), a power of
-    two times the context (and at least 8 sequences)."""
+    """The global batch at budget C: base_batch at C_ref, ∝ C^0.3271 (DeepSeek LLM §3.1), rounded to
+    whole sequences of the context (at least 8), so it grows smoothly along the ladder and the
+    validation run's batch follows the same rule as the runs the law was fitted to."""
     want = base_batch * (C / C_ref) ** BATCH_EXPONENT
-    seqs = 2 ** round(math.log2(max(8.0, want / context)))
-    return int(seqs * context)
+    return int(max(8, round(want / context)) * context)
 
 
 def run_seconds(C: float, N: float, rates: Rates, eval_share: float = 0.1) -> float:

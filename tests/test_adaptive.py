@@ -44,7 +44,7 @@ def test_faster_device_plans_larger_budgets_and_sizes_and_places_runs_around_eac
             assert Ns[0] < rung.N_guess < Ns[-1], (factor, rung, Ns[0], Ns[-1])
             seeds = {space.nearest(math.log10(rung.N_guess) + o)[0].N for o in adaptive.FIRST_SEEDS}
             assert min(seeds) < rung.N_guess < max(seeds)
-            # the batch grows with the budget (DeepSeek LLM §3.1's exponent), a multiple of the context
+            # the batch grows with the budget (DeepSeek LLM §3.1 exponent), in whole sequences
             assert rung.batch_tokens % base.context == 0
         assert [r.batch_tokens for r in lad.rungs] == sorted(r.batch_tokens for r in lad.rungs)
         tops.append(lad.rungs[-1].C)
