@@ -136,8 +136,8 @@ def is_stable(history: list[Prediction]) -> bool:
 #    with Gaussian weights on the distance in (log N, log D) (bandwidth BANDWIDTH): how much a run
 #    still gains depends on its size and budget, and the nearest siblings count most.
 # 2. The model (`same_model`): finished runs of the same size and peak lr are the same model under
-#    other schedule lengths. Tissue et al. 2024 (eq. 1, §4) fit ONE parameter set (L0, A, alpha, C)
-#    per model and predict its loss under any schedule from the schedule's areas S1, S2; so the
+#    other schedule lengths. Tissue et al. 2024 fit ONE parameter set (L0, A, alpha, C) of their
+#    eq. 1 per model and predict its loss under other schedules from their areas S1, S2; so the
 #    second estimate is that law fitted jointly to those runs' whole validation curves and the
 #    running run's curve so far, evaluated at the running run's last step.
 #
@@ -145,9 +145,11 @@ def is_stable(history: list[Prediction]) -> bool:
 # the law extrapolates a size's shorter runs to its longest), so the prediction is their geometric
 # mean (an equal-weight forecast combination, Bates & Granger 1969: no weight is fitted) and the
 # interval is the hull of both intervals: early stop stops only where the two agree. Without a
-# finished run of the same model (an n_sweep, the first budget of an IsoFLOP study) the ratio alone
-# is used. The combination and its settings were chosen on one study (the quick cosine study in
-# /work/quick-final, docs) and measured on the others as held out.
+# finished run of the same model at least as long (same_model_prediction says why) the ratio alone
+# is used: in an n_sweep, and for every run of an IsoFLOP study trained budget by budget (a size's
+# run in the next budget is longer); the law serves WSD cooldown branches, which follow their
+# longer trunk, and the leave-one-run-out measure. The combination and its settings were chosen
+# on one study (a quick cosine study, docs) and measured on the others as held out.
 
 MIN_REFERENCE = 2      # finished runs needed before the study predictor is used
 BANDWIDTH = 0.5        # in natural-log units of N and D: a factor 2 away weighs exp(-0.96) ≈ 0.38
@@ -249,8 +251,8 @@ def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, token
     """Estimate 2 (above): the Tissue et al. 2024 law L0 + A·S1^-alpha - C·S2 with one parameter set
     fitted to the reference runs of the same model (SAME, from Reference.same_model: their whole
     validation curves) and this run's evaluations so far (PROGRESS, LOSS; LRS its learning rate at
-    every step, PEAK_LR its peak), in log loss (the error that matters is relative); the run's final loss is the law
-    at its last step. The schedule areas use lr multipliers of the common peak. C's sign is left
+    every step, PEAK_LR its peak), in log loss (the error that matters is relative); the run's
+    final loss is the law at its last step. The schedule areas use lr multipliers of the common peak. C's sign is left
     free: on runs of 50-6000 steps, far shorter than the paper's, the fitted C is near 0 and at
     times slightly negative (docs). Interval: delta method on the fit (as predict_final).
 
