@@ -259,9 +259,9 @@ def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, token
     None when nothing can be fitted, and for a run longer (in steps) than every finished run of its
     model: with lambda = 0.999 and runs under ~1000 steps the annealing area S2 grows in proportion
     to the step count, so C·S2 at a longer run's end multiplies an error in C by the length ratio
-    (on the quick study a change of C by 0.0016, within what its shorter runs allow, moved the
-    4x longer 35k/10.2M run's prediction by 24%). The law is used inside the lengths it was fitted
-    on only."""
+    (on a quick study, reading the shorter runs' warm-up lr from their thinned lr log instead of
+    the schedule moved the fitted C by 0.0016 and the 4x longer 35k/10.2M run's prediction from
+    +2.7% to -21.5%). The law is used inside the lengths it was fitted on only."""
     from scipy.optimize import least_squares     # lazy: scipy is heavy and only fits need it
 
     mult, _ = _normalized(lrs, peak_lr)
