@@ -279,9 +279,9 @@ def summary(result: dict, facts: dict, plan) -> str:
                      "compute than trained to the end; their final losses are predictions (tag predicted=true)")
     sp = facts.get("study_prediction") or {}
     if "predict_error_median" in sp:
-        lines.append(f"study predictor (the finished runs' final/partial ratio), leave-one-run-out from "
-                     f"{sp['at']:.0%}: median error {sp['predict_error_median']:.1%}, max {sp['predict_error_max']:.1%} "
-                     f"over {sp['n_runs']} runs")
+        lines.append(f"study predictor (the other runs' final/partial ratio with the same size's law), "
+                     f"leave-one-run-out from {sp['at']:.0%}: median error {sp['predict_error_median']:.1%}, "
+                     f"max {sp['predict_error_max']:.1%} over {sp['n_runs']} runs")
     mono = facts["monotone_in_N"]
     if mono:
         lines.append("loss falls with N (below each optimum): " + ", ".join(f"{k} {v}" for k, v in mono.items()))

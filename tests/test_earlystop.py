@@ -158,3 +158,30 @@ def test_lr_from_a_thinned_history():
     after_warmup = np.arange(d.warmup_steps + 3, d.steps - 3)
     np.testing.assert_allclose(got[after_warmup], exact[after_warmup], rtol=2e-3)
     assert earlystop.lr_from_history([], [], d.D, 1024) is None
+
+
+def test_study_report_measures_the_study_predictor_with_the_logged_schedules():
+    import pandas as pd
+
+    from scaling_suite.study_report import study_prediction
+
+    runs, rows, data = [], [], {}
+    for steps in (200, 400, 800):
+        p, y, final, N, D, lrs, peak = planted_model(steps)
+        rid = f"r{steps}"
+        data[rid] = (p, y, final, N, D, lrs, peak)
+        runs.append(dict(run_id=rid, N=N, D=D, final_val_loss=final, lr=peak, batch_tokens=1024.0,
+                         schedule="cosine", predicted=False))
+        rows += [dict(run_id=rid, tokens=q * D, val_loss=v, lr=np.nan) for q, v in zip(p, y)]
+        # train.py logs step s's lr at tokens (s + 1) * batch_tokens; here every other step.
+        rows += [dict(run_id=rid, tokens=(s + 1) * 1024.0, val_loss=np.nan, lr=lrs[s]) for s in range(1, steps, 2)]
+    got = study_prediction(pd.DataFrame(runs), pd.DataFrame(rows))
+    with_law = np.abs([v[1] for v in earlystop.leave_one_out(data).values()])
+    ratio_only = np.abs([v[1] for v in earlystop.leave_one_out({k: v[:5] for k, v in data.items()}).values()])
+    msg = f"report {got}; with the law {with_law}; ratio alone {ratio_only}"
+    assert got["n_runs"] == 3, msg
+    # The thinned lr log differs from the schedule in the warm-up only: the same predictions within 10%.
+    assert got["predict_error_max"] == pytest.approx(with_law.max(), rel=0.1), msg
+    assert got["predict_error_median"] == pytest.approx(np.median(with_law), rel=0.1), msg
+    # ... and not the ratio alone's (the 800-step run is the longest: the ratio alone predicts it in both).
+    assert got["predict_error_max"] < 0.6 * ratio_only.max(), msg
