@@ -185,3 +185,14 @@ def test_study_report_measures_the_study_predictor_with_the_logged_schedules():
     assert got["predict_error_median"] == pytest.approx(np.median(with_law), rel=0.1), msg
     # ... and not the ratio alone's (the 800-step run is the longest: the ratio alone predicts it in both).
     assert got["predict_error_max"] < 0.6 * ratio_only.max(), msg
+
+
+def test_predict_hands_the_schedule_to_the_study_predictor():
+    # What train.py calls: lrs as multipliers of the peak and the peak apart.
+    ref = earlystop.Reference().add(*planted_model(200)).add(*planted_model(800))
+    p, y, final, N, D, lrs, peak = planted_model(400)
+    k = int(np.sum(p <= 0.25))
+    curve = [(q * D, v) for q, v in zip(p[:k], y[:k])]
+    got = earlystop.predict(ref, curve, N, D, [], lrs / peak, 0.0, 100, peak_lr=peak)
+    assert got == earlystop.predict_from_study(ref, p[:k], y[:k], 100, N, D, lrs=lrs, peak_lr=peak)
+    assert got != earlystop.ratio_prediction(ref, p[:k], y[:k], 100, N, D)
