@@ -62,11 +62,12 @@ def real(design: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=30)
+    p.add_argument("--seeds", type=int, default=30, help="planted data sets (0: none, the real study only)")
     p.add_argument("--mlflow", action="store_true", help="also the isoflop runs of the MLflow store")
     p.add_argument("--design", default="isoflop")
     a = p.parse_args()
-    planted(a.seeds)
+    if a.seeds > 0:
+        planted(a.seeds)
     if a.mlflow:
         real(a.design)
 

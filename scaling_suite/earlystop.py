@@ -127,36 +127,68 @@ def is_stable(history: list[Prediction]) -> bool:
 #
 # One run's first quarter is a short, noisy curve, and an extrapolation of it (predict_final above)
 # missed the final loss by a median 7.8% (max 24%) from 25% of each run of a fresh quick study
-# (issue 14). Runs of one study share the schedule, so the drop still ahead of a run at schedule
-# progress p (tokens / D) is much like the drop its finished siblings took from p to their end:
-# the prediction is the run's own validation loss at p times the finished runs' ratio
-# final / loss(p). How much a run still gains depends on its size and budget (a small model
-# saturates early; a long run is still at a high learning rate at 25%), so the ratio is averaged
-# (in log space) with Gaussian weights on the distance in (log N, log D), bandwidth BANDWIDTH:
-# nearest siblings count most. Both losses are validation losses, so no train-val gap enters.
-# Chosen on the quick study's runs leave-one-run-out (docs/isoflop-and-prediction.md: a median ratio, a
-# global regression on log N and log D, and kernel/local-linear variants were compared there).
+# (issue 14). Finished runs of the same study share two things with a running one, and the study
+# predictor combines both (docs/isoflop-and-prediction.md has the measurements and the choice):
+#
+# 1. The schedule (`ratio`): the drop still ahead of a run at schedule progress p (tokens / D) is
+#    much like the drop its finished siblings took from p to their end, so one estimate is the run's
+#    own validation loss at p times the finished runs' ratio final / loss(p), averaged in log space
+#    with Gaussian weights on the distance in (log N, log D) (bandwidth BANDWIDTH): how much a run
+#    still gains depends on its size and budget, and the nearest siblings count most.
+# 2. The model (`same_model`): finished runs of the same size and peak lr are the same model under
+#    other schedule lengths. Tissue et al. 2024 fit ONE parameter set (L0, A, alpha, C) of their
+#    eq. 1 per model and predict its loss under other schedules from their areas S1, S2; so the
+#    second estimate is that law fitted jointly to those runs' whole validation curves and the
+#    running run's curve so far, evaluated at the running run's last step.
+#
+# The two err in different places (the ratio cannot follow a trend in D past the edge of the grid;
+# the law extrapolates a size's shorter runs to its longest), so the prediction is their geometric
+# mean (an equal-weight forecast combination, Bates & Granger 1969: no weight is fitted) and the
+# interval is the hull of both intervals: early stop stops only where the two agree. Without a
+# finished run of the same model at least as long (same_model_prediction says why) the ratio alone
+# is used: in an n_sweep, and for every run of an IsoFLOP study trained budget by budget (a size's
+# run in the next budget is longer); the law serves WSD cooldown branches, which follow their
+# longer trunk, and the leave-one-run-out measure. The combination and its settings were chosen
+# on one study (a quick cosine study, docs) and measured on the others as held out.
 
 MIN_REFERENCE = 2      # finished runs needed before the study predictor is used
 BANDWIDTH = 0.5        # in natural-log units of N and D: a factor 2 away weighs exp(-0.96) ≈ 0.38
 
 
+def lr_from_history(tokens, lr, D: float, batch_tokens: float) -> np.ndarray | None:
+    """A run's learning rate at every optimizer step from its logged `lr` history (train.py logs
+    step s's lr at tokens (s + 1)·batch_tokens, every log_every steps; the steps between logged
+    points are interpolated, the schedule being smooth there). None without a usable history."""
+    t, v = np.asarray(tokens, dtype=float), np.asarray(lr, dtype=float)
+    keep = np.isfinite(t) & np.isfinite(v) & (v > 0)
+    steps = int(round(D / batch_tokens)) if batch_tokens > 0 else 0
+    if steps < 1 or not keep.any():
+        return None
+    order = np.argsort(t[keep])
+    return np.interp((np.arange(steps) + 1.0) * batch_tokens, t[keep][order], v[keep][order])
+
+
 @dataclass(frozen=True)
 class Reference:
     """Validation curves of finished runs of one schedule: per run (progress = tokens / D, loss,
-    final loss, N, D). Immutable: `add` returns a new one."""
+    final loss, N, D, lr multipliers per step or None, peak lr). Immutable: `add` returns a new one."""
     curves: tuple = ()
 
     def __len__(self) -> int:
         return len(self.curves)
 
-    def add(self, progress, loss, final: float, N: float, D: float) -> "Reference":
+    def add(self, progress, loss, final: float, N: float, D: float, lrs=None, peak_lr: float = math.nan
+            ) -> "Reference":
+        """LRS: the run's learning rate at every optimizer step and PEAK_LR its peak (the lr setting);
+        without them the run serves the ratio estimate only."""
         p, y = np.asarray(progress, dtype=float), np.asarray(loss, dtype=float)
         keep = np.isfinite(p) & np.isfinite(y) & (p > 0) & (y > 0)
         if keep.sum() < 2 or not (math.isfinite(final) and final > 0 and N > 0 and D > 0):
             return self
         order = np.argsort(p[keep])
-        return Reference(self.curves + ((p[keep][order], y[keep][order], float(final), float(N), float(D)),))
+        mult, peak = _normalized(lrs, peak_lr)
+        return Reference(self.curves + ((p[keep][order], y[keep][order], float(final), float(N), float(D),
+                                         mult, peak),))
 
     def log_ratios(self, p: float) -> np.ndarray:
         """log(final / loss at progress p) of each reference run (interpolated in log loss)."""
@@ -168,15 +200,39 @@ class Reference:
         w = np.exp(-(d2 - d2.min()) / (2 * bandwidth ** 2))    # shifted: far-only references do not underflow
         return w / w.sum()
 
+    def same_model(self, N: float, peak: float) -> list:
+        """The reference runs of size N trained at the same peak lr (with a known schedule): the same
+        model under another schedule length."""
+        return [c for c in self.curves if c[5] is not None and c[3] == N and math.isclose(c[6], peak, rel_tol=1e-9)]
 
-def predict_from_study(reference: Reference, progress, loss, tokens_seen: int, N: float, D: float,
-                       bandwidth: float = BANDWIDTH) -> Prediction | None:
-    """The final loss of a run (size N, budget D) whose validation curve so far is (progress, loss):
-    its latest loss times the reference runs' final/partial ratio at that progress, averaged in log
-    space with weights on their distance to (N, D). The interval is +-1.96 weighted standard
-    deviations of their log ratios. None with fewer than MIN_REFERENCE reference runs or no
+
+def _normalized(lrs, peak_lr: float):
+    """(per-step lr / peak, peak), or (None, nan) without a usable schedule. The peak is the run's
+    lr setting, not the largest lr seen: a logged history thinned to every few steps can miss it."""
+    if lrs is None or not (math.isfinite(peak_lr) and peak_lr > 0):
+        return None, math.nan
+    a = np.asarray(lrs, dtype=float)
+    if a.size == 0 or not np.all(np.isfinite(a)):
+        return None, math.nan
+    return a / peak_lr, float(peak_lr)
+
+
+def _law_points(progress, loss, mult):
+    """The schedule's areas at each evaluation after step 0 (progress · steps optimizer steps
+    taken), those evaluations' losses, and the areas at the run's end."""
+    s1, s2 = schedule_areas(mult)
+    steps = np.rint(np.asarray(progress, dtype=float) * len(mult)).astype(int)
+    ok = (steps >= 1) & (steps <= len(mult))
+    return s1[steps[ok] - 1], s2[steps[ok] - 1], np.asarray(loss, dtype=float)[ok], s1[-1], s2[-1]
+
+
+def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: float, D: float,
+                     bandwidth: float = BANDWIDTH) -> Prediction | None:
+    """Estimate 1 (above): the latest loss times the reference runs' final/partial ratio at that
+    progress, averaged in log space with weights on their distance to (N, D); the interval is
+    +-1.96 weighted standard deviations of their log ratios. None with no reference run or no
     evaluation past the start."""
-    if len(reference) < MIN_REFERENCE:
+    if len(reference) == 0:
         return None
     p, y = np.asarray(progress, dtype=float), np.asarray(loss, dtype=float)
     keep = np.isfinite(p) & np.isfinite(y) & (p > 0) & (y > 0)
@@ -191,28 +247,110 @@ def predict_from_study(reference: Reference, progress, loss, tokens_seen: int, N
     return Prediction(int(tokens_seen), final, final * math.exp(-1.96 * sd), final * math.exp(1.96 * sd))
 
 
+def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, tokens_seen: int) -> Prediction | None:
+    """Estimate 2 (above): the Tissue et al. 2024 law L0 + A·S1^-alpha - C·S2 with one parameter set
+    fitted to the reference runs of the same model (SAME, from Reference.same_model: their whole
+    validation curves) and this run's evaluations so far (PROGRESS, LOSS; LRS its learning rate at
+    every step, PEAK_LR its peak), in log loss (the error that matters is relative); the run's
+    final loss is the law at its last step. The schedule areas use lr multipliers of the common peak. C's sign is left
+    free: on runs of 50-6000 steps, far shorter than the paper's, the fitted C is near 0 and at
+    times slightly negative (docs). Interval: delta method on the fit (as predict_final).
+
+    None when nothing can be fitted, and for a run longer (in steps) than every finished run of its
+    model: with lambda = 0.999 and runs under ~1000 steps the annealing area S2 grows in proportion
+    to the step count, so C·S2 at a longer run's end multiplies an error in C by the length ratio
+    (on a quick study, reading the shorter runs' warm-up lr from their thinned lr log instead of
+    the schedule moved the fitted C by 0.0016 and the 4x longer 35k/10.2M run's prediction from
+    +2.7% to -21.5%). The law is used inside the lengths it was fitted on only."""
+    from scipy.optimize import least_squares     # lazy: scipy is heavy and only fits need it
+
+    mult, _ = _normalized(lrs, peak_lr)
+    if mult is None or not same:
+        return None
+    if len(mult) > max(len(c[5]) for c in same):
+        return None     # longer than every finished run of the model: see the docstring
+    own = _law_points(progress, loss, mult)
+    pts = [_law_points(c[0], c[1], c[5]) for c in same] + [own]
+    x1 = np.concatenate([q[0] for q in pts])
+    x2 = np.concatenate([q[1] for q in pts])
+    y = np.concatenate([q[2] for q in pts])
+    if own[2].size == 0 or y.size < 5 or not np.all(y > 0):
+        return None
+
+    def f(p, s1, s2):
+        return np.maximum(law(s1, s2, p[0], math.exp(p[1]), p[2], p[3]), 1e-9)
+
+    def resid(p):
+        return np.log(f(p, x1, x2)) - np.log(y)
+
+    best = None
+    for alpha0 in (0.3, 0.7, 1.2):
+        p0 = [0.5 * y.min(), math.log(max(1e-3, y.max())), alpha0, 0.0]
+        try:
+            r = least_squares(resid, p0, bounds=([0, -20, 0.01, -1], [y.min(), 20, 4, 1]))
+        except ValueError:
+            continue
+        if best is None or r.cost < best.cost:
+            best = r
+    if best is None:
+        return None
+    p, end1, end2 = best.x, own[3], own[4]
+    final = float(f(p, end1, end2))
+    dof = max(1, y.size - p.size)
+    cov = np.linalg.pinv(best.jac.T @ best.jac) * (2 * best.cost / dof)
+    eps = 1e-6
+    grad = np.array([(math.log(f(p + eps * e, end1, end2)) - math.log(f(p - eps * e, end1, end2))) / (2 * eps)
+                     for e in np.eye(p.size)])
+    se = float(math.sqrt(max(0.0, grad @ cov @ grad)))
+    return Prediction(int(tokens_seen), final, final * math.exp(-1.96 * se), final * math.exp(1.96 * se))
+
+
+def predict_from_study(reference: Reference, progress, loss, tokens_seen: int, N: float, D: float,
+                       bandwidth: float = BANDWIDTH, lrs=None, peak_lr: float = math.nan) -> Prediction | None:
+    """The final loss of a run (size N, budget D) whose validation curve so far is (progress, loss):
+    the geometric mean of the ratio estimate and, where the reference holds runs of the same model
+    (same N and peak lr; LRS, this run's learning rate at every step, and PEAK_LR given), the
+    same-model law's;
+    the interval is the hull of theirs. None with fewer than MIN_REFERENCE reference runs or no
+    evaluation past the start."""
+    if len(reference) < MIN_REFERENCE:
+        return None
+    ratio = ratio_prediction(reference, progress, loss, tokens_seen, N, D, bandwidth)
+    if ratio is None:
+        return None
+    mult, peak = _normalized(lrs, peak_lr)
+    model = None if mult is None else same_model_prediction(reference.same_model(N, peak), progress, loss, lrs,
+                                                             peak, tokens_seen)
+    if model is None:
+        return ratio
+    final = math.sqrt(ratio.final_loss * model.final_loss)
+    return Prediction(int(tokens_seen), final, min(ratio.lo, model.lo, final), max(ratio.hi, model.hi, final))
+
+
 def predict(reference: Reference | None, curve, N: float, D: float, train_losses, lrs, val_gap: float,
-            tokens_seen: int) -> Prediction | None:
+            tokens_seen: int, peak_lr: float = 1.0) -> Prediction | None:
     """What train.py calls: the study predictor when `reference` holds MIN_REFERENCE finished runs
-    of this run's schedule, else the run's own curve (predict_final). curve: [(tokens, val_loss)]."""
+    of this run's schedule, else the run's own curve (predict_final). curve: [(tokens, val_loss)];
+    lrs: the run's lr multipliers per step (of its peak, PEAK_LR)."""
     if reference is not None and len(reference) >= MIN_REFERENCE:
-        return predict_from_study(reference, [t / D for t, _ in curve], [v for _, v in curve], tokens_seen, N, D)
+        return predict_from_study(reference, [t / D for t, _ in curve], [v for _, v in curve], tokens_seen, N, D,
+                                  lrs=np.asarray(lrs, dtype=float) * peak_lr, peak_lr=peak_lr)
     return predict_final(train_losses, lrs, val_gap, tokens_seen)
 
 
 def leave_one_out(runs: dict, at: float = 0.25, bandwidth: float = BANDWIDTH) -> dict:
     """run id -> (prediction from the run's evaluations up to progress `at` with every OTHER run as
     reference, its relative error against the run's final loss). runs: run id -> (progress, loss,
-    final, N, D)."""
+    final, N, D) or (progress, loss, final, N, D, lrs, peak_lr) with lrs the run's lr at every step."""
     out = {}
-    for rid, (p, y, final, N, D) in runs.items():
+    for rid, (p, y, final, N, D, *rest) in runs.items():
         ref = Reference()
         for other, c in runs.items():
             if other != rid:
                 ref = ref.add(*c)
         p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
         seen = p <= at + 1e-9
-        pred = predict_from_study(ref, p[seen], y[seen], 0, N, D, bandwidth)
+        pred = predict_from_study(ref, p[seen], y[seen], 0, N, D, bandwidth, *rest)
         if pred is not None:
             out[rid] = (pred.final_loss, (pred.final_loss - final) / final)
     return out

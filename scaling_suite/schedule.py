@@ -32,6 +32,11 @@ def lr_at(step: int, cfg: RunConfig, d: Derived) -> float:
     return cfg.lr * (1 - math.sqrt((step - start) / max(1, d.steps - start)))
 
 
+def lr_per_step(cfg: RunConfig, d: Derived) -> list[float]:
+    """The lr of every optimizer step of the run (the loss predictor's schedule areas need them all)."""
+    return [lr_at(s, cfg, d) for s in range(d.steps)]
+
+
 def cooldown_start(cfg: RunConfig, d: Derived) -> int:
     return d.steps - max(1, round(cfg.cooldown_frac * d.steps))
 

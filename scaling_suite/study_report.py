@@ -18,7 +18,7 @@ from analysis.laws import CHINCHILLA_N_OPT_EXPONENT as CHINCHILLA_A
 from analysis.laws import KAPLAN_ALPHA_N
 
 from . import tracking
-from .earlystop import MIN_REFERENCE
+from .earlystop import MIN_REFERENCE, leave_one_out, lr_from_history
 
 
 def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstrap: int = 200) -> dict:
@@ -147,13 +147,30 @@ def early_stop_errors(runs) -> dict:
     return out
 
 
+def reference_curve(r, curves) -> tuple:
+    """What earlystop.leave_one_out takes for one finished run (a row of RUNS) of CURVES (load.load_curves):
+    (progress, val_loss, final, N, D, lr at every step from the logged history, peak lr)."""
+    c = curves[curves["run_id"] == r["run_id"]].sort_values("tokens")
+    v = c[c["val_loss"].notna()]
+    lrs = lr_from_history(c["tokens"].to_numpy(float), c["lr"].to_numpy(float), float(r["D"]),
+                          _param(r, "batch_tokens"))
+    return ((v["tokens"] / r["D"]).to_numpy(float), v["val_loss"].to_numpy(float), float(r["final_val_loss"]),
+            float(r["N"]), float(r["D"]), lrs, _param(r, "lr"))
+
+
+def _param(r, key) -> float:
+    """A numeric param of a run row, NaN when absent or not a number."""
+    try:
+        return float(r.get(key, math.nan))
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def study_prediction(runs, curves, at: float = 0.25) -> dict:
     """The study predictor (earlystop.predict_from_study) measured leave-one-run-out: each finished
     run's final loss predicted from its first `at` of the schedule with the study's OTHER finished
     runs of the same schedule as reference, against the real end. Runs whose final loss is itself
     a prediction (early stop) are neither predicted nor used."""
-    from .earlystop import leave_one_out
-
     if curves is None or curves.empty or runs.empty:
         return {"n_runs": 0}
     real = runs[~runs["predicted"].astype(bool)] if "predicted" in runs else runs
@@ -162,9 +179,7 @@ def study_prediction(runs, curves, at: float = 0.25) -> dict:
     for _, g in (real.groupby(key, dropna=False) if key else [(None, real)]):
         data = {}
         for _, r in g.iterrows():
-            c = curves[(curves["run_id"] == r["run_id"]) & curves["val_loss"].notna()].sort_values("tokens")
-            data[r["run_id"]] = ((c["tokens"] / r["D"]).to_numpy(float), c["val_loss"].to_numpy(float),
-                                 float(r["final_val_loss"]), float(r["N"]), float(r["D"]))
+            data[r["run_id"]] = reference_curve(r, curves)
         errs.update({k: v[1] for k, v in leave_one_out(data, at=at).items()})
     out = {"n_runs": len(errs), "at": at}
     if errs:
@@ -264,9 +279,9 @@ def summary(result: dict, facts: dict, plan) -> str:
                      "compute than trained to the end; their final losses are predictions (tag predicted=true)")
     sp = facts.get("study_prediction") or {}
     if "predict_error_median" in sp:
-        lines.append(f"study predictor (the finished runs' final/partial ratio), leave-one-run-out from "
-                     f"{sp['at']:.0%}: median error {sp['predict_error_median']:.1%}, max {sp['predict_error_max']:.1%} "
-                     f"over {sp['n_runs']} runs")
+        lines.append(f"study predictor (the other runs' final/partial ratio with the same size's law), "
+                     f"leave-one-run-out from {sp['at']:.0%}: median error {sp['predict_error_median']:.1%}, "
+                     f"max {sp['predict_error_max']:.1%} over {sp['n_runs']} runs")
     mono = facts["monotone_in_N"]
     if mono:
         lines.append("loss falls with N (below each optimum): " + ", ".join(f"{k} {v}" for k, v in mono.items()))

@@ -32,6 +32,7 @@ from .config import RunConfig
 from .device import pick_device, release_memory
 from .errors import SuiteError
 from .plan import Plan
+from .schedule import lr_per_step
 from .study_report import analyze_study
 from .train import Pruned, train
 
@@ -266,7 +267,7 @@ def _run_study(plan, experiment, params, progress, planned_seconds, analyze, n_b
                 out = run_child(p.config, parent.run_id, {**p.tags, "mode": plan.mode, "role": "train"}, data=data,
                                 progress=progress, study_key=plan.key, bar_position=1, save_at_steps=saves.get(i, ()),
                                 branch=branch, reference=references.get(shape))
-                references[shape] = add_reference(references.get(shape, earlystop.Reference()), out)
+                references[shape] = add_reference(references.get(shape, earlystop.Reference()), out, p.config)
                 run_ids[i] = out.run_id
                 outcomes.append(out)
                 bar.update(spent[i])
@@ -305,9 +306,10 @@ def schedule_key(cfg: RunConfig) -> tuple:
     return (cfg.schedule, cfg.cooldown_frac if cfg.schedule == "wsd" else None, cfg.warmup_max_frac)
 
 
-def add_reference(ref, out: ChildOutcome):
-    """REF with the finished child's validation curve added; unchanged for a run that did not
-    finish or whose final loss is itself a prediction (early stop)."""
+def add_reference(ref, out: ChildOutcome, cfg: RunConfig):
+    """REF with the finished child's validation curve and its lr at every step (CFG's schedule)
+    added; unchanged for a run that did not finish or whose final loss is itself a prediction
+    (early stop)."""
     if out.status not in ("FINISHED", "SKIPPED"):
         return ref
     client = tracking.init_store()
@@ -317,7 +319,8 @@ def add_reference(ref, out: ChildOutcome):
         return ref
     hist = sorted(client.get_metric_history(out.run_id, "val_loss"), key=lambda h: (h.step, h.timestamp))
     curve = {h.step: h.value for h in hist}      # MLflow step = tokens seen; a re-logged step: the later
-    return ref.add([t / m["D"] for t in curve], list(curve.values()), m["final_val_loss"], m["N"], m["D"])
+    return ref.add([t / m["D"] for t in curve], list(curve.values()), m["final_val_loss"], m["N"], m["D"],
+                   lr_per_step(cfg, cfg.derived()), cfg.lr)
 
 
 def describe_lr(plan: Plan) -> dict:

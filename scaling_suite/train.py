@@ -30,7 +30,7 @@ from .device import (COMPILE_PROBE_STEPS, autocast, compile_key, compile_model, 
                      release_memory)
 from .errors import SuiteError
 from .model import GPT
-from .schedule import branch_problem, lr_at
+from .schedule import branch_problem, lr_at, lr_per_step
 from .tracking import NullTracker, scratch
 
 
@@ -255,7 +255,7 @@ def _train(cfg: RunConfig, tracker, data, resume_from, halt_at_step, checkpoint_
     opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=fused_adamw(pl.device))
     start, curve, train_losses, predictions = 0, [], [], []
-    lrs = np.array([lr_at(s, cfg, d) for s in range(d.steps)]) / cfg.lr   # for the predictor
+    lrs = np.array(lr_per_step(cfg, d)) / cfg.lr   # for the predictor
     branched_at = 0                 # steps taken over from a trunk (BRANCH_FROM), not computed here
     if resume_from is not None or branch_from is not None:
         state = load_checkpoint(Path(branch_from or resume_from), cfg, branch=branch_from is not None,
@@ -311,7 +311,7 @@ def _train(cfg: RunConfig, tracker, data, resume_from, halt_at_step, checkpoint_
         seen = train_losses[:step]
         recent = seen[-max(5, d.steps // 50):]
         pred = earlystop.predict(reference, curve, d.N, d.D, seen, lrs, val_loss - sum(recent) / len(recent),
-                                 step * cfg.batch_tokens)
+                                 step * cfg.batch_tokens, peak_lr=cfg.lr)
         if pred is not None:
             predictions.append(pred)
             tracker.log_metrics({"predicted_final_loss": pred.final_loss, "predicted_final_loss_lo": pred.lo,

@@ -5,7 +5,7 @@ import pytest
 
 from scaling_suite import earlystop
 from scaling_suite.config import make_config
-from scaling_suite.schedule import lr_at
+from scaling_suite.schedule import lr_at, lr_per_step
 
 
 def planted(schedule="cosine", steps=400, noise=0.0, seed=0):
@@ -95,3 +95,106 @@ def test_study_predictor_needs_finished_runs_and_falls_back():
     assert study.final_loss == pytest.approx(final, rel=0.05)
     # A reference run without a usable curve is not added.
     assert len(earlystop.Reference().add([0.5], [2.0], 1.8, 1e4, 1e6)) == 0
+
+
+def planted_model(steps, peak=3e-3, every=20):
+    """One model (same size, same peak lr) trained for STEPS under a cosine schedule whose validation
+    loss follows the Tissue et al. 2024 law exactly: (progress, loss, final, N, D, lr per step, peak)."""
+    cfg = make_config(depth=1, context=32, batch_tokens=1024, D=steps * 1024, schedule="cosine",
+                      warmup_tokens=10240, lr=peak)
+    d = cfg.derived()
+    lrs = np.array(lr_per_step(cfg, d))
+    s1, s2 = earlystop.schedule_areas(lrs / peak)
+    at = np.arange(every, steps + 1, every)
+    loss = earlystop.law(s1[at - 1], s2[at - 1], 1.5, 3.0, 0.5, 0.002)
+    return at / steps, loss, float(loss[-1]), 2e4, float(d.D), lrs, peak
+
+
+def test_same_model_law_predicts_a_run_between_its_models_lengths():
+    short, target, long_ = planted_model(200), planted_model(400), planted_model(800)
+    ref = earlystop.Reference().add(*short).add(*long_)
+    p, y, final, N, D, lrs, peak = target
+    seen = p <= 0.25
+    same = ref.same_model(N, peak)
+    assert len(same) == 2
+    law = earlystop.same_model_prediction(same, p[seen], y[seen], lrs, peak, 100)
+    assert law.final_loss == pytest.approx(final, rel=1e-3)
+    # The study predictor: the geometric mean of the ratio estimate and the law's, the interval the hull of theirs.
+    ratio = earlystop.ratio_prediction(ref, p[seen], y[seen], 100, N, D)
+    both = earlystop.predict_from_study(ref, p[seen], y[seen], 100, N, D, lrs=lrs, peak_lr=peak)
+    assert both.final_loss == pytest.approx(np.sqrt(ratio.final_loss * law.final_loss), rel=1e-12)
+    assert both.lo <= min(ratio.lo, law.lo) and both.hi >= max(ratio.hi, law.hi)
+    # Without the schedule the run is predicted from the ratio alone (here further off than the law).
+    assert earlystop.predict_from_study(ref, p[seen], y[seen], 100, N, D) == ratio
+    assert abs(ratio.final_loss / final - 1) > 10 * abs(law.final_loss / final - 1)
+
+
+def test_same_model_law_is_not_extrapolated_past_the_longest_run():
+    ref = earlystop.Reference().add(*planted_model(200)).add(*planted_model(400))
+    p, y, final, N, D, lrs, peak = planted_model(800)
+    seen = p <= 0.25
+    assert earlystop.same_model_prediction(ref.same_model(N, peak), p[seen], y[seen], lrs, peak, 0) is None
+    assert earlystop.predict_from_study(ref, p[seen], y[seen], 0, N, D, lrs=lrs, peak_lr=peak) == \
+        earlystop.ratio_prediction(ref, p[seen], y[seen], 0, N, D)
+
+
+def test_same_model_means_same_size_and_peak_lr():
+    a, b = planted_model(200), planted_model(800, peak=6e-3)
+    ref = earlystop.Reference().add(*a).add(*b).add(*planted_model(400)[:5])    # the last without a schedule
+    assert len(ref) == 3
+    assert [len(c[5]) for c in ref.same_model(2e4, 3e-3)] == [200]
+    assert ref.same_model(2e4, 1e-3) == [] and ref.same_model(3e4, 3e-3) == []
+
+
+def test_lr_from_a_thinned_history():
+    cfg = make_config(depth=1, context=32, batch_tokens=1024, D=300 * 1024, schedule="cosine", warmup_tokens=10240)
+    d = cfg.derived()
+    exact = np.array(lr_per_step(cfg, d))
+    # train.py logs step s's lr at tokens (s + 1) * batch_tokens, here every 3rd step.
+    logged = np.arange(2, d.steps, 3)
+    got = earlystop.lr_from_history((logged + 1) * 1024, exact[logged], d.D, 1024)
+    assert got.shape == exact.shape
+    np.testing.assert_allclose(got[logged], exact[logged])
+    after_warmup = np.arange(d.warmup_steps + 3, d.steps - 3)
+    np.testing.assert_allclose(got[after_warmup], exact[after_warmup], rtol=2e-3)
+    assert earlystop.lr_from_history([], [], d.D, 1024) is None
+
+
+def test_study_report_measures_the_study_predictor_with_the_logged_schedules():
+    import pandas as pd
+
+    from scaling_suite.study_report import study_prediction
+
+    runs, rows, data = [], [], {}
+    for steps in (200, 400, 800):
+        p, y, final, N, D, lrs, peak = planted_model(steps)
+        rid = f"r{steps}"
+        data[rid] = (p, y, final, N, D, lrs, peak)
+        runs.append(dict(run_id=rid, N=N, D=D, final_val_loss=final, lr=peak, batch_tokens=1024.0,
+                         schedule="cosine", predicted=False))
+        rows += [dict(run_id=rid, tokens=q * D, val_loss=v, lr=np.nan) for q, v in zip(p, y)]
+        # train.py logs step s's lr at tokens (s + 1) * batch_tokens; here every other step.
+        rows += [dict(run_id=rid, tokens=(s + 1) * 1024.0, val_loss=np.nan, lr=lrs[s]) for s in range(1, steps, 2)]
+    got = study_prediction(pd.DataFrame(runs), pd.DataFrame(rows))
+    with_law = np.abs([v[1] for v in earlystop.leave_one_out(data).values()])
+    ratio_only = np.abs([v[1] for v in earlystop.leave_one_out({k: v[:5] for k, v in data.items()}).values()])
+    msg = f"report {got}; with the law {with_law}; ratio alone {ratio_only}"
+    assert got["n_runs"] == 3, msg
+    # The thinned lr log differs from the schedule in the warm-up only: the same predictions within 10%.
+    assert got["predict_error_max"] == pytest.approx(with_law.max(), rel=0.1), msg
+    assert got["predict_error_median"] == pytest.approx(np.median(with_law), rel=0.1), msg
+    # ... and not the ratio alone's (the 800-step run is the longest: the ratio alone predicts it in both).
+    assert got["predict_error_max"] < 0.6 * ratio_only.max(), msg
+
+
+def test_predict_hands_the_schedule_to_the_study_predictor():
+    # What train.py calls: lrs as multipliers of the peak and the peak apart.
+    ref = earlystop.Reference().add(*planted_model(200)).add(*planted_model(800))
+    p, y, final, N, D, lrs, peak = planted_model(400)
+    k = int(np.sum(p <= 0.25))
+    curve = [(q * D, v) for q, v in zip(p[:k], y[:k])]
+    got = earlystop.predict(ref, curve, N, D, [], lrs / peak, 0.0, 100, peak_lr=peak)
+    want = earlystop.predict_from_study(ref, p[:k], y[:k], 100, N, D, lrs=lrs, peak_lr=peak)
+    assert got.final_loss == pytest.approx(want.final_loss, rel=1e-9)
+    assert got.final_loss != pytest.approx(earlystop.ratio_prediction(ref, p[:k], y[:k], 100, N, D).final_loss,
+                                           rel=1e-3)

@@ -11,7 +11,9 @@ import pytest
 
 from scaling_suite import plan as plan_lib
 from scaling_suite.errors import SuiteError
+from scaling_suite.schedule import lr_per_step
 from scaling_suite.sweep import run_study
+from scaling_suite.train import config_from_params
 
 
 def children(client, parent_id):
@@ -113,18 +115,23 @@ def _third_run_predicted_from_the_first_two(client, outcomes):
         h = sorted(client.get_metric_history(run_id, "val_loss"), key=lambda m: m.step)
         return [m.step for m in h], [m.value for m in h]
 
+    def schedule(run_id):
+        cfg = config_from_params(client.get_run(run_id).data.params)
+        return lr_per_step(cfg, cfg.derived()), cfg.lr
+
     ref = earlystop.Reference()
     for o in outcomes[:2]:
         m = client.get_run(o.run_id).data.metrics
         t, v = curve(o.run_id)
-        ref = ref.add([x / m["D"] for x in t], v, m["final_val_loss"], m["N"], m["D"])
+        ref = ref.add([x / m["D"] for x in t], v, m["final_val_loss"], m["N"], m["D"], *schedule(o.run_id))
     third = outcomes[2].run_id
     m = client.get_run(third).data.metrics
     logged = sorted(client.get_metric_history(third, "predicted_final_loss"), key=lambda x: x.step)
     t, v = curve(third)
     seen = [i for i, x in enumerate(t) if x <= logged[0].step]
+    lrs, peak = schedule(third)
     want = earlystop.predict_from_study(ref, [t[i] / m["D"] for i in seen], [v[i] for i in seen], logged[0].step,
-                                        m["N"], m["D"])
+                                        m["N"], m["D"], lrs=lrs, peak_lr=peak)
     assert logged[0].value == pytest.approx(want.final_loss, rel=1e-9)
 
 
