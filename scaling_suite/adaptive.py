@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import optuna
@@ -270,7 +270,10 @@ def gp_proposal(rows: list[dict], space: Space, planned: set, seed: int):
         study.add_trial(optuna.trial.create_trial(params={"log10_N": min(max(math.log10(r["N"]), space.lo), space.hi)},
                                                   distributions={"log10_N": dist}, value=r["final_val_loss"]))
     x = study.ask({"log10_N": dist}).params["log10_N"]
-    return next((s for s in space.nearest(x) if s.N not in planned), None)
+    # Not a near-twin of a size already planned (a running run the GP does not see): sizes within
+    # 0.06 decades (15%) differ by less than the shape-to-shape scatter of the final loss here.
+    far = [s for s in space.nearest(x) if all(abs(math.log10(s.N / n)) > 0.06 for n in planned if n)]
+    return far[0] if far else None
 
 
 def search_budget(study, space: Space, workers: int, max_trials: int, alive, say=print) -> Budget:
@@ -282,8 +285,11 @@ def search_budget(study, space: Space, workers: int, max_trials: int, alive, say
         return Budget(C, rows, _fit(rows))
     shown: set = set()
     stop = ""
+    polls = 0
     while True:
-        worker.fail_stale(study)
+        if polls % 10 == 0:   # a dead worker's trial: failed here after the grace period, then retried
+            worker.fail_stale(study)
+        polls += 1
         rows = unique_rows(study)
         trials = study.get_trials(deepcopy=False)
         running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -312,7 +318,7 @@ def search_budget(study, space: Space, workers: int, max_trials: int, alive, say
         if not alive():
             raise SuiteError(f"every worker of the study exited before budget C={C:.3g} was done (their errors are "
                              "above); rerun the same command to resume")
-        time.sleep(0.5)
+        time.sleep(1.0)
     rows = unique_rows(study)
     fit = _fit(rows)
     study.set_user_attr("budget_done", {"status": fit["status"], "x_opt": fit.get("x_opt")})
@@ -442,22 +448,28 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
     done: list[Budget] = []
     notes: list[str] = []
     procs: list = []
-    calib = 1.0
-    names = [budget_name(plan.key, r.C) for r in ladder.rungs]
+    calib = 1.0          # measured / planned seconds of the budgets done
+    rungs = list(ladder.rungs)
+    names: list[str] = []
+    prior = ladder_lib.PRIORS.get(s.mode, 20.0)
     try:
-        for i, rung in enumerate(ladder.rungs):
+        i = 0
+        while i < len(rungs):
+            rung = rungs[i]
             elapsed = time.perf_counter() - t0
             est = rung.est_seconds
-            left = s.box_seconds - ANALYSIS_S - elapsed - ladder.est_validation_seconds * calib
+            left = s.box_seconds - ANALYSIS_S - elapsed - validation_seconds(ladder, 2 * rungs[-1].C, calib)
             if i >= 1 and est * calib > left:
                 notes.append(f"budgets from C={rung.C:.3g} up were not trained: the box had {max(left, 0):.0f}s left "
                              f"for them, they needed about {est * calib:.0f}s")
+                del rungs[i:]
                 break
-            center = law_guess(done, rung.C, ladder_lib.PRIORS.get(s.mode, 20.0)) if done else rung.N_guess
+            center = law_guess(done, rung.C, prior) if done else rung.N_guess
             space = budget_space(base, rung, center, D_max, rule)
             offsets = FIRST_SEEDS if not done else SEEDS
             seeds = [math.log10(center) + o for o in offsets]
             tags = {"design": DESIGN, "C_budget": f"{rung.C:g}", "mode": s.mode, "batch_rule": "C^0.3271 (DeepSeek LLM §3.1)"}
+            names.append(budget_name(plan.key, rung.C))
             study, spec = open_budget(storage, names[i], space, seeds, plan.key, parent.run_id, tags,
                                       MAX_TRIALS + (0 if done else 1), s.heartbeat, s.grace)
             if i > 0:   # the workers move on from the previous budget to this one
@@ -467,7 +479,7 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
                 pspec.save(prev)
             if not procs:
                 procs = worker.spawn_workers(s.storage_url, names[i], s.workers, quiet=True, follow_ladder=True)
-            say(f"[C={rung.C:.3g}] budget {i + 1}/{len(ladder.rungs)}: batch {rung.batch_tokens:,} tokens, sizes "
+            say(f"[C={rung.C:.3g}] budget {i + 1}/{len(rungs)}: batch {rung.batch_tokens:,} tokens, sizes "
                 f"{space.shapes[0].N:,}..{space.shapes[-1].N:,}, first runs at N≈{center:,.0f}")
             t_b = time.perf_counter()
             b = search_budget(study, space, s.workers, spec.n_trials, lambda: any(p.poll() is None for p in procs), say)
@@ -476,20 +488,35 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
             for r in b.rows:   # a resumed study's earlier runs, under this attempt's parent (`mlflow run` makes one each time)
                 tracking.adopt(client, r["mlflow_run_id"], parent.run_id)
             done.append(b)
-            calib = max(1.0, sum(x.seconds for x in done) / max(1e-9, sum(x.estimated for x in done)))
+            calib = sum(x.seconds for x in done) / max(1e-9, sum(x.estimated for x in done))
             say(f"[C={rung.C:.3g}] " + _budget_line(b))
             parent.log_metrics({"budgets_done": len(done), "runs_done": sum(len(x.rows) for x in done)}, step=len(done))
             if s.target_width and len(done) >= 3:
                 al = allocation_so_far(done, s.n_bootstrap)
                 if al is not None and np.all(np.isfinite(al.a_interval)) and al.a_interval[1] - al.a_interval[0] < s.target_width:
-                    rest = sum(r.est_seconds for r in ladder.rungs[i + 1:]) * calib
+                    rest = sum(r.est_seconds for r in rungs[i + 1:]) * calib
                     notes.append(f"--target_width {s.target_width:g} reached after {len(done)} budgets: a = {al.a:.3f} "
-                                 f"[{al.a_interval[0]:.3f}, {al.a_interval[1]:.3f}]; {len(ladder.rungs) - len(done)} budget(s) "
+                                 f"[{al.a_interval[0]:.3f}, {al.a_interval[1]:.3f}]; {len(rungs) - len(done)} budget(s) "
                                  f"not trained, about {rest:.0f}s saved")
                     parent.log_metrics({"target_width_seconds_saved": rest}, step=0)
+                    del rungs[i + 1:]
                     break
+            if i == len(rungs) - 1 and len(rungs) < ladder_lib.MAX_BUDGETS:
+                # The box has room for another budget (the plan's estimates, corrected by the
+                # measured times): widen the ladder, as far as the box allows.
+                nxt = rungs[-1].C * ladder.ratio
+                cost = rungs[-1].est_seconds * ladder.ratio
+                spare = s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
+                if (cost + validation_seconds(ladder, 2 * nxt, 1.0)) * calib <= spare:
+                    rungs.append(ladder_lib.Rung(nxt, ladder_lib.batch_for(nxt, base.batch_tokens, C_REF.get(s.mode, 1e12),
+                                                                           base.context), law_guess(done, nxt, prior), cost))
+                    notes.append(f"budget C={nxt:.3g} added: the budgets took {calib:.2f}x their planned time, so the "
+                                 "box had room for it")
+                    parent.log_text(json.dumps(replace(ladder, rungs=tuple(rungs)).to_dict(), indent=1), "ladder.json")
+            i += 1
     finally:
         _end_ladder(storage, names, done, procs)
+    ladder = replace(ladder, rungs=tuple(rungs))
     validation = validate_law(plan, ladder, base, done, data, s, rule, parent, t0, calib, say)
     wall = time.perf_counter() - t0
     outcome = sweep.StudyOutcome(parent.run_id, [], wall, lr_info=lr_info)
@@ -541,14 +568,14 @@ def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, 
     if al is None:
         return {"skipped": "fewer than 2 budgets with a bracketed minimum: no law to validate"}
     top = max(b.C for b in done)
-    Cv = max(ladder.validation_C, ladder_lib.VALIDATION_MIN * top)
     left = s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
-    est = lambda C: ladder.est_validation_seconds * calib * C / ladder.validation_C  # noqa: E731
-    while Cv / 1.25 >= ladder_lib.VALIDATION_MIN * top and est(Cv) > left:
+    # As far beyond the largest budget as the box allows, from 4x down to VALIDATION_MIN x.
+    Cv = 4 * top
+    while Cv / 1.25 >= ladder_lib.VALIDATION_MIN * top and validation_seconds(ladder, Cv, calib) > left:
         Cv /= 1.25
-    if est(Cv) > left + 60:
+    if validation_seconds(ladder, Cv, calib) > left + 60:
         return {"skipped": f"the box had {max(left, 0):.0f}s left; a validation run at {Cv:.3g} FLOPs "
-                           f"({Cv / top:.2g}x the largest budget) needs about {est(Cv):.0f}s"}
+                           f"({Cv / top:.2g}x the largest budget) needs about {validation_seconds(ladder, Cv, calib):.0f}s"}
     N_pred = float(al.N_opt(Cv))
     rung = ladder_lib.Rung(Cv, ladder_lib.batch_for(Cv, base.batch_tokens, C_REF.get(s.mode, 1e12), base.context), N_pred)
     space = budget_space(base, rung, N_pred, MAX_EPOCHS * len(data.train), rule)
@@ -579,6 +606,11 @@ def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, 
         out["rel_error"] = child.final_val_loss / pred - 1
         parent.log_metrics({"validation_loss": child.final_val_loss, "validation_rel_error": out["rel_error"]}, step=0)
     return out
+
+
+def validation_seconds(ladder, C: float, calib: float) -> float:
+    """The validation run's estimated seconds at budget C: the plan's estimate per FLOP, x calib."""
+    return ladder.est_validation_seconds / ladder.validation_C * C * max(calib, 0.5)
 
 
 def _budget_dict(b: Budget) -> dict:

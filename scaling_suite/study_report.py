@@ -34,7 +34,8 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
         print("no finished runs to analyze")
         return {}
     curves = load.load_curves(runs["run_id"], client=client)
-    notes = [f"study {parent.run_id}: mode {plan.mode}, design {plan.design}, {len(plan.points)} planned runs",
+    planned = f"{len(plan.points)} planned runs" if plan.points else f"{len(study.children)} runs placed by its search"
+    notes = [f"study {parent.run_id}: mode {plan.mode}, design {plan.design}, {planned}",
              "N = non-embedding + output head (Porian et al. 2024); C = (6N + 6·depth·context·d_model)·D"]
     result = report.build_report(runs, curves, out_dir=out, loss_col="final_val_loss", n_bootstrap=n_bootstrap,
                                  source=f"MLflow study {parent.run_id}", notes=notes)

@@ -421,10 +421,10 @@ def work(storage_url: str, study_name: str, heartbeat: int | None = None, grace:
                 break
             busy = waiting == 0
         if busy:  # the rest is running elsewhere: wait, and retry it here if its worker dies
-            if not said_wait:
+            if not said_wait and progress:
                 say(f"[{study_name}] {running} trial(s) running elsewhere; waiting for them (a silent one is "
                     f"retried here after {storage.grace_period}s)")
-                said_wait = True
+            said_wait = True
             time.sleep(poll)
             continue
         said_wait = False
