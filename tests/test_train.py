@@ -50,11 +50,25 @@ def test_global_batch_is_invariant_to_micro_batch(stdlib):
     assert losses[2] == pytest.approx(losses[0], abs=1e-4)
 
 
-def test_resume_reproduces_the_uninterrupted_run(stdlib, tmp_path):
+def kill_at_step(monkeypatch, step: int) -> None:
+    """The next run is killed (Ctrl-C) as it draws the batch of optimizer step STEP, once."""
+    real, killed = data_lib.train_batch, []
+
+    def batch(data, seed, s, *rest):
+        if s == step and not killed:
+            killed.append(s)
+            raise KeyboardInterrupt
+        return real(data, seed, s, *rest)
+
+    monkeypatch.setattr(data_lib, "train_batch", batch)
+
+
+def test_resume_reproduces_the_uninterrupted_run(stdlib, tmp_path, monkeypatch):
     cfg = make_config(**SMALL, checkpoint_every=4)
     straight = train(cfg, data=stdlib, progress=False)
-    part = train(cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path, halt_at_step=10)
-    assert part.status == "INTERRUPTED"
+    kill_at_step(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path)
     # The kill came at step 10; the last checkpoint is from step 8: resume retraces 8..16.
     assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 8
     resumed = train(cfg, data=stdlib, progress=False, resume_from=tmp_path / "last.pt")
@@ -68,9 +82,11 @@ def test_diverging_run_fails_with_reason(stdlib):
               progress=False)
 
 
-def test_checkpoint_from_another_config_is_refused(stdlib, tmp_path):
+def test_checkpoint_from_another_config_is_refused(stdlib, tmp_path, monkeypatch):
     cfg = make_config(**SMALL, checkpoint_every=4)
-    train(cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path, halt_at_step=5)
+    kill_at_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path)
     from scaling_suite.errors import SuiteError
     with pytest.raises(SuiteError, match="different config"):
         train(cfg.replace(lr=1e-3), data=stdlib, progress=False, resume_from=tmp_path / "last.pt")
