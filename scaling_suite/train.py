@@ -27,9 +27,8 @@ from . import earlystop
 # train (they belong to checkpoint.py; cli.py is to import them from there).
 from .checkpoint import config_from_params, load_checkpoint, save_checkpoint  # noqa: F401
 from .config import RunConfig
-from .device import (COMPILE_PROBE_STEPS, autocast, compile_key, compile_model, compile_pays, compile_support,
-                     compiled_shapes, fused_adamw, pick_precision, place, process_memory, record_warmup,
-                     release_memory)
+from .compiling import CompilePolicy
+from .device import autocast, fused_adamw, place, process_memory, release_memory
 from .errors import SuiteError
 from .model import GPT
 from .schedule import lr_at
@@ -350,54 +349,6 @@ def finish(cfg: RunConfig, d, tracker, history: History, evaluator: Evaluator, c
     tracker.log_metrics({"logging_seconds": tracker.log_seconds,
                          "logging_fraction": tracker.log_seconds / max(wall, 1e-9)}, step=d.D)
     return result
-
-
-class CompilePolicy:
-    """torch.compile of the training forward (device.py): `true` from the first step; `auto` after
-    timing a few eager steps, and only when the time saved repays the warm-up within this run.
-    The same function in fused kernels: losses agree with eager to float rounding
-    (tests/test_train.py). Evaluation stays eager, so it costs no second graph.
-    precision=auto may differ for compiled steps (device.pick_precision: bf16 on an AMX CPU at
-    d_model >= 32): eager steps and every evaluation run in the placement's precision, compiled
-    steps in the precision chosen with the compile.
-
-    `at` is the step where the decision is made (None: never compiled, tagged so at once)."""
-
-    def __init__(self, cfg: RunConfig, d, pl, start: int, tracker):
-        self.cfg, self.shape, self.eager_precision, self.tracker = cfg, d.shape, pl.precision, tracker
-        why_not = compile_support(pl.device) if cfg.compile != "false" else "compile=false"
-        if cfg.compile == "true" and why_not:
-            raise SuiteError(f"compile=true, but {why_not}")
-        self.precision = pick_precision(pl.device, cfg.precision, d.shape, compiled=True)
-        self.key = compile_key(pl.device, d.shape, self.precision, pl.micro_batch)
-        self.at, self.fresh = None, False
-        if why_not is None:
-            self.at = start if cfg.compile == "true" else start + COMPILE_PROBE_STEPS
-        if self.at is None or self.at >= d.steps:
-            why_not = why_not or f"the run's {d.steps - start} steps are too few to time and repay a compile"
-            tracker.set_tags({"compile": "false", "compile_reason": why_not})
-
-    def decide(self, model, step_seconds: list, steps_left: int):
-        """(the forward to train with, its precision), tagged with the reason."""
-        if self.cfg.compile == "true":
-            use, why = True, "compile=true"
-        else:   # median of the timed eager steps, the first two (allocation) left out
-            use, why = compile_pays(self.shape, float(np.median(step_seconds[2:])), steps_left, self.precision,
-                                    self.key)
-        self.fresh = self.shape not in compiled_shapes()   # the process's first compile of it: worth recording
-        fwd, precision = (compile_model(model), self.precision) if use else (model, self.eager_precision)
-        self.tracker.set_tags({"compile": str(use).lower(), "compile_reason": why, "precision": precision,
-                               **({"precision_eager": self.eager_precision} if precision != self.eager_precision
-                                  else {})})
-        return fwd, precision
-
-    def record(self, step_seconds: list, tokens: int) -> None:
-        """The first compiled step's excess over the eager median: the warm-up, logged, and
-        remembered for the next process that compiles this graph (device.record_warmup)."""
-        warm = max(0.0, step_seconds[-1] - float(np.median(step_seconds[2:-1] or [0])))
-        self.tracker.log_metrics({"compile_seconds": warm}, step=tokens)
-        if self.fresh:
-            record_warmup(self.key, warm)
 
 
 def _forward_backward(fwd, batch, pl, precision: str) -> float:
