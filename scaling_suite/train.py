@@ -32,7 +32,8 @@ from .device import autocast, fused_adamw, place, process_memory, release_memory
 from .errors import SuiteError
 from .model import GPT
 from .schedule import lr_at
-from .tracking import NullTracker, scratch
+from .store import scratch
+from .tracking import NullTracker
 
 
 class TrainingFailed(SuiteError):

@@ -48,8 +48,8 @@ from .errors import SuiteError
 from .lr_auto import ROLE, law_key
 from .optimize import parse_numbers
 from .plan import MODES
+from .store import scratch_dir
 from .sweep import run_child
-from .tracking import scratch_dir
 from .train import Pruned
 from .worker import DEFAULT_STORAGE
 
