@@ -19,7 +19,8 @@ from scaling_suite.errors import SuiteError
 from . import laws, minimum
 from .common import jsonable, n_distinct, percentile_interval
 from .fit import MIN_SUPPORT as MIN_SIZES
-from .fit import FitResult, fit_loglinear
+from .fit import fit_loglinear
+from .result import FitResult
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,7 @@ def from_parametric(fit: FitResult, C=None, level: float | None = None,
     level = fit.level if level is None else level
     p = fit.params
     if C is None:
-        lo, hi = fit.extras.get("data_range", {}).get("C", (1e18, 1e22))
+        lo, hi = (fit.data_range or {}).get("C", (1e18, 1e22))
         C = np.logspace(np.log10(lo), np.log10(hi), 9)
     C = np.atleast_1d(np.asarray(C, dtype=float))
     a, b = (float(v) for v in laws.chinchilla_optimal_exponents(p["alpha"], p["beta"]))

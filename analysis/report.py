@@ -18,7 +18,8 @@ from scaling_suite.errors import SuiteError
 
 from . import allocation, extrapolate, plots
 from .common import fmt, format_interval, jsonable, n_distinct
-from .fit import fit_chinchilla, fit_kaplan, fit_power_law, holdout_largest, loo_errors
+from .crossval import holdout_largest, loo_errors
+from .fit import fit_chinchilla, fit_kaplan, fit_power_law
 from .inputs import add_arguments, load_inputs  # noqa: F401  (CLI plumbing lives in inputs.py)
 
 SKIPPABLE = (SuiteError, ValueError, ArithmeticError, np.linalg.LinAlgError)
@@ -57,8 +58,8 @@ class _Report:
     def fit_metrics(self, prefix, fit, only=None):
         """`<prefix>_<param>` metrics of a fit, except the terms it does not identify (an MLflow
         metric carries no warning), and `<prefix>_identified` (1/0)."""
-        sup = fit.extras.get("support", {})
-        bad = {k for e in fit.extras.get("unidentified", {}) for k in (e, sup[e]["amplitude"])}
+        sup = fit.support or {}
+        bad = {k for e in (fit.unidentified or {}) for k in (e, sup[e]["amplitude"])}
         for k, v in fit.params.items():
             if k not in bad and (only is None or k in only):
                 self.metrics[f"{prefix}_{k}"] = v
@@ -68,7 +69,7 @@ class _Report:
         """True if `fit` identifies every term; else skip section `name`, which is derived from it."""
         if fit.identified:
             return True
-        self.skipped[name] = f"the {label} fit does not identify {', '.join(fit.extras['unidentified'])} (see its section)"
+        self.skipped[name] = f"the {label} fit does not identify {', '.join(fit.unidentified)} (see its section)"
         return False
 
     def extrapolation(self, key, fn, fit, target):
