@@ -335,7 +335,7 @@ def finish(cfg: RunConfig, d, tracker, history: History, evaluator: Evaluator, c
     else:
         final = evaluator.evaluate(d.steps)
         checkpoints.save(d.steps)
-        tracker.log_metrics(prediction_errors(history.predictions, final, d.D), step=d.D)
+        tracker.log_metrics(earlystop.prediction_errors(history.predictions, final, d.D), step=d.D)
     result = RunResult(tracker.run_id, "FINISHED", final, train_loss, final / math.log(2) / bpt,
                        steps_run, d.D, d.C, d.N, wall, (steps_run - start) * cfg.batch_tokens / wall, history.curve,
                        predicted=stopped, predictions=history.predictions)
@@ -363,27 +363,6 @@ def _forward_backward(fwd, batch, pl, precision: str) -> float:
         (loss / pl.accumulation).backward()
         loss_sum += loss.detach()
     return loss_sum.item() / pl.accumulation   # one device sync per step, not per micro-batch
-
-
-def prediction_errors(predictions: list, actual: float, D: int) -> dict[str, float]:
-    """How good early stop would have been on this run (measured, since it ran to the end).
-
-    predict_error: relative error of the first prediction (made at predict_from of the run);
-    predict_error_stable: that of the prediction at which early stop would have stopped;
-    early_stop_saving: the fraction of the run's compute early stop would have saved.
-    """
-    if not predictions:
-        return {}
-    out = {"predict_error": (predictions[0].final_loss - actual) / actual,
-           "predict_covered": float(predictions[0].lo <= actual <= predictions[0].hi)}
-    for i in range(len(predictions)):
-        if earlystop.is_stable(predictions[:i + 1]):
-            out["predict_error_stable"] = (predictions[i].final_loss - actual) / actual
-            out["early_stop_saving"] = 1 - predictions[i].tokens_seen / D
-            break
-    else:
-        out["early_stop_saving"] = 0.0
-    return out
 
 
 def _fail(reason: str, device) -> None:

@@ -196,15 +196,7 @@ def run_tune(cfgs: list[RunConfig], *, trials: int, lr_min: float, lr_max: float
     client = tracking.init_store()
     tags = {"role": ROLE, "tune_key": skey, "lr_law_key": key,
             **{f"lr_law_{k}": str(v) for k, v in key_parts.items()}}
-    if os.environ.get("MLFLOW_RUN_ID"):     # under `mlflow run`: that run is the tuning run
-        parent = tracking.start_run(tags={**tags, "mlflow.runName": "lr tuning"}, system_metrics=False)
-    else:
-        exp_id = tracking.experiment_id(client, experiment)
-        earlier = client.search_runs([exp_id], f"tags.role = '{ROLE}' and tags.tune_key = '{skey}'", max_results=1,
-                                     order_by=["attributes.start_time DESC"])
-        parent = tracking.start_run(experiment, run_name="lr tuning", tags=tags,
-                                    run_id=earlier[0].info.run_id if earlier else None, system_metrics=False,
-                                    reopen=True)   # the same tuning, run again
+    parent = _tuning_run(client, experiment, tags, skey)
     with parent.running():
         parent.log_params({**(params or {}), "depths": " ".join(str(c.depth) for c in cfgs),
                            "tokens_per_param": first.tokens_per_param, "lr_min": lr_min, "lr_max": lr_max,
@@ -215,25 +207,7 @@ def run_tune(cfgs: list[RunConfig], *, trials: int, lr_min: float, lr_max: float
         for cfg in cfgs:
             d = cfg.derived()
             name = f"{study_prefix}-{skey}-depth{cfg.depth}"
-            sampler = optuna.samplers.TPESampler(seed=seed + cfg.depth, n_startup_trials=max(1, init),
-                                                 multivariate=True)
-            # Median rule: stop a trial whose loss at a step is worse than the median of completed
-            # trials at that step, after prune_after of the run (before it, high and low lrs are not
-            # yet told apart: a cosine run's ranking settles as the lr decays).
-            pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-            study = optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
-                                        pruner=pruner, load_if_exists=True)
-            if not study.trials:
-                for lr in lr_grid(lr_min, lr_max, min(init, trials)):
-                    fixed = {"lr": lr}
-                    if "beta2" in search:
-                        fixed["beta2"] = cfg.beta2 if cfg.beta2 in beta2 else beta2[0]
-                    if "warmup" in search:
-                        fixed["warmup"] = 1.0
-                    study.enqueue_trial(fixed)
-            for t in study.get_trials(deepcopy=False):   # left RUNNING by a killed process: not counted
-                if t.state.name == "RUNNING":
-                    study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            study = _size_study(name, storage, cfg, seed, init, lr_grid(lr_min, lr_max, min(init, trials)), search, beta2)
             counted = [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")
                        or (t.state.name == "FAIL" and "run_status" in t.user_attrs)]
             todo = max(0, trials - len(counted))
@@ -265,6 +239,43 @@ def run_tune(cfgs: list[RunConfig], *, trials: int, lr_min: float, lr_max: float
         out = summarize(sizes, first, parent, key, key_parts, time.perf_counter() - t0)
     out["run_id"] = parent.run_id
     return out
+
+
+def _tuning_run(client, experiment: str | None, tags: dict, skey: str):
+    """The tuning run: `mlflow run`'s when under it, else the earlier run of the same tuning
+    (resumed), else a new one."""
+    if os.environ.get("MLFLOW_RUN_ID"):     # under `mlflow run`: that run is the tuning run
+        return tracking.start_run(tags={**tags, "mlflow.runName": "lr tuning"}, system_metrics=False)
+    exp_id = tracking.experiment_id(client, experiment)
+    earlier = client.search_runs([exp_id], f"tags.role = '{ROLE}' and tags.tune_key = '{skey}'", max_results=1,
+                                 order_by=["attributes.start_time DESC"])
+    return tracking.start_run(experiment, run_name="lr tuning", tags=tags,
+                              run_id=earlier[0].info.run_id if earlier else None, system_metrics=False,
+                              reopen=True)   # the same tuning, run again
+
+
+def _size_study(name: str, storage, cfg: RunConfig, seed: int, init: int, lrs, search, beta2):
+    """One size's Optuna study, loaded, or created with a first trial per lr in LRS enqueued;
+    trials a killed process left RUNNING are marked FAIL (not counted)."""
+    sampler = optuna.samplers.TPESampler(seed=seed + cfg.depth, n_startup_trials=max(1, init), multivariate=True)
+    # Median rule: stop a trial whose loss at a step is worse than the median of completed
+    # trials at that step, after prune_after of the run (before it, high and low lrs are not
+    # yet told apart: a cosine run's ranking settles as the lr decays).
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    study = optuna.create_study(study_name=name, storage=storage, direction="minimize", sampler=sampler,
+                                pruner=pruner, load_if_exists=True)
+    if not study.trials:
+        for lr in lrs:
+            fixed = {"lr": lr}
+            if "beta2" in search:
+                fixed["beta2"] = cfg.beta2 if cfg.beta2 in beta2 else beta2[0]
+            if "warmup" in search:
+                fixed["warmup"] = 1.0
+            study.enqueue_trial(fixed)
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name == "RUNNING":
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    return study
 
 
 # --- the command ---------------------------------------------------------------------------------
