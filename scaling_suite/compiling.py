@@ -145,7 +145,7 @@ class CompilePolicy:
 
     def record(self, step_seconds: list, tokens: int) -> None:
         """The first compiled step's excess over the eager median: the warm-up, logged, and
-        remembered for the next process that compiles this graph (device.record_warmup)."""
+        remembered for the next process that compiles this graph (record_warmup)."""
         warm = max(0.0, step_seconds[-1] - float(np.median(step_seconds[2:-1] or [0])))
         self.tracker.log_metrics({"compile_seconds": warm}, step=tokens)
         if self.fresh:

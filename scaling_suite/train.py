@@ -23,11 +23,11 @@ import torch
 
 from . import data as data_lib
 from . import earlystop
-# config_from_params and load_checkpoint are imported here for cli.py, which still takes them from
-# train (they belong to checkpoint.py; cli.py is to import them from there).
+# config_from_params only for cli.py, which still imports it (and load_checkpoint) from here: both
+# are checkpoint.py's, and cli.py is to import them from there.
 from .checkpoint import config_from_params, load_checkpoint, save_checkpoint  # noqa: F401
-from .config import RunConfig
 from .compiling import CompilePolicy
+from .config import RunConfig
 from .device import autocast, fused_adamw, place, process_memory, release_memory
 from .errors import SuiteError
 from .model import GPT

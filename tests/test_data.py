@@ -314,7 +314,7 @@ def test_failed_build_leaves_no_cache(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(D, "_write_tokens", dies_on_val)
     with pytest.raises(KeyboardInterrupt):
         load_data(str(root))
-    # Only the content-digest memo (data._digest_files) may be there: no token cache, whole or not.
+    # Only the content-digest memo (corpus.digest_files) may be there: no token cache, whole or not.
     assert not cache.exists() or [x.name for x in cache.iterdir()] in ([], ["content_digests.json"])
     monkeypatch.setattr(D, "_write_tokens", real)
     assert len(load_data(str(root)).val) > 0
@@ -343,7 +343,7 @@ def test_killed_build_leaves_no_valid_looking_cache(tmp_path, cache):
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    # only the hidden temp dir (and the content-digest memo, data._digest_files)
+    # only the hidden temp dir (and the content-digest memo, corpus.digest_files)
     assert [x.name.startswith(".tmp-") for x in cache.iterdir() if x.name != "content_digests.json"] == [True]
     d = load_data(str(root))
     assert len(d.val) > 0 and [x.name for x in cache.iterdir() if x.name != "content_digests.json"] == [d.digest]  # stale temp removed
