@@ -50,3 +50,17 @@ def test_hf_digest_follows_the_data_files(tmp_path, monkeypatch, token_cache):
     assert D.load_data(f"hf:{d}").content_digest == first.content_digest
     pq.write_table(pa.table({"text": [f"other {i}" for i in range(200)]}), d / "train-00000-of-00001.parquet")
     assert D.load_data(f"hf:{d}").content_digest != first.content_digest
+
+
+def test_cache_records_are_written_whole_and_read_defensively(tmp_path):
+    """cache.write_json: one atomic JSON writer (the digest memo, the compile warm-ups); a record
+    that is missing, damaged or not an object reads as {}; an unwritable place is False, no error."""
+    from scaling_suite import cache
+    path = tmp_path / "sub" / "record.json"
+    assert cache.read_json(path) == {}
+    assert cache.write_json(path, {"b": 2, "a": 1}) and cache.read_json(path) == {"a": 1, "b": 2}
+    assert list(path.parent.iterdir()) == [path], "no temporary file left behind"
+    path.write_text("[1, 2]")
+    assert cache.read_json(path) == {}
+    (tmp_path / "a_file").write_text("")
+    assert cache.write_json(tmp_path / "a_file" / "record.json", {"a": 1}) is False
