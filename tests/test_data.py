@@ -182,7 +182,7 @@ def test_hf_unknown_offline_is_quick(monkeypatch):
 
 def test_hf_unknown_without_offline_flag_is_quick(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(D, "_hub_reachable", lambda timeout=5.0: False)  # what the probe answers offline
+    monkeypatch.setattr(corpus, "_hub_reachable", lambda timeout=5.0: False)  # what the probe answers offline
     t = time.time()
     with pytest.raises(SuiteError, match=r"^cannot load hf:nobody/no-such-dataset:.*offline"):
         load_data("hf:nobody/no-such-dataset:cfg")
