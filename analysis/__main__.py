@@ -20,7 +20,7 @@ def cli(argv=None) -> int:
             # itself reads whatever mlflow.get_tracking_uri() gives.
             import mlflow
 
-            from scaling_suite.tracking import tracking_uri
+            from scaling_suite.store import tracking_uri
             mlflow.set_tracking_uri(tracking_uri())
         return main(args)
     except SuiteError as exc:

@@ -19,7 +19,8 @@ from scaling_suite.errors import SuiteError
 from . import laws, minimum
 from .common import jsonable, n_distinct, percentile_interval
 from .fit import MIN_SUPPORT as MIN_SIZES
-from .fit import FitResult, fit_loglinear
+from .fit import fit_loglinear
+from .result import FitResult
 
 
 @dataclass(frozen=True)
@@ -121,23 +122,7 @@ def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buc
     refit). The slope is identified only when the envelope visits >= 3 distinct sizes
     (common.n_distinct, the fits' rule in fit.term_support): a staircase of two sizes has a slope
     set by where the one step falls, not by how N_opt grows; it is reported, marked unidentified."""
-    if curves_df is None or len(curves_df) == 0:
-        raise SuiteError("envelope needs learning curves; none were given")
-    df = curves_df
-    if "N" not in df.columns:
-        if runs_df is None or "N" not in runs_df.columns:
-            raise SuiteError("envelope needs N per run: a column N in the curves or runs_df with run_id, N")
-        df = df.merge(runs_df[["run_id", "N"]], on="run_id", how="left")
-    _need_columns(df, ["run_id", "flops", loss_col, "N"], "envelope")
-    df = df[np.isfinite(df[loss_col]) & (df["flops"] > 0) & (df[loss_col] > 0) & (df["N"] > 0)]
-    runs = []
-    for run_id, g in df.sort_values("flops").groupby("run_id", sort=False):
-        if len(g) >= 2:
-            tok = g["tokens"].to_numpy(float) if "tokens" in g else g["flops"].to_numpy(float) / (6 * g["N"].to_numpy(float))
-            runs.append((run_id, float(g["N"].iloc[0]), np.log(g["flops"].to_numpy(float)),
-                         g[loss_col].to_numpy(float), tok))
-    if len(runs) < 2:
-        raise SuiteError(f"envelope needs curves (>= 2 points each) from at least 2 runs, got {len(runs)}")
+    runs = _run_curves(curves_df, runs_df, loss_col)
     lo = min(r[2][0] for r in runs)
     hi = max(r[2][-1] for r in runs)
     grid = np.linspace(lo, hi, n_buckets)
@@ -173,21 +158,7 @@ def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buc
     nan2 = (float("nan"), float("nan"))
     a_iv = b_iv = nan2
     if n_bootstrap:
-        rng = np.random.default_rng(seed)
-        lC = grid
-        a_d, b_d = [], []
-        for _ in range(n_bootstrap):
-            # A run drawn twice leaves the envelope as it is: a resample is its set of distinct runs.
-            ok_b, win_b = pick(np.unique(rng.integers(0, len(runs), len(runs))))
-            bb = np.flatnonzero(ok_b)
-            lN = np.log(Ns[win_b[bb]])
-            # One run lowest everywhere is a draw of slope 0 (N_opt does not move), not a failure.
-            if bb.size >= 2:
-                a_d.append(np.polyfit(lC[bb], lN, 1)[0])
-                b_d.append(np.polyfit(lC[bb], np.log(T[win_b[bb], bb]), 1)[0])
-            else:   # fewer than 2 FLOP values reached by two runs: no slope at all
-                a_d.append(np.nan)
-                b_d.append(np.nan)
+        a_d, b_d = _envelope_slope_draws(pick, len(runs), Ns, T, grid, n_bootstrap, seed)
         undefined = float(np.mean(np.isnan(a_d)))
         extras.update(interval_method=f"percentile bootstrap over runs ({n_bootstrap} resamples)",
                       boot_undefined=undefined)
@@ -206,6 +177,49 @@ def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buc
             f"through a staircase of fewer than {MIN_SIZES} sizes is set by where its step falls, not by how "
             f"N_opt grows (value and interval are not measurements)")}
     return replace(al, a_interval=a_iv, b_interval=b_iv, extras=extras)
+
+
+def _run_curves(curves_df, runs_df, loss_col: str) -> list:
+    """(run_id, N, log flops, loss, tokens) per run with >= 2 valid curve points, in FLOPs order."""
+    if curves_df is None or len(curves_df) == 0:
+        raise SuiteError("envelope needs learning curves; none were given")
+    df = curves_df
+    if "N" not in df.columns:
+        if runs_df is None or "N" not in runs_df.columns:
+            raise SuiteError("envelope needs N per run: a column N in the curves or runs_df with run_id, N")
+        df = df.merge(runs_df[["run_id", "N"]], on="run_id", how="left")
+    _need_columns(df, ["run_id", "flops", loss_col, "N"], "envelope")
+    df = df[np.isfinite(df[loss_col]) & (df["flops"] > 0) & (df[loss_col] > 0) & (df["N"] > 0)]
+    runs = []
+    for run_id, g in df.sort_values("flops").groupby("run_id", sort=False):
+        if len(g) >= 2:
+            tok = g["tokens"].to_numpy(float) if "tokens" in g else g["flops"].to_numpy(float) / (6 * g["N"].to_numpy(float))
+            runs.append((run_id, float(g["N"].iloc[0]), np.log(g["flops"].to_numpy(float)),
+                         g[loss_col].to_numpy(float), tok))
+    if len(runs) < 2:
+        raise SuiteError(f"envelope needs curves (>= 2 points each) from at least 2 runs, got {len(runs)}")
+    return runs
+
+
+def _envelope_slope_draws(pick, n_runs: int, Ns, T, grid, n_bootstrap: int, seed: int):
+    """The slopes a (of log N_opt) and b (of log D_opt) on log C of the envelopes of N_BOOTSTRAP
+    resamples of the runs (PICK: the envelope of a set of runs); NaN where a resample has no slope."""
+    rng = np.random.default_rng(seed)
+    lC = grid
+    a_d, b_d = [], []
+    for _ in range(n_bootstrap):
+        # A run drawn twice leaves the envelope as it is: a resample is its set of distinct runs.
+        ok_b, win_b = pick(np.unique(rng.integers(0, n_runs, n_runs)))
+        bb = np.flatnonzero(ok_b)
+        lN = np.log(Ns[win_b[bb]])
+        # One run lowest everywhere is a draw of slope 0 (N_opt does not move), not a failure.
+        if bb.size >= 2:
+            a_d.append(np.polyfit(lC[bb], lN, 1)[0])
+            b_d.append(np.polyfit(lC[bb], np.log(T[win_b[bb], bb]), 1)[0])
+        else:   # fewer than 2 FLOP values reached by two runs: no slope at all
+            a_d.append(np.nan)
+            b_d.append(np.nan)
+    return a_d, b_d
 
 
 # --- Approach 2 ----------------------------------------------------------------------------------
@@ -325,7 +339,7 @@ def from_parametric(fit: FitResult, C=None, level: float | None = None,
     level = fit.level if level is None else level
     p = fit.params
     if C is None:
-        lo, hi = fit.extras.get("data_range", {}).get("C", (1e18, 1e22))
+        lo, hi = (fit.data_range or {}).get("C", (1e18, 1e22))
         C = np.logspace(np.log10(lo), np.log10(hi), 9)
     C = np.atleast_1d(np.asarray(C, dtype=float))
     a, b = (float(v) for v in laws.chinchilla_optimal_exponents(p["alpha"], p["beta"]))

@@ -16,7 +16,8 @@ from scaling_suite.errors import SuiteError
 
 from . import laws
 from .common import jsonable, percentile_interval
-from .fit import FitResult, fit_power_law
+from .fit import fit_power_law
+from .result import FitResult
 
 DEFAULT_TARGET_N = 1.5e9        # parameters (GPT-2 XL scale)
 DEFAULT_TARGET_C = laws.CHINCHILLA_C
@@ -69,7 +70,7 @@ def _pair(band):
 
 
 def _data_max(fit: FitResult, name: str) -> float:
-    rng = fit.extras.get("data_range", {}).get(name)
+    rng = (fit.data_range or {}).get(name)
     if rng is None:
         raise SuiteError(f"the {fit.model} fit has no data range for {name}")
     return float(rng[1])
@@ -88,7 +89,7 @@ def at_N(fit: FitResult, N: float = DEFAULT_TARGET_N, level: float | None = None
     """Loss at model size N: from an L(N) power law directly, or from a Chinchilla fit at the
     compute-optimal D for that N (each bootstrap draw with its own optimal D)."""
     level = fit.level if level is None else level
-    if fit.model == "power_law" and fit.extras.get("x_name") == "N":
+    if fit.model == "power_law" and fit.x_name == "N":
         loss = float(fit.predict(N))
         iv = _pair(fit.predict_interval(N, level=level))
         via, details = "L(N) power law", {}
@@ -106,7 +107,7 @@ def at_N(fit: FitResult, N: float = DEFAULT_TARGET_N, level: float | None = None
         via, details = "Chinchilla L(N, D) at compute-optimal D", {"D": D, "C": 6.0 * N * D}
     else:
         raise SuiteError(f"at_N needs an L(N) power law or a chinchilla fit, got {fit.model} "
-                         f"of {fit.extras.get('x_name', '?')}")
+                         f"of {fit.x_name or '?'}")
     factor, warning = _factor_and_warning("N", N, _data_max(fit, "N"))
     return Extrapolation("N", float(N), loss, iv, via, factor, warning, level, details)
 
@@ -125,13 +126,13 @@ def at_C(fit: FitResult, C: float = DEFAULT_TARGET_C, level: float | None = None
                 Ns, Ds = laws.chinchilla_optimal(C, **s)
                 iv = _band(laws.chinchilla(Ns, Ds, **s), level)
         via, details = "Chinchilla L(N, D) at compute-optimal (N, D)", {"N": N, "D": D}
-    elif fit.model == "power_law" and fit.extras.get("x_name") == "C":
+    elif fit.model == "power_law" and fit.x_name == "C":
         loss = float(fit.predict(C))
         iv = _pair(fit.predict_interval(C, level=level))
         via, details = "L(C) power law", {}
     else:
         raise SuiteError(f"at_C needs an L(C) power law or a chinchilla fit, got {fit.model} "
-                         f"of {fit.extras.get('x_name', '?')}")
+                         f"of {fit.x_name or '?'}")
     factor, warning = _factor_and_warning("C", C, _data_max(fit, "C"))
     return Extrapolation("C", float(C), loss, iv, via, factor, warning, level, details)
 

@@ -11,113 +11,16 @@ only as good as the term it bounds, and a term seen at one or two sizes has none
 
 from __future__ import annotations
 
-import math
-
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 from scipy import stats
 
 from scaling_suite.errors import SuiteError
 
-from . import laws, models, optim
-from .common import check_positive, jsonable, n_distinct, percentile_interval
-
-LAWS = {"chinchilla": laws.chinchilla, "power_law": laws.power_law, "kaplan": laws.kaplan,
-        "loglinear": laws.loglinear, "lr_law": laws.lr_law}
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """One fitted law. `params` are the natural parameters of the law in `laws.py`."""
-    model: str
-    params: dict
-    objective: float
-    n_points: int
-    intervals: dict = field(default_factory=dict)    # name -> (lo, hi) at `level`
-    stderr: dict = field(default_factory=dict)       # bootstrap s.d., else asymptotic
-    n_bootstrap: int = 0
-    converged: bool = True
-    level: float = 0.95
-    extras: dict = field(default_factory=dict)       # settings, data range, local optima, ...
-    samples: dict | None = field(default=None, repr=False, compare=False)  # bootstrap draws
-
-    @property
-    def identified(self) -> bool:
-        """False when a power-law term of the fit is seen at too few distinct inputs (`term_support`):
-        its exponent and amplitude are then not determined by the data, whatever the interval says."""
-        return not self.extras.get("unidentified")
-
-    def predict(self, *inputs):
-        """The fitted law at the given inputs (N, D for chinchilla/kaplan; x for the others). Laws
-        fitted in log space are evaluated there, from the optimiser's coordinates: a degenerate fit's
-        amplitude can overflow as a float (A = inf) where its log-space prediction is finite."""
-        coords = self.extras.get("coords")
-        if coords is None or self.model not in ("chinchilla", "kaplan", "power_law"):
-            return LAWS[self.model](*inputs, **self.params)
-        arrs = np.broadcast_arrays(*[np.asarray(x, dtype=float) for x in inputs])
-        model = _log_model(self)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            logs = tuple(np.log(a.ravel()) for a in arrs)
-            logp = model.forward(np.asarray(list(coords.values()), dtype=float)[None], model.prepare(logs))[0][0]
-        out = np.exp(logp).reshape(arrs[0].shape)
-        return out if out.ndim else float(out)
-
-    def predict_interval(self, *inputs, level: float | None = None):
-        """Percentile band (lo, hi) of the prediction over the bootstrap draws, or None without them."""
-        if not self.samples:
-            return None
-        level = self.level if level is None else level
-        cols = [np.asarray(x, dtype=float)[None, ...] for x in inputs]
-        shape = (-1,) + (1,) * np.ndim(inputs[0])      # draws down axis 0, inputs after it
-        draws = {k: np.asarray(v).reshape(shape) for k, v in self.samples.items()}
-        with np.errstate(over="ignore", invalid="ignore"):    # draws of a degenerate term: inf/NaN, dropped
-            return percentile_interval(LAWS[self.model](*cols, **draws), level)
-
-    def report(self) -> str:
-        ex = self.extras
-        head = f"{self.model} fit: {self.n_points} points"
-        if "delta" in ex:
-            head += f", log-space Huber (delta={ex['delta']:g})"
-        if "n_starts" in ex:
-            head += f", {ex['n_starts']} starts ({ex.get('n_at_best', '?')} reached the best)"
-        if "method" in ex:
-            head += f", {ex['method']}"
-        lines = [head, f"objective {self.objective:.6e}; converged: {'yes' if self.converged else 'NO'}"]
-        pct = f"{100 * self.level:g}%"
-        if self.n_bootstrap:
-            lines.append(f"intervals: {pct} percentile bootstrap over {self.n_bootstrap} resamples")
-        lines.append(f"  {'param':<9} {'value':>12}   {pct + ' interval':<27} {'stderr':>10}")
-        for k, v in self.params.items():
-            lo, hi = self.intervals.get(k, (np.nan, np.nan))
-            iv = f"[{lo:.5g}, {hi:.5g}]" if np.isfinite(lo) else "-"
-            fixed = " (fixed)" if k in ex.get("fixed", {}) else ""
-            se = self.stderr.get(k, np.nan)
-            lines.append(f"  {k:<9} {v:>12.6g}   {iv:<27} {se:>10.3g}{fixed}")
-        lines += [f"WARNING: {msg}" for msg in ex.get("unidentified", {}).values()]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        """JSON-safe copy (NaN/inf -> None; bootstrap draws summarised, not included)."""
-        return jsonable({
-            "model": self.model, "params": self.params, "objective": self.objective,
-            "n_points": self.n_points, "intervals": {k: list(v) for k, v in self.intervals.items()},
-            "stderr": self.stderr, "n_bootstrap": self.n_bootstrap, "converged": self.converged,
-            "level": self.level, "extras": self.extras})
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FitResult":
-        """The FitResult that to_dict wrote (e.g. read back from a report.json or lr_law.json): a
-        number to_dict stored as None (it was NaN or infinite) comes back as NaN; the bootstrap
-        draws, which to_dict leaves out, do not come back (samples is None)."""
-        num = lambda v: math.nan if v is None else float(v)  # noqa: E731
-        return cls(model=d["model"], params={k: num(v) for k, v in d["params"].items()},
-                   objective=num(d.get("objective")), n_points=int(d["n_points"]),
-                   intervals={k: (num(v[0]), num(v[1])) for k, v in d.get("intervals", {}).items()},
-                   stderr={k: num(v) for k, v in d.get("stderr", {}).items()},
-                   n_bootstrap=int(d.get("n_bootstrap", 0)), converged=bool(d.get("converged", True)),
-                   level=float(d.get("level", 0.95)), extras=dict(d.get("extras", {})))
-
+from . import models, optim
+from .common import check_positive, n_distinct, percentile_interval
+from .result import FitResult, fit_inputs
 
 # --- input checks: every problem is a one-line SuiteError ----------------------------------------
 
@@ -148,7 +51,7 @@ def _resolve_grid(model, grid, logs, logy):
 
 
 def _fit(model, inputs: dict, loss, *, grid, delta, n_bootstrap, seed, level, bootstrap_starts=4,
-         extras=None) -> FitResult:
+         **labels) -> FitResult:
     names = list(inputs)
     first = check_positive(names[0], inputs[names[0]])
     data = {names[0]: first}
@@ -167,29 +70,28 @@ def _fit(model, inputs: dict, loss, *, grid, delta, n_bootstrap, seed, level, bo
     best = X[0]
     params = {k: float(v[0]) for k, v in model.natural(best).items()}
     params = {k: params[k] for k in _param_order(model)}
-    ex = dict(extras or {})
-    ex.update(delta=delta, grid=grid_name, n_starts=int(starts.shape[0]), n_at_best=n_at_best,
-              coords=dict(zip(model.coords, best.tolist())), local_optima=X[:8].tolist(),
-              local_optima_objective=f[:8].tolist(), fixed=dict(model.fixed),
-              data_range={k: [float(v.min()), float(v.max())] for k, v in data.items()})
+    data_range = {k: [float(v.min()), float(v.max())] for k, v in data.items()}
     if names == ["N", "D"]:
         C = 6.0 * data["N"] * data["D"]
-        ex["data_range"]["C"] = [float(C.min()), float(C.max())]
-    ex["support"], ex["unidentified"] = term_support(model, best, logs, logy, names)
+        data_range["C"] = [float(C.min()), float(C.max())]
+    support, unidentified = term_support(model, best, logs, logy, names)
     res = FitResult(model=model.name, params=params, objective=float(f[0]), n_points=int(y.size),
-                    converged=bool(conv[0]), level=level, extras=ex)
+                    converged=bool(conv[0]), level=level, **labels, delta=delta, grid=grid_name,
+                    n_starts=int(starts.shape[0]), n_at_best=n_at_best, coords=dict(zip(model.coords, best.tolist())),
+                    local_optima=X[:8].tolist(), local_optima_objective=f[:8].tolist(), fixed=dict(model.fixed),
+                    data_range=data_range, support=support, unidentified=unidentified)
     if n_bootstrap:
         return _bootstrap(res, model, logs, logy, int(n_bootstrap), seed, bootstrap_starts)
-    ex["stderr_method"] = "asymptotic (Gauss-Newton on log residuals)"
-    return replace(res, stderr=_asymptotic_stderr(model, best, logs, logy))
+    return replace(res, stderr=_asymptotic_stderr(model, best, logs, logy),
+                   stderr_method="asymptotic (Gauss-Newton on log residuals)")
 
 
 def _bootstrap(fit: FitResult, model, logs, logy, n_bootstrap, seed, n_starts) -> FitResult:
     rng = np.random.default_rng(seed)
     n = logy.size
     counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap).astype(float)
-    delta = fit.extras["delta"]
-    starts = np.asarray(fit.extras["local_optima"], dtype=float)[:n_starts]
+    delta = fit.delta
+    starts = np.asarray(fit.local_optima, dtype=float)[:n_starts]
     bx, _, bconv = optim.grouped_refits(
         lambda w, g: optim.huber_objective(model, logs, logy, delta, w, g), counts, starts,
         f_floor=optim.exact_fit_floor(n))
@@ -198,10 +100,9 @@ def _bootstrap(fit: FitResult, model, logs, logy, n_bootstrap, seed, n_starts) -
                  for k in fit.params if k not in model.fixed}
     with np.errstate(over="ignore", invalid="ignore"):     # draws of a degenerate term can be inf
         stderr = {k: float(np.std(samples[k], ddof=1)) for k in intervals}
-    ex = dict(fit.extras, stderr_method="bootstrap", bootstrap_converged=float(bconv.mean()),
-              seed=seed, bootstrap_starts=int(starts.shape[0]))
-    return replace(fit, intervals=intervals, stderr=stderr, n_bootstrap=n_bootstrap, extras=ex,
-                   samples=samples)
+    return replace(fit, intervals=intervals, stderr=stderr, n_bootstrap=n_bootstrap, samples=samples,
+                   stderr_method="bootstrap", bootstrap_converged=float(bconv.mean()), seed=seed,
+                   bootstrap_starts=int(starts.shape[0]))
 
 
 def bootstrap(fit: FitResult, *inputs, loss, n_bootstrap: int = 1000, seed: int = 0,
@@ -214,7 +115,7 @@ def bootstrap(fit: FitResult, *inputs, loss, n_bootstrap: int = 1000, seed: int 
     the whole grid per resample would cost B times the grid fit)."""
     if int(n_bootstrap) < 1:
         raise SuiteError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
-    model, arrs, y = _inputs_for(fit, inputs, loss)
+    model, arrs, y = fit_inputs(fit, inputs, loss)
     return _bootstrap(fit, model, tuple(np.log(a) for a in arrs), np.log(y), int(n_bootstrap), seed,
                       n_starts)
 
@@ -342,7 +243,7 @@ def fit_power_law(x, loss, fixed_E=None, grid=None, delta=1e-3, n_bootstrap=0, s
         raise SuiteError(f"fixed_E must be a number >= 0, got {fixed_E}")
     return _fit(models.power_law_model(fixed_E), {x_name: x}, loss, grid=grid, delta=delta,
                 n_bootstrap=n_bootstrap, seed=seed, level=level, bootstrap_starts=bootstrap_starts,
-                extras={"x_name": x_name, "fixed_E": fixed_E})
+                x_name=x_name, fixed_E=fixed_E)
 
 
 def fit_kaplan(N, D, loss, grid=None, delta=1e-3, n_bootstrap=0, seed=0, level=0.95,
@@ -386,135 +287,38 @@ def fit_loglinear(x, y, level=0.95, x_name="x", y_name="y") -> FitResult:
                      "k": (float(np.exp(logk - t * se_logk)), float(np.exp(logk + t * se_logk)))}
     return FitResult(model="loglinear", params=params, objective=rss, n_points=int(xs.size),
                      intervals=intervals, stderr=stderr, level=level,
-                     extras={"method": "OLS in log space", "x_name": x_name, "y_name": y_name,
-                             "dof": dof, "data_range": {x_name: [float(xs.min()), float(xs.max())]}})
+                     method="OLS in log space", x_name=x_name, y_name=y_name, dof=dof,
+                     data_range={x_name: [float(xs.min()), float(xs.max())]})
 
 
 def fit_lr_law(N, lr_opt, level=0.95) -> FitResult:
     """lr*(N) = c N^-k through per-size optimal learning rates (laws.lr_law): OLS of log lr on log N
     (fit_loglinear), with t-intervals on c and k. The optima are few, already smoothed by a
     parabola each, so OLS with its textbook covariance is the tool (as for allocation exponents).
-    extras hold what `lr_law_band` needs for the confidence band of log lr*(N)."""
+    dof, sigma2, x_mean and sxx are what `lr_law_band` needs for the confidence band of log lr*(N)."""
     ll = fit_loglinear(N, lr_opt, level=level, x_name="N", y_name="lr_opt")
     lx = np.log(check_positive("N", N))
     ly = np.log(check_positive("lr_opt", lr_opt, lx.size))
-    dof = ll.extras["dof"]
+    dof = ll.dof
     intervals = {}
     if "s" in ll.intervals:
         intervals = {"c": ll.intervals["k"], "k": (-ll.intervals["s"][1], -ll.intervals["s"][0])}
     return FitResult(model="lr_law", params={"c": ll.params["k"], "k": -ll.params["s"]}, objective=ll.objective,
                      n_points=ll.n_points, intervals=intervals,
                      stderr={"c": ll.stderr["k"], "k": ll.stderr["s"]}, level=level,
-                     extras={"method": "OLS of log lr on log N", "dof": dof, "x_mean": float(lx.mean()),
-                             "sxx": float(np.sum((lx - lx.mean()) ** 2)),
-                             "sigma2": float(ll.objective / dof) if dof > 0 else float("nan"),
-                             "data_range": {"N": [float(np.exp(lx.min())), float(np.exp(lx.max()))],
-                                            "lr_opt": [float(np.exp(ly.min())), float(np.exp(ly.max()))]}})
+                     method="OLS of log lr on log N", dof=dof, x_mean=float(lx.mean()),
+                     sxx=float(np.sum((lx - lx.mean()) ** 2)),
+                     sigma2=float(ll.objective / dof) if dof > 0 else float("nan"),
+                     data_range={"N": [float(np.exp(lx.min())), float(np.exp(lx.max()))],
+                                 "lr_opt": [float(np.exp(ly.min())), float(np.exp(ly.max()))]})
 
 
 def lr_law_band(fit: FitResult, N):
     """(lo, hi) confidence band of lr*(N) at fit.level (OLS mean response in log space), or None."""
-    ex = fit.extras
-    if not (ex.get("dof", 0) > 0 and np.isfinite(ex.get("sigma2", np.nan))):
+    if not ((fit.dof or 0) > 0 and fit.sigma2 is not None and np.isfinite(fit.sigma2)):
         return None
     lx = np.log(np.asarray(N, dtype=float))
-    se = np.sqrt(ex["sigma2"] * (1.0 / fit.n_points + (lx - ex["x_mean"]) ** 2 / ex["sxx"]))
-    t = float(stats.t.ppf(0.5 + fit.level / 2, ex["dof"]))
+    se = np.sqrt(fit.sigma2 * (1.0 / fit.n_points + (lx - fit.x_mean) ** 2 / fit.sxx))
+    t = float(stats.t.ppf(0.5 + fit.level / 2, fit.dof))
     mid = np.log(fit.predict(np.asarray(N, dtype=float)))
     return np.exp(mid - t * se), np.exp(mid + t * se)
-
-
-# --- validation: leave-one-out and held-out-largest ---------------------------------------------
-
-def _log_model(fit: FitResult):
-    if fit.model == "chinchilla":
-        return models.CHINCHILLA
-    if fit.model == "kaplan":
-        return models.KAPLAN
-    if fit.model == "power_law":
-        return models.power_law_model(fit.extras.get("fixed_E"))
-    raise SuiteError(f"no refit procedure for a {fit.model} fit")
-
-
-def _refit(fit: FitResult, inputs, loss) -> FitResult:
-    """The same fit (model, delta, grid) on other data, without bootstrap."""
-    grid = fit.extras.get("grid")
-    grid = None if grid in (None, "custom") else grid
-    delta = fit.extras.get("delta", 1e-3)
-    if fit.model == "power_law":
-        return fit_power_law(inputs[0], loss, fixed_E=fit.extras.get("fixed_E"), grid=grid, delta=delta,
-                             x_name=fit.extras.get("x_name", "x"))
-    fitter = fit_chinchilla if fit.model == "chinchilla" else fit_kaplan
-    return fitter(inputs[0], inputs[1], loss, grid=grid, delta=delta)
-
-
-def _inputs_for(fit: FitResult, inputs, loss):
-    model = _log_model(fit)
-    if len(inputs) != len(model.inputs):
-        raise SuiteError(f"a {fit.model} fit takes {len(model.inputs)} input array(s), got {len(inputs)}")
-    first = check_positive(model.inputs[0], inputs[0])
-    arrs = [first] + [check_positive(k, v, first.size) for k, v in zip(model.inputs[1:], inputs[1:])]
-    return model, arrs, check_positive("loss", loss, first.size)
-
-
-def loo_errors(fit: FitResult, *inputs, loss) -> np.ndarray:
-    """Leave-one-out relative prediction errors (L_hat_-i(x_i) - L_i) / L_i, one per point.
-
-    Each fold is the same weighted Huber problem with point i's weight set to 0, so all folds run
-    as one batch. Folds start from the full-data optimum and the other local optima of `fit`
-    (a deliberate shortcut, as for the bootstrap: dropping one of n points moves the optimum only
-    slightly); the full grid is not rerun per fold.
-    """
-    model, arrs, y = _inputs_for(fit, inputs, loss)
-    n = y.size
-    if n - 1 < len(model.coords):
-        raise SuiteError(f"leave-one-out needs at least {len(model.coords) + 1} points, got {n}")
-    logs, logy = tuple(np.log(a) for a in arrs), np.log(y)
-    starts = np.asarray(fit.extras["local_optima"], dtype=float)[:4]
-    delta = fit.extras.get("delta", 1e-3)
-    pred = np.empty(n)
-    per_batch = max(1, 2_000_000 // n)          # bound the (folds x n) weight matrix to ~16 MB
-    for lo in range(0, n, per_batch):
-        folds = np.arange(lo, min(n, lo + per_batch))
-        w = np.ones((folds.size, n))
-        w[np.arange(folds.size), folds] = 0.0
-        X, _, _ = optim.grouped_refits(
-            lambda ww, g: optim.huber_objective(model, logs, logy, delta, ww, g), w, starts,
-            f_floor=optim.exact_fit_floor(n))
-        # Each fold's law at its own left-out point, in log space (a degenerate fold's amplitude can
-        # overflow as a float, and inf * 0 would make its prediction NaN).
-        with np.errstate(all="ignore"):
-            logpred = model.forward(X, model.prepare(logs))[0]
-        pred[folds] = np.exp(logpred[np.arange(folds.size), folds])
-    return (pred - y) / y
-
-
-def holdout_largest(fit: FitResult, *inputs, loss, by: str = "N", C=None, rel_tol: float = 0.01) -> dict:
-    """Refit without the points at the largest N (or D, or C), predict them, report relative errors.
-
-    "Largest" means within rel_tol of the maximum (reconstructed data jitter by ~1e-6). For
-    two-input fits C defaults to 6 N D (Kaplan et al. 2020 §2.1); pass the measured C if known.
-    A fresh grid fit is used (no warm start from `fit`, which saw the held-out points).
-    """
-    model, arrs, y = _inputs_for(fit, inputs, loss)
-    named = dict(zip(model.inputs, arrs))
-    if len(arrs) == 2:
-        named["C"] = check_positive("C", C, y.size) if C is not None else 6.0 * arrs[0] * arrs[1]
-        if by not in named:
-            raise SuiteError(f"by must be one of {sorted(named)}, got {by!r}")
-        key = named[by]
-    else:
-        key, by = arrs[0], fit.extras.get("x_name", "x")
-    held = key >= key.max() / (1.0 + rel_tol)
-    n_train = int((~held).sum())
-    if n_train < len(model.coords):
-        raise SuiteError(f"holding out the largest {by} leaves {n_train} point(s), fewer than "
-                         f"the {len(model.coords)} parameters of {fit.model}")
-    refit = _refit(fit, [a[~held] for a in arrs], y[~held])
-    pred = refit.predict(*[a[held] for a in arrs])
-    rel = (pred - y[held]) / y[held]
-    return jsonable({
-        "by": by, "threshold": float(key.max() / (1.0 + rel_tol)), "n_train": n_train,
-        "n_heldout": int(held.sum()), "max_train": float(key[~held].max()),
-        "rel_errors": rel, "mean_abs_rel_error": float(np.mean(np.abs(rel))),
-        "max_abs_rel_error": float(np.max(np.abs(rel))), "params": refit.params})

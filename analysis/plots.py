@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FormatStrFormatter, MaxNLocator, NullFormatter
 
 from . import laws
-from .fit import FitResult, lr_law_band
+from .fit import lr_law_band
+from .result import FitResult
 from .extrapolate import _optimal_D_for_N
 
 CMAP = "viridis"
@@ -136,7 +137,7 @@ def loss_vs_C(runs_df=None, curves_df=None, envelope=None, fit=None, loss_col="l
         ax.plot(t["C"], t["loss_opt"], color="C3", lw=2.5, label=f"envelope ({envelope.approach})")
         ys.append(t["loss_opt"].to_numpy())
     if fit is not None and fit.model == "power_law":
-        lo, hi = fit.extras["data_range"][fit.extras.get("x_name", "x")]
+        lo, hi = fit.data_range[fit.x_name or "x"]
         grid = np.logspace(np.log10(lo), np.log10(hi), 100)
         ax.plot(grid, fit.predict(grid), color="C1", label=f"L(C) fit, α_C = {fit.params['alpha']:.3f}")
         _reference_slope(ax, grid, fit.predict(grid), -laws.KAPLAN_ALPHA_C, "Kaplan slope α_C = 0.050")
@@ -337,7 +338,7 @@ def residuals(fit, *inputs, loss, path=None):
     ax.scatter(x, 100 * r, s=12)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
-    name = {"chinchilla": "N", "kaplan": "N"}.get(fit.model, fit.extras.get("x_name", "x"))
+    name = {"chinchilla": "N", "kaplan": "N"}.get(fit.model, fit.x_name or "x")
     ax.set_xlabel(name)
     ax.set_ylabel("residual log L_hat - log L (%)")
     ax.set_title(f"{fit.model} residuals ({fit.n_points} points)")

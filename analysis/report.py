@@ -18,7 +18,8 @@ from scaling_suite.errors import SuiteError
 
 from . import allocation, extrapolate, plots
 from .common import fmt, format_interval, jsonable, n_distinct
-from .fit import fit_chinchilla, fit_kaplan, fit_power_law, holdout_largest, loo_errors
+from .crossval import holdout_largest, loo_errors
+from .fit import fit_chinchilla, fit_kaplan, fit_power_law
 from .inputs import add_arguments, load_inputs  # noqa: F401  (CLI plumbing lives in inputs.py)
 
 SKIPPABLE = (SuiteError, ValueError, ArithmeticError, np.linalg.LinAlgError)
@@ -57,8 +58,8 @@ class _Report:
     def fit_metrics(self, prefix, fit, only=None):
         """`<prefix>_<param>` metrics of a fit, except the terms it does not identify (an MLflow
         metric carries no warning), and `<prefix>_identified` (1/0)."""
-        sup = fit.extras.get("support", {})
-        bad = {k for e in fit.extras.get("unidentified", {}) for k in (e, sup[e]["amplitude"])}
+        sup = fit.support or {}
+        bad = {k for e in (fit.unidentified or {}) for k in (e, sup[e]["amplitude"])}
         for k, v in fit.params.items():
             if k not in bad and (only is None or k in only):
                 self.metrics[f"{prefix}_{k}"] = v
@@ -68,7 +69,7 @@ class _Report:
         """True if `fit` identifies every term; else skip section `name`, which is derived from it."""
         if fit.identified:
             return True
-        self.skipped[name] = f"the {label} fit does not identify {', '.join(fit.extras['unidentified'])} (see its section)"
+        self.skipped[name] = f"the {label} fit does not identify {', '.join(fit.unidentified)} (see its section)"
         return False
 
     def extrapolation(self, key, fn, fit, target):
@@ -141,7 +142,26 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
             "notes": list(notes)}
     boot = dict(n_bootstrap=n_bootstrap, seed=seed)
 
-    # Parametric L(N, D) (Hoffmann et al. 2022 §3.3) with its validation and allocation.
+    chin, par = _parametric(R, df, N, D, C, y, grid, boot, target_N, target_C)
+    lN, lD = _one_variable_laws(R, df, loss_col, boot, target_N)
+    iso, env, lC = _allocations(R, df, curves_df, loss_col, boot, target_C)
+    allocs = [a for a in (iso, env, par) if a is not None]
+
+    # Figures.
+    # A law is drawn through the points (and out to target_N) only where the data identify it.
+    R.figure("loss_vs_N", plots.loss_vs_N, df, fit=_identified(lN, chin), target_N=target_N, loss_col=loss_col)
+    R.figure("loss_vs_D", plots.loss_vs_D, df, fit=_identified(lD), loss_col=loss_col)
+    R.figure("loss_vs_C", plots.loss_vs_C, df, curves_df, env, _identified(lC), loss_col=loss_col)
+    if allocs:
+        R.figure("allocation", plots.optimal_allocation, allocs)
+    if curves_df is not None and len(curves_df):
+        R.figure("learning_curves", plots.learning_curves, curves_df, df if "run_id" in df else None)
+    return _write(R, data)
+
+
+def _parametric(R: _Report, df, N, D, C, y, grid, boot: dict, target_N: float, target_C: float):
+    """Parametric L(N, D) (Hoffmann et al. 2022 §3.3) with its validation, Kaplan's form, and the
+    allocation and extrapolations it gives: (chinchilla fit, parametric allocation), None where not made."""
     chin = par = None
     if len(df) >= 10 and _distinct(N) >= 3 and _distinct(D) >= 3:
         chin = R.run("chinchilla", fit_chinchilla, N, D, y, grid=grid, **boot)
@@ -179,8 +199,11 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
             R.extrapolation("N_chinchilla", extrapolate.at_N, chin, target_N)
             R.extrapolation("C_chinchilla", extrapolate.at_C, chin, target_C)
         R.figure("residuals_chinchilla", plots.residuals, chin, N, D, loss=y)
+    return chin, par
 
-    # One-variable laws per design (Kaplan et al. 2020 §1.2 forms with an offset).
+
+def _one_variable_laws(R: _Report, df, loss_col: str, boot: dict, target_N: float):
+    """One-variable laws per design (Kaplan et al. 2020 §1.2 forms with an offset): (L(N), L(D))."""
     lN = lD = None
     groups = _design_groups(df)
     for design, g in groups.items():
@@ -202,8 +225,12 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
             lD = f
     if not groups:
         R.skipped["L(N), L(D)"] = "no n_sweep/d_sweep runs (and D or N is not constant across the runs)"
+    return lN, lD
 
-    # Compute-optimal allocation, approaches 2 and 1 (Hoffmann et al. 2022 §3.2, §3.1).
+
+def _allocations(R: _Report, df, curves_df, loss_col: str, boot: dict, target_C: float):
+    """Compute-optimal allocation, approaches 2 and 1 (Hoffmann et al. 2022 §3.2, §3.1), and L(C)
+    on the lower envelope: (isoflop allocation, envelope allocation, L(C) fit)."""
     # Tagged n_sweep/d_sweep runs are not IsoFLOP profiles; untagged ones (optimizer trials at one
     # budget, CSV rows) may be, and budgets with too few sizes are skipped with the reason anyway.
     # An adaptive study's runs are IsoFLOP profiles placed by its search (scaling_suite/adaptive.py).
@@ -236,18 +263,7 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
         R.fit_metrics("L_C", lC, only=("alpha",))
         if R.needs_identified("extrapolation with L(C)", lC, "L(C)"):
             R.extrapolation("C_L_C", extrapolate.at_C, lC, target_C)
-    allocs = [a for a in (iso, env, par) if a is not None]
-
-    # Figures.
-    # A law is drawn through the points (and out to target_N) only where the data identify it.
-    R.figure("loss_vs_N", plots.loss_vs_N, df, fit=_identified(lN, chin), target_N=target_N, loss_col=loss_col)
-    R.figure("loss_vs_D", plots.loss_vs_D, df, fit=_identified(lD), loss_col=loss_col)
-    R.figure("loss_vs_C", plots.loss_vs_C, df, curves_df, env, _identified(lC), loss_col=loss_col)
-    if allocs:
-        R.figure("allocation", plots.optimal_allocation, allocs)
-    if curves_df is not None and len(curves_df):
-        R.figure("learning_curves", plots.learning_curves, curves_df, df if "run_id" in df else None)
-    return _write(R, data)
+    return iso, env, lC
 
 
 def _write(R: _Report, data: dict) -> dict:

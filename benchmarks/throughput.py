@@ -9,7 +9,7 @@ For every size of each mode (its width, depth, context, global batch and vocabul
 - ``eager``: the suite's model in fp32 without compile;
 - ``suite``: the suite's step as `train` runs it: its precision rule (device.pick_precision: bf16
   for a compiled step on an AMX CPU at d_model >= 32, else fp32), fused AdamW, and compile when its `auto`
-  rule would compile a typical run of that size in the mode (device.compile_pays) when the graph
+  rule would compile a typical run of that size in the mode (compiling.compile_pays) when the graph
   is expected to load in COMPILE_WARM_S (compiled before); where a fresh machine's cold warm-up
   changes that choice, the row says so.
 Model FLOP/s = flops_per_token × tokens/s, each model counted by the suite's convention
@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scaling_suite.device import (COMPILE_PROBE_STEPS, COMPILE_WARM_S, autocast, compile_cold_s, compile_gain,
-                                  compile_model, compile_support, fused_adamw, pick_device, pick_precision)
+from scaling_suite.compiling import COMPILE_WARM_S, compile_cold_s, compile_gain, compile_model
+from scaling_suite.device import autocast, compile_support, fused_adamw, pick_device, pick_precision
 from scaling_suite.model import GPT, ModelShape, flops_per_token
 from scaling_suite.plan import MODES, make_plan
 
@@ -185,7 +185,7 @@ def measure(shape: ModelShape, batch: int, device, seconds: float, steps_typical
            "peaks": {dtype: r[f"peak_{dtype}"] * 2 * n ** 3 for dtype, n in peak_n.items()},
            "fp32_compiled": gf.get("compiled_fp32", float("nan")), "warmup": warmup.get(prec, float("nan")),
            "compiled": gf.get(f"compiled_{prec}", float("nan")), "eager_prec": gf.get("eager_prec", gf["eager"])}
-    # The suite's `auto` choice for a typical run of this size (device.compile_pays, from the eager
+    # The suite's `auto` choice for a typical run of this size (compiling.compile_pays, from the eager
     # step as train times it): with the graph compiled before (COMPILE_WARM_S) and cold.
     saved = steps_typical * tokens * fpt / out["eager_prec"] * compile_gain(shape, prec)
     out["compile"] = why_not is None and saved > COMPILE_WARM_S

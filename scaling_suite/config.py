@@ -63,7 +63,7 @@ class RunConfig:
     # hardware (never changes the optimization: micro_batch only splits the global batch)
     device: str = "auto"             # auto | cpu | cuda[:i] | mps
     precision: str = "auto"          # auto | fp32 | bf16
-    compile: str = "auto"            # auto | true | false: torch.compile the training step (device.py)
+    compile: str = "auto"            # auto | true | false: torch.compile the training step (compiling.py)
     micro_batch: int = 0             # sequences per forward pass; 0: planned from free memory
     seed: int = 0
     preset: str = ""                 # the preset these values started from (recorded only)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from .data import cache_root
+from .cache import cache_root
 from .errors import SuiteError
 from .model import ModelShape
 
@@ -46,7 +45,7 @@ CPU_BF16_MIN_WIDTH_COMPILED = 32
 # - fused AdamW on MPS and torch.mps.recommended_max_memory: 2.5
 #   (torch/utils/_foreach_utils._get_fused_kernels_supported_devices lists "mps" from 2.5).
 # Older torch is refused in one line (check_torch), and the names that may move again are checked
-# by feature where they are used (_recompile_limit_problem).
+# by feature where they are used (recompile_limit_problem).
 TORCH_MIN = (2, 7)
 
 
@@ -288,24 +287,12 @@ def place(device_name: str, precision: str, micro_batch: int, shape: ModelShape,
     return Placement(device, prec, micro, batch_size // micro, free)
 
 
-# torch.compile (TorchInductor) fuses the elementwise work between the matmuls (norms, rotary
-# embeddings, SwiGLU, residual adds) into a few generated kernels. At the widths a CPU trains
-# (d_model 16-192) that work, not the matmuls, dominates an eager step: compiled steps were
-# 1.2-2x faster on the reference 2-core CPU (benchmarks/throughput.py). The price is a warm-up:
-# tracing plus C++ compilation of the kernels, paid once per model shape per process, and mostly
-# once per machine: inductor keeps the compiled kernels on disk (under the suite's cache, so they
-# survive a reboot), and a later process of the same graph warms up faster. compile_warmups.json
-# records the last warm-up of each graph compiled here, which the rule then expects.
-#
-# Inductor's on-disk kernel cache defaults to /tmp, which a reboot empties. Its place is fixed when
-# torch._dynamo is first imported, so it is set here, on import of this module.
+# Whether torch.compile can run here (compile_support); when to compile, and compiling, are
+# compiling.py's. Inductor's on-disk kernel cache defaults to /tmp, which a reboot empties. Its place
+# is fixed when torch._dynamo is first imported, so it is set here, on import of this module (which
+# every module that compiles imports first).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-COMPILE_WARM_S = 5.0    # a shape this process compiled before (guards, cache lookups); a floor
-COMPILE_PROBE_STEPS = 8 # eager steps timed before an `auto` decision
-_compiled_shapes: set = set()
-
-
-def _recompile_limit_problem() -> str | None:
+def recompile_limit_problem() -> str | None:
     """Why compile_model cannot raise dynamo's graph limit on this torch, or None. The name is
     torch._dynamo.config.recompile_limit from torch 2.7 (2.4-2.6: cache_size_limit, kept as an alias
     through 2.13); a config name dynamo does not know raises AttributeError, which a sweep would
@@ -329,7 +316,7 @@ def compile_support(device: torch.device) -> str | None:
     """None when torch.compile can run on DEVICE, else the reason it cannot (then compile=auto runs
     eager and compile=true is refused). A torch without the dynamo config the suite sets is an
     error (SuiteError): neither eager nor compiled is what the run asked for."""
-    problem = _recompile_limit_problem()
+    problem = recompile_limit_problem()
     if problem:
         raise SuiteError(problem)
     if device.type == "mps":
@@ -344,86 +331,3 @@ def compile_support(device: torch.device) -> str | None:
     if not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")):
         return "no C++ compiler (g++/clang++) for inductor's CPU kernels"
     return None
-
-
-def compile_cold_s(shape: ModelShape) -> float:
-    """Expected warm-up of a shape not compiled in this process: tracing and C++ codegen grow with
-    the number of layers (measured 15-30 s for depths 1-5 on the reference CPU, cold cache)."""
-    return 10.0 + 5.0 * shape.depth
-
-
-def compile_gain(shape: ModelShape, precision: str = "fp32") -> float:
-    """Share of an eager step a compiled step of PRECISION is assumed to save, on the low side of
-    what was measured (benchmarks/throughput.py, reference CPU): fp32 45% at d_model 16-32, where
-    elementwise work and dispatch dominate the step, 20-35% at 48-80; compiled bf16 (AMX GEMMs)
-    against the eager fp32 step 45-60% at d_model 32-192."""
-    if precision == "bf16":
-        return 0.4
-    return 0.4 if shape.d_model <= 32 else 0.2
-
-
-def compiled_shapes() -> frozenset:
-    """Shapes this process has compiled (their warm-up is guards and cache lookups)."""
-    return frozenset(_compiled_shapes)
-
-
-def compile_key(device: torch.device, shape: ModelShape, precision: str, micro_batch: int) -> str:
-    """What a compiled training graph depends on, as a key of the warm-up record."""
-    return f"torch {torch.__version__} | {device.type} | {precision} | micro_batch {micro_batch} | {shape}"
-
-
-def _warmup_record():
-    return cache_root() / "compile_warmups.json"
-
-
-def known_warmups() -> dict:
-    try:
-        return json.loads(_warmup_record().read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def record_warmup(key: str, seconds: float) -> None:
-    """Remember a measured warm-up (best effort: an unwritable cache only loses the hint)."""
-    path = _warmup_record()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**known_warmups(), key: round(seconds, 2)}, indent=1, sort_keys=True))
-        tmp.replace(path)
-    except OSError:
-        pass
-
-
-def compile_pays(shape: ModelShape, eager_step_s: float, steps_left: int, precision: str = "fp32",
-                 key: str | None = None) -> tuple[bool, str]:
-    """Whether compiling now is repaid within the run: saved time > expected warm-up (5 s for a
-    shape compiled in this process, the last warm-up measured on this machine for graph KEY, else
-    the cold estimate)."""
-    if shape in _compiled_shapes:
-        warm, source = COMPILE_WARM_S, "compiled in this process"
-    elif key is not None and key in (known := known_warmups()):
-        # Compiled on this machine before: its kernels are in inductor's disk cache, and the last
-        # warm-up measured here is the estimate (a process's first compile still traces the model:
-        # 11-19 s at depths 1-3 with the cache warm against 18-33 s cold, `make quick` here).
-        warm, source = max(known[key], COMPILE_WARM_S), "as last measured on this machine"
-    else:
-        warm, source = compile_cold_s(shape), "cold"
-    saved = steps_left * eager_step_s * compile_gain(shape, precision)
-    why = (f"{steps_left} steps left at {eager_step_s * 1e3:.0f} ms: ~{saved:.0f}s saved vs ~{warm:.0f}s warm-up "
-           f"({source})")
-    return saved > warm, why
-
-
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The compiled training forward; parameters are shared with MODEL (evaluation stays eager)."""
-    problem = _recompile_limit_problem()
-    if problem:
-        raise SuiteError(problem)
-    _compiled_shapes.add(model.shape)
-    # A study or tuning process trains many shapes; past dynamo's default of 8 graphs per
-    # function it would silently fall back to eager.
-    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
-    # dynamic=False: every step has the same shapes; a size not seen before gets its own graph
-    # rather than a slower shape-generic one.
-    return torch.compile(model, dynamic=False)

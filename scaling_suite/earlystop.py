@@ -354,3 +354,24 @@ def leave_one_out(runs: dict, at: float = 0.25, bandwidth: float = BANDWIDTH) ->
         if pred is not None:
             out[rid] = (pred.final_loss, (pred.final_loss - final) / final)
     return out
+
+
+def prediction_errors(predictions: list, actual: float, D: int) -> dict[str, float]:
+    """How good early stop would have been on this run (measured, since it ran to the end).
+
+    predict_error: relative error of the first prediction (made at predict_from of the run);
+    predict_error_stable: that of the prediction at which early stop would have stopped;
+    early_stop_saving: the fraction of the run's compute early stop would have saved.
+    """
+    if not predictions:
+        return {}
+    out = {"predict_error": (predictions[0].final_loss - actual) / actual,
+           "predict_covered": float(predictions[0].lo <= actual <= predictions[0].hi)}
+    for i in range(len(predictions)):
+        if is_stable(predictions[:i + 1]):
+            out["predict_error_stable"] = (predictions[i].final_loss - actual) / actual
+            out["early_stop_saving"] = 1 - predictions[i].tokens_seen / D
+            break
+    else:
+        out["early_stop_saving"] = 0.0
+    return out

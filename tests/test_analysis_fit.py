@@ -12,8 +12,8 @@ import pytest
 from scipy.optimize import minimize
 
 from analysis import extrapolate, laws, models, optim, synthetic
-from analysis.fit import (FitResult, fit_chinchilla, fit_kaplan, fit_loglinear, fit_power_law,
-                          holdout_largest, loo_errors)
+from analysis.crossval import holdout_largest, loo_errors
+from analysis.fit import FitResult, fit_chinchilla, fit_kaplan, fit_loglinear, fit_power_law
 from scaling_suite.errors import SuiteError
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -108,12 +108,12 @@ def test_published_grid_fit_reproduces_besiroglu():
     N, D, loss = published_points()
     assert N.size == 240
     res = fit_chinchilla(N, D, loss)                     # default: the 4,500-start published grid
-    assert res.extras["n_starts"] == 4500
+    assert res.n_starts == 4500
     for k, v in PUBLISHED.items():
         assert res.params[k] == pytest.approx(v, rel=0.005), k
     assert res.objective <= 1.0183e-3
     assert res.converged
-    assert res.identified, res.extras["unidentified"]       # both terms seen across the 240 runs
+    assert res.identified, res.unidentified       # both terms seen across the 240 runs
     # The same objective, evaluated independently with scipy's Huber on the reported parameters.
     from scipy.special import huber
     pred = np.log(laws.chinchilla(N, D, **res.params))
@@ -168,7 +168,7 @@ def test_kaplan_form_recovered():
     res = fit_kaplan(N.ravel(), D.ravel(), loss)
     for k, v in truth.items():
         assert res.params[k] == pytest.approx(v, rel=1e-3), k
-    assert res.identified, res.extras["unidentified"]
+    assert res.identified, res.unidentified
 
 
 # Two real quick studies of this suite (`make quick`, 13 IsoFLOP runs each, final_val_loss), same
@@ -191,8 +191,8 @@ def test_term_seen_at_one_size_is_flagged_not_identified():
     D, rule, lr3 = np.array(QUICK_D, dtype=float), np.array(QUICK_LOSS_RULE), np.array(QUICK_LOSS_LR3E3)
     for fit, exponent in ((fit_chinchilla(N, D, rule, grid="coarse"), "alpha"), (fit_kaplan(Nn, D, rule), "alpha_N")):
         assert not fit.identified
-        assert set(fit.extras["unidentified"]) == {exponent}
-        sup = fit.extras["support"][exponent]
+        assert set(fit.unidentified) == {exponent}
+        sup = fit.support[exponent]
         assert (sup["input"], sup["seen"], sup["distinct"]) == ("N", 2, 5)    # the smallest N and the reference
         assert "not identified" in fit.report()
         # Its amplitude may overflow as a float (the coarse grid lands at A = inf, alpha = 106), but
@@ -201,7 +201,7 @@ def test_term_seen_at_one_size_is_flagged_not_identified():
         assert np.all(np.isfinite(fit.predict(*inputs))) and np.all(np.isfinite(loo_errors(fit, *inputs, loss=rule)))
     # The fixed-lr study: its N term changes the loss across 4 of the 5 sizes, so its Chinchilla fit stands.
     good = fit_chinchilla(N, D, lr3, grid="coarse")
-    assert good.identified and good.extras["support"]["alpha"]["seen"] >= 4
+    assert good.identified and good.support["alpha"]["seen"] >= 4
     # A large but flat term (alpha ~ 0) trades off with E: not identified either.
     x = np.logspace(4, 6, 8)
     flat = fit_power_law(x, 2.0 * np.exp(0.003 * np.random.default_rng(0).standard_normal(8)), x_name="N")
@@ -241,6 +241,27 @@ def test_fit_result_is_frozen_reportable_and_json_safe():
     back = FitResult.from_dict(d)
     assert back == res and back.samples is None and back.identified == res.identified
     assert back.predict(np.array([1e9, 1e10]), np.array([2e10, 2e11])) == pytest.approx(mid, rel=1e-12)
+
+
+def test_every_fitter_round_trips_its_typed_fields():
+    """to_dict -> JSON -> from_dict gives back the same FitResult (less the bootstrap draws) for
+    each fitter, and the typed fields carry what the readers use (no free-form dict)."""
+    from analysis.fit import fit_lr_law
+    N, D, loss = planted_grid(synthetic.PLANTED, noise=0.01)
+    x = np.array([1e4, 3e4, 1e5, 3e5, 1e6])
+    fits = [fit_chinchilla(N, D, loss, grid="coarse"), fit_power_law(N, loss, x_name="N"),
+            fit_loglinear(x, 3.0 * x ** 0.5, x_name="C", y_name="N_opt"),
+            fit_lr_law(x, 0.1 * x ** -0.3 * np.array([1.02, 0.98, 1.01, 0.99, 1.0]))]
+    for fit in fits:
+        back = FitResult.from_dict(json.loads(json.dumps(fit.to_dict(), allow_nan=False)))
+        assert back == fit, fit.model
+    chin, power, loglin, lr = fits
+    assert set(chin.coords) == {"a", "b", "e", "alpha", "beta"} and chin.delta == 1e-3
+    assert set(chin.support) == {"alpha", "beta"} and chin.unidentified == {} and chin.identified
+    assert set(chin.data_range) == {"N", "D", "C"} and power.x_name == "N" and power.fixed_E is None
+    assert loglin.dof == 3 and loglin.method == "OLS in log space" and loglin.coords is None
+    assert lr.dof == 3 and lr.sigma2 > 0 and lr.sxx > 0
+    assert "coords" in chin.extras and "dof" not in chin.extras and lr.extras["dof"] == 3
 
 
 def test_loo_and_holdout_on_planted_law():

@@ -198,7 +198,7 @@ def test_unidentified_law_is_reported_not_used(tmp_path):
     assert "WARNING chinchilla: alpha and A not identified" in report_summary(res)
     k = fit_kaplan(np.array([QUICK_DEPTH_N[d][0] for d in QUICK_DEPTH], dtype=float), D, runs["loss"])
     facts = {"alpha_N": {"value": k.params["alpha_N"], "interval": None, "convention": "N_nonembed",
-                         "support": k.extras["support"]["alpha_N"], "unidentified": k.extras["unidentified"]["alpha_N"]},
+                         "support": k.support["alpha_N"], "unidentified": k.unidentified["alpha_N"]},
              "compute": {"C_spent": 1.0, "C_independent": 1.0, "C_spent_ratio": 1.0, "branches": 0},
              "early_stop": {}, "monotone_in_N": {}, "planned_seconds": None, "wall_seconds": 1.0}
     text = study_report.summary(res, facts, SimpleNamespace(mode="quick"))

@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+from scaling_suite import corpus
 from scaling_suite import data as D
 from scaling_suite.data import bytes_per_token, describe, load_data, train_batch, validation_set
 from scaling_suite.errors import SuiteError
@@ -49,9 +50,9 @@ def test_stdlib_deterministic_split_by_file(tmp_path):
     assert a.train.dtype == np.uint16 and isinstance(a.train, np.memmap)
 
     root = Path(sysconfig.get_paths()["stdlib"])
-    texts = {r: (root / r).read_bytes().decode("utf-8", errors="replace") for r in D.stdlib_files(root)}
-    val = [r for r, t in texts.items() if t and D._hash_val(r)]
-    train = [r for r, t in texts.items() if t and not D._hash_val(r)]
+    texts = {r: (root / r).read_bytes().decode("utf-8", errors="replace") for r in corpus.stdlib_files(root)}
+    val = [r for r, t in texts.items() if t and corpus._hash_val(r)]
+    train = [r for r, t in texts.items() if t and not corpus._hash_val(r)]
     assert val and train and not set(val) & set(train)
     assert (a.n_docs_train, a.n_docs_val) == (len(train), len(val))
     # val.bin is exactly the val files, whole, in sorted order: the split is by file
@@ -70,8 +71,8 @@ def test_stdlib_excludes_third_party(tmp_path):
     for rel in ["a.py", "pkg/b.py", "site-packages/x.py", "pkg/dist-packages/y.py", "__pycache__/z.py", "c.txt"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x = 1\n")
-    assert D.stdlib_files(tmp_path) == ["a.py", "pkg/b.py"]
-    real = D.stdlib_files(sysconfig.get_paths()["stdlib"])
+    assert corpus.stdlib_files(tmp_path) == ["a.py", "pkg/b.py"]
+    real = corpus.stdlib_files(sysconfig.get_paths()["stdlib"])
     assert real == sorted(real) and "os.py" in real
     assert not [r for r in real if {"site-packages", "dist-packages", "__pycache__"} & set(r.split("/"))]
 
@@ -166,7 +167,7 @@ def test_hf_local_parquet_dir(tmp_path, monkeypatch):
 
     (d / "validation-00000-of-00001.parquet").unlink()  # no val split: split train by index hash
     only = load_data(f"hf:{d}")
-    val_idx = [i for i in range(300) if D._hash_val(str(i))]
+    val_idx = [i for i in range(300) if corpus._hash_val(str(i))]
     assert (only.n_docs_train, only.n_docs_val) == (300 - len(val_idx), len(val_idx))
     assert stream(only, "val").startswith(f"train {val_idx[0]} ")
 
@@ -181,7 +182,7 @@ def test_hf_unknown_offline_is_quick(monkeypatch):
 
 def test_hf_unknown_without_offline_flag_is_quick(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(D, "_hub_reachable", lambda timeout=5.0: False)  # what the probe answers offline
+    monkeypatch.setattr(corpus, "_hub_reachable", lambda timeout=5.0: False)  # what the probe answers offline
     t = time.time()
     with pytest.raises(SuiteError, match=r"^cannot load hf:nobody/no-such-dataset:.*offline"):
         load_data("hf:nobody/no-such-dataset:cfg")
@@ -313,7 +314,7 @@ def test_failed_build_leaves_no_cache(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(D, "_write_tokens", dies_on_val)
     with pytest.raises(KeyboardInterrupt):
         load_data(str(root))
-    # Only the content-digest memo (data._digest_files) may be there: no token cache, whole or not.
+    # Only the content-digest memo (corpus.digest_files) may be there: no token cache, whole or not.
     assert not cache.exists() or [x.name for x in cache.iterdir()] in ([], ["content_digests.json"])
     monkeypatch.setattr(D, "_write_tokens", real)
     assert len(load_data(str(root)).val) > 0
@@ -342,7 +343,7 @@ def test_killed_build_leaves_no_valid_looking_cache(tmp_path, cache):
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    # only the hidden temp dir (and the content-digest memo, data._digest_files)
+    # only the hidden temp dir (and the content-digest memo, corpus.digest_files)
     assert [x.name.startswith(".tmp-") for x in cache.iterdir() if x.name != "content_digests.json"] == [True]
     d = load_data(str(root))
     assert len(d.val) > 0 and [x.name for x in cache.iterdir() if x.name != "content_digests.json"] == [d.digest]  # stale temp removed

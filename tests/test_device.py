@@ -13,6 +13,7 @@ import torch
 import torch.utils._triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from scaling_suite import compiling
 from scaling_suite import data as data_lib
 from scaling_suite import device
 from scaling_suite import train as train_mod
@@ -66,7 +67,7 @@ def test_compiling_without_recompile_limit_is_a_one_line_error(monkeypatch, stdl
     with pytest.raises(SuiteError, match=r"recompile_limit.*torch>=2\.7"):
         device.compile_support(torch.device("cpu"))
     with pytest.raises(SuiteError, match="recompile_limit"):
-        device.compile_model(GPT(SHAPE))
+        compiling.compile_model(GPT(SHAPE))
     steps = []
     monkeypatch.setattr(data_lib, "train_batch", lambda *a: steps.append(a) or pytest.fail("a step ran"))
     with pytest.raises(SuiteError, match="recompile_limit"):

@@ -24,7 +24,7 @@ from scaling_suite import train as train_lib
 from scaling_suite.config import PRESETS, RunConfig, from_preset, make_config
 from scaling_suite.earlystop import Prediction
 from scaling_suite.errors import SuiteError
-from scaling_suite.train import config_from_params, load_checkpoint, save_checkpoint
+from scaling_suite.checkpoint import config_from_params, load_checkpoint, save_checkpoint
 
 FAST = ["--preset", "tiny", "--D", "40960", "--eval_every", "2", "--quiet"]
 # Subprocesses share 2 cores: one thread each, or they slow each other 10-80x (measured here).

@@ -256,9 +256,17 @@ def test_kill_mid_trunk_and_mid_branch_then_rerun_resumes(mlflow_store, token_ca
 
     def killed_train(cfg, tracker, **kw):
         calls.append((cfg.D, kw.get("resume_from") is not None, kw.get("branch_from") is not None))
-        if cfg.D in kills:
-            real_train(cfg, tracker, halt_at_step=kills.pop(cfg.D), **kw)
-            raise KeyboardInterrupt
+        if cfg.D in kills:   # Ctrl-C as the run draws the batch of that step
+            kill, real_batch = kills.pop(cfg.D), data_lib.train_batch
+
+            def batch(data, seed, step, *rest):
+                if step == kill:
+                    raise KeyboardInterrupt
+                return real_batch(data, seed, step, *rest)
+
+            with monkeypatch.context() as m:
+                m.setattr(data_lib, "train_batch", batch)
+                return real_train(cfg, tracker, **kw)
         return real_train(cfg, tracker, **kw)
 
     monkeypatch.setattr(sweep, "train", killed_train)

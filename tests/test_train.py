@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from scaling_suite import compiling
 from scaling_suite import data as data_lib
 from scaling_suite.config import make_config
 from scaling_suite.schedule import lr_at
@@ -50,11 +51,25 @@ def test_global_batch_is_invariant_to_micro_batch(stdlib):
     assert losses[2] == pytest.approx(losses[0], abs=1e-4)
 
 
-def test_resume_reproduces_the_uninterrupted_run(stdlib, tmp_path):
+def kill_at_step(monkeypatch, step: int) -> None:
+    """The next run is killed (Ctrl-C) as it draws the batch of optimizer step STEP, once."""
+    real, killed = data_lib.train_batch, []
+
+    def batch(data, seed, s, *rest):
+        if s == step and not killed:
+            killed.append(s)
+            raise KeyboardInterrupt
+        return real(data, seed, s, *rest)
+
+    monkeypatch.setattr(data_lib, "train_batch", batch)
+
+
+def test_resume_reproduces_the_uninterrupted_run(stdlib, tmp_path, monkeypatch):
     cfg = make_config(**SMALL, checkpoint_every=4)
     straight = train(cfg, data=stdlib, progress=False)
-    part = train(cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path, halt_at_step=10)
-    assert part.status == "INTERRUPTED"
+    kill_at_step(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path)
     # The kill came at step 10; the last checkpoint is from step 8: resume retraces 8..16.
     assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 8
     resumed = train(cfg, data=stdlib, progress=False, resume_from=tmp_path / "last.pt")
@@ -68,21 +83,22 @@ def test_diverging_run_fails_with_reason(stdlib):
               progress=False)
 
 
-def test_checkpoint_from_another_config_is_refused(stdlib, tmp_path):
+def test_checkpoint_from_another_config_is_refused(stdlib, tmp_path, monkeypatch):
     cfg = make_config(**SMALL, checkpoint_every=4)
-    train(cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path, halt_at_step=5)
+    kill_at_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data=stdlib, progress=False, checkpoint_dir=tmp_path)
     from scaling_suite.errors import SuiteError
     with pytest.raises(SuiteError, match="different config"):
         train(cfg.replace(lr=1e-3), data=stdlib, progress=False, resume_from=tmp_path / "last.pt")
 
 
 def test_compile_rule_weighs_the_warm_up():
-    from scaling_suite import device
     shape = make_config(**SMALL).shape()
-    assert not device.compile_pays(shape, eager_step_s=0.05, steps_left=100)[0]     # 2 s saved < 15 s cold
-    assert device.compile_pays(shape, eager_step_s=0.05, steps_left=10_000)[0]     # 200 s saved
-    assert device.compile_cold_s(make_config(**{**SMALL, "depth": 5}).shape()) > device.compile_cold_s(shape)
-    assert "steps left" in device.compile_pays(shape, 0.05, 100)[1]
+    assert not compiling.compile_pays(shape, eager_step_s=0.05, steps_left=100)[0]     # 2 s saved < 15 s cold
+    assert compiling.compile_pays(shape, eager_step_s=0.05, steps_left=10_000)[0]     # 200 s saved
+    assert compiling.compile_cold_s(make_config(**{**SMALL, "depth": 5}).shape()) > compiling.compile_cold_s(shape)
+    assert "steps left" in compiling.compile_pays(shape, 0.05, 100)[1]
 
 
 def test_compile_rule_remembers_graphs_compiled_on_this_machine(tmp_path, monkeypatch):
@@ -91,18 +107,17 @@ def test_compile_rule_remembers_graphs_compiled_on_this_machine(tmp_path, monkey
     shape), never less than the in-process floor."""
     import json
 
-    from scaling_suite import device
     monkeypatch.setenv("SCALING_SUITE_CACHE", str(tmp_path))
-    monkeypatch.setattr(device, "_compiled_shapes", set())
+    monkeypatch.setattr(compiling, "_compiled_shapes", set())
     shape = make_config(**SMALL).shape()
-    key = device.compile_key(torch.device("cpu"), shape, "fp32", 4)
-    assert not device.compile_pays(shape, 0.05, 300, "fp32", key)[0]          # 6 s saved < 15 s cold
-    device.record_warmup(key, 4.2)
-    pays, why = device.compile_pays(shape, 0.05, 300, "fp32", key)
+    key = compiling.compile_key(torch.device("cpu"), shape, "fp32", 4)
+    assert not compiling.compile_pays(shape, 0.05, 300, "fp32", key)[0]          # 6 s saved < 15 s cold
+    compiling.record_warmup(key, 4.2)
+    pays, why = compiling.compile_pays(shape, 0.05, 300, "fp32", key)
     assert pays and "last measured on this machine" in why                   # 6 s saved > 5 s floor
-    assert not device.compile_pays(shape, 0.05, 300, "fp32", key.replace("fp32", "bf16"))[0]
-    device.record_warmup(key, 12.0)                                          # a slower warm-up since
-    assert not device.compile_pays(shape, 0.05, 300, "fp32", key)[0]
+    assert not compiling.compile_pays(shape, 0.05, 300, "fp32", key.replace("fp32", "bf16"))[0]
+    compiling.record_warmup(key, 12.0)                                          # a slower warm-up since
+    assert not compiling.compile_pays(shape, 0.05, 300, "fp32", key)[0]
     assert json.loads((tmp_path / "compile_warmups.json").read_text()) == {key: 12.0}
 
 
@@ -121,7 +136,7 @@ def test_cpu_precision_rule(monkeypatch):
     assert pick(cpu, "fp32", quick5, compiled=True) == "fp32"          # asked for is what runs
     monkeypatch.setattr(device, "cpu_has_amx", lambda: False)
     assert pick(cpu, "auto", quick5, compiled=True) == "fp32"
-    assert device.compile_gain(quick5, "bf16") > device.compile_gain(quick5, "fp32")
+    assert compiling.compile_gain(quick5, "bf16") > compiling.compile_gain(quick5, "fp32")
 
 
 def test_bf16_training_follows_the_fp32_curve(stdlib):
@@ -147,9 +162,8 @@ def test_compiled_step_keeps_the_numerics(stdlib):
 
 
 def test_compile_true_without_support_is_one_line(stdlib, monkeypatch):
-    from scaling_suite import train as train_mod
     from scaling_suite.errors import SuiteError
-    monkeypatch.setattr(train_mod, "compile_support", lambda dev: "no C++ compiler (test)")
+    monkeypatch.setattr(compiling, "compile_support", lambda dev: "no C++ compiler (test)")
     with pytest.raises(SuiteError, match="compile=true, but no C"):
         train(make_config(**SMALL, compile="true"), data=stdlib, progress=False)
 
@@ -170,10 +184,10 @@ def test_auto_precision_is_bf16_for_compiled_steps_only(stdlib, monkeypatch):
 
     used = []
     monkeypatch.setattr(device, "cpu_has_amx", lambda: True)
-    monkeypatch.setattr(train_mod, "compile_support", lambda dev: None)
-    monkeypatch.setattr(train_mod, "compile_model", lambda m: m)
-    monkeypatch.setattr(train_mod, "compile_pays", lambda *a: (True, "test"))
-    monkeypatch.setattr(train_mod, "record_warmup", lambda *a: None)
+    monkeypatch.setattr(compiling, "compile_support", lambda dev: None)
+    monkeypatch.setattr(compiling, "compile_model", lambda m: m)
+    monkeypatch.setattr(compiling, "compile_pays", lambda *a: (True, "test"))
+    monkeypatch.setattr(compiling, "record_warmup", lambda *a: None)
     monkeypatch.setattr(train_mod, "autocast", lambda dev, prec: used.append(prec) or device.autocast(dev, prec))
     cfg = make_config(**{**SMALL, "precision": "auto", "compile": "auto", "D": 12 * 1024, "eval_every": 6})
     tracker = Tags()

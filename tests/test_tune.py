@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scaling_suite import plan as plan_lib
-from scaling_suite import lr_auto, tracking, tune
+from scaling_suite import lr_auto, tracking, tune, tune_report
 from scaling_suite.cli import main
 from scaling_suite.config import make_config
 from scaling_suite.errors import SuiteError
@@ -61,11 +61,11 @@ def test_lr_grid_and_optimum():
             for lr in np.logspace(-3, -1.4, 12)]
     rows += [{"state": "PRUNED", "lr": 0.1, "beta2": 0.95, "final_val_loss": math.nan},
              {"state": "COMPLETE", "lr": 0.003, "beta2": 0.999, "final_val_loss": 2.5}]
-    opt = tune.fit_optimum(rows, window=1.0)
+    opt = tune_report.fit_optimum(rows, window=1.0)
     assert opt["status"] == "ok" and opt["beta2_subset"] is True
     assert opt["lr_opt"] == pytest.approx(10 ** -2.2, rel=0.01) and opt["lr_lo"] < opt["lr_opt"] < opt["lr_hi"]
-    assert tune.fit_optimum([], 0.5)["status"] == "no_trials"
-    few = tune.fit_optimum(rows[:12:2], window=1.0)
+    assert tune_report.fit_optimum([], 0.5)["status"] == "no_trials"
+    few = tune_report.fit_optimum(rows[:12:2], window=1.0)
     assert few["status"] == "ok" and (math.isnan(few["lr_lo"]) or math.isnan(few["lr_hi"]))
 
 
