@@ -20,7 +20,7 @@ import torch
 from analysis import report
 
 from . import data as data_lib
-from . import adaptive, optimize, sweep, tracking, tune, worker
+from . import adaptive, optimize, store, sweep, tracking, tune, worker
 from . import ladder as ladder_lib
 from . import plan as plan_lib
 from .config import RunConfig, add_config_flags, config_from_args, from_preset
@@ -28,14 +28,15 @@ from .device import (TORCH_MIN, autocast, available_memory, compile_support, mps
                      place)
 from .errors import SuiteError
 from .lr_auto import parse_lr, resolve_lr
-from .train import config_from_params, load_checkpoint, result_dict, train
+from .checkpoint import config_from_params, load_checkpoint
+from .train import result_dict, train
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
 def cmd_train(args) -> int:
-    tracking.quiet_downloads(args.quiet)
+    store.quiet_downloads(args.quiet)
     if args.resume:
         # The run's own settings, exactly: a flag beside --resume would either be ignored or make
         # another run under this one's id.
@@ -57,7 +58,7 @@ def cmd_train(args) -> int:
     tracking.init_store()                        # so does an unwritable store
     d = cfg.derived()
     data = data_lib.load_data(cfg.dataset, cfg.tokenizer, cfg.vocab_size)
-    with tracking.scratch() as tmp:
+    with store.scratch() as tmp:
         resume_from = None
         if args.resume:
             # Fetched and checked before the run is touched: a refusal leaves it as it was.
@@ -204,7 +205,7 @@ STUDY_FLAGS = ("dataset", "tokenizer", "vocab_size", "schedule", "lr", "beta2", 
 
 
 def cmd_sweep(args) -> int:
-    tracking.quiet_downloads(args.quiet)
+    store.quiet_downloads(args.quiet)
     overrides = {k: getattr(args, k) for k in STUDY_FLAGS if getattr(args, k) not in (None, "") and k != "lr"}
     lr = parse_lr(args.lr)             # None: auto (the default), resolved below once the plan is final
     design = None if args.design in (None, "", "auto") else args.design
@@ -357,7 +358,7 @@ def cmd_analyze(args) -> int:
         studies = tracking.find_runs_in(client, args.experiment[0], {"role": "study"})
         parent = studies[0].info.run_id if len(studies) == 1 else None
     if args.out == "out/analysis":  # the default: keep MLflow analyses apart from CSV ones
-        args.out = str(tracking.scratch_dir() / "analysis")
+        args.out = str(store.scratch_dir() / "analysis")
     if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run -e analyze`: that run is the analysis run
         tags = {"role": "analysis", **({"mlflow.parentRunId": parent} if parent else {})}
         tracker = tracking.start_run(tags=tags, system_metrics=False)

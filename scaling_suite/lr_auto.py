@@ -147,3 +147,34 @@ def resolve_lr(plan, data, lr=None, client=None):
         validate(cfg)
     # dataclasses.replace keeps the plan's branching and warmup settings with the new lrs.
     return dataclasses.replace(plan, points=tuple(Point(c, p.tags) for c, p in zip(new, plan.points))), info
+
+
+def rule_for(base: RunConfig, data, lr: float | None) -> tuple[dict, dict]:
+    """How the study sets each run's lr, as a rule the workers apply per size (space.lr_from_rule; adaptive.py),
+    and lr_info for the report. lr given: fixed. auto: a tuned law for this data and design (a
+    `scaling-suite tune` run), else the preset law of these shapes (PRESET_LAWS), also on
+    another corpus, where it was not tuned (lr_source preset_transfer: the lr optimum in N moves
+    little with the text; the summary says so), else DeepSeek LLM's rule."""
+    if lr is not None:
+        return {"kind": "fixed", "lr": lr}, {"lr": f"{lr:g}", "lr_source": "fixed", "lr_law_run_id": "-",
+                                             "lr_rule": f"fixed lr = {lr:g}"}
+    key, _ = law_key(base, data.digest)
+    run = find_law(tracking.init_store(), key)
+    if run is not None and base.parametrization != "mup":
+        m = run.data.metrics
+        return ({"kind": "law", "c": m["lr_law_c"], "k": m["lr_law_k"], "B_ref": base.batch_tokens},
+                {"lr": "auto", "lr_source": "law", "lr_law_run_id": run.info.run_id,
+                 "lr_rule": f"lr = {m['lr_law_c']:.4g} N^-{m['lr_law_k']:.4f} (run {run.info.run_id}) x sqrt(B / "
+                            f"{base.batch_tokens})"})
+    exact = preset_law(base)
+    moved = exact or preset_law(base.replace(dataset=PRESET_LAWS[0]["fields"]["dataset"]))
+    if moved is not None and base.parametrization != "mup":
+        c, k, B = moved["c"], moved["k"], moved["fields"]["batch_tokens"]
+        source = "preset" if exact else "preset_transfer"
+        where = "" if exact else f", tuned on {moved['fields']['dataset']}, not on this corpus"
+        return {"kind": "law", "c": c, "k": k, "B_ref": B}, {
+            "lr": "auto", "lr_source": source, "lr_law_run_id": "-",
+            "lr_rule": f"the preset law lr = {c:.4g} N^-{k:.4f} at batch {B} (PRESET_LAWS{where}), x sqrt(B / {B}) "
+                       "(Malladi et al. 2022); run `scaling-suite tune` to fit your own"}
+    return {"kind": "rule"}, {"lr": "auto", "lr_source": "rule", "lr_law_run_id": "-",
+                              "lr_rule": "no tuned law: lr = 0.3118 C^-0.125 (DeepSeek LLM §3.1)"}

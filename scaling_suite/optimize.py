@@ -40,11 +40,11 @@ from optuna.trial import TrialState
 from analysis import allocation, plots
 from analysis.minimum import profile_minimum
 
-from . import tracking, worker
+from . import store, tracking, worker
 from .config import PRESETS, RunConfig, add_config_flags, make_config
 from .errors import SuiteError
 from .space import DEFAULT_SAMPLER, SAMPLERS, SEARCHED, TUNABLE, Space
-from .tracking import scratch_dir
+from .store import scratch_dir
 from .worker import (DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV, StudySpec, counts,
                      fail_stale)
 
@@ -249,7 +249,7 @@ def _int(value, name: str, lo: int = 1) -> int:
 def cmd_optimize(args) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _threads(args.threads)
-    tracking.quiet_downloads(args.quiet)
+    store.quiet_downloads(args.quiet)
     args.storage = worker.storage_url(args.storage)
     flops = parse_flops(args.flops)
     n_trials = _int(args.trials, "--trials")
@@ -328,7 +328,7 @@ def _threads(n: int) -> None:
 
 def cmd_worker(args) -> int:
     _threads(args.threads)
-    tracking.quiet_downloads(args.quiet)
+    store.quiet_downloads(args.quiet)
     args.storage = worker.storage_url(args.storage)
     run = worker.follow if args.follow else worker.work
     n = run(args.storage, args.study, heartbeat=args.heartbeat, grace=args.grace, parent_run_id=args.parent_run_id,

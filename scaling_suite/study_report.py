@@ -17,7 +17,7 @@ from analysis.common import fmt, format_interval
 from analysis.laws import CHINCHILLA_N_OPT_EXPONENT as CHINCHILLA_A
 from analysis.laws import KAPLAN_ALPHA_N
 
-from . import tracking
+from . import store, tracking
 from .earlystop import MIN_REFERENCE, leave_one_out, lr_from_history
 
 
@@ -29,7 +29,7 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
     runs = newest_per_config(load.fitting_runs(load.load_runs(parent_run_id=parent.run_id, client=client)))
-    out = tracking.scratch_dir() / "analysis"
+    out = store.scratch_dir() / "analysis"
     if runs.empty:
         print("no finished runs to analyze")
         return {}
@@ -51,9 +51,9 @@ def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstra
                        runs["final_val_loss"].to_numpy(float), n_bootstrap=n_bootstrap)
         facts["alpha_N"] = {"value": k.params["alpha_N"], "interval": k.intervals.get("alpha_N"),
                             "convention": "N_nonembed, Kaplan et al. 2020 eq. 1.5 form",
-                            "support": k.extras["support"]["alpha_N"]}
-        if "alpha_N" in k.extras["unidentified"]:
-            facts["alpha_N"]["unidentified"] = k.extras["unidentified"]["alpha_N"]
+                            "support": k.support["alpha_N"]}
+        if "alpha_N" in k.unidentified:
+            facts["alpha_N"]["unidentified"] = k.unidentified["alpha_N"]
     except Exception as e:  # noqa: BLE001 — a section the data cannot support is skipped, with why
         facts["alpha_N"] = {"skipped": f"{type(e).__name__}: {e}"}
     (out / "study.json").write_text(json.dumps(facts, indent=1, default=_json))
@@ -308,3 +308,36 @@ def _json(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(type(o))
+
+
+def adaptive_summary(ladder, done: list, notes: list[str], validation: dict, wall: float, box: float) -> str:
+    """The adaptive study's own lines: its budgets, what the box allowed, the validation run."""
+    lines = [f"\n=== adaptive study: {len(done)} of {len(ladder.rungs)} planned budgets, "
+             f"{sum(len(b.rows) for b in done)} runs, {wall:.0f}s of a {box:.0f}s box ==="]
+    lines += [f"C={b.C:.3g}: {budget_line(b)}" for b in done]
+    ok = [b for b in done if b.fit.get("status") == "ok"]
+    if ok:
+        span = math.log10(max(b.C for b in ok) / min(b.C for b in ok)) if len(ok) > 1 else 0.0
+        lines.append(f"bracketed budgets: {len(ok)} of {len(done)}, spanning {span:.2f} decades of C"
+                     + ("  (fewer than 3: the exponent has no interval)" if len(ok) < 3 else ""))
+    lines += notes
+    v = validation
+    if "skipped" in v:
+        lines.append(f"validation: not run: {v['skipped']}")
+    elif "rel_error" in v:
+        lines.append(f"validation at C={v['C']:.3g} ({v['factor']:.2g}x the largest budget), N={v['N']:,} "
+                     f"({v['N'] / v['N_opt_predicted']:.2f}x the predicted N_opt {v['N_opt_predicted']:,.0f}): "
+                     f"predicted {v['predicted_loss']:.4f} [{v['predicted_lo']:.4f}, {v['predicted_hi']:.4f}], "
+                     f"measured {v['measured_loss']:.4f}: error {v['rel_error']:+.2%}")
+        lines.append(f"    prediction made before the run started, from {v['law']}")
+    else:
+        lines.append(f"validation: the run ended {v.get('status')}")
+    return "\n".join(lines)
+
+
+def budget_line(b) -> str:
+    """One budget of an adaptive study (budget_search.Budget) in words."""
+    f = b.fit
+    where = (f"minimum at N≈{f['x_opt']:,.0f}" if f.get("status") == "ok"
+             else f"no minimum located ({f.get('status')}: {f.get('reason')})")
+    return f"{where} from {len(b.rows)} runs, {b.seconds:.0f}s (planned {b.estimated:.0f}s)"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from . import data as data_lib
-from . import earlystop, tracking
+from . import earlystop, store, tracking
 from .config import RunConfig
 from .device import pick_device, release_memory
 from .errors import SuiteError
@@ -79,7 +79,7 @@ def run_child(cfg: RunConfig, parent_run_id: str, tags: dict | None = None,
     # machine, and a RUNNING run whose lock is free was left by a process that died (resume it).
     scope = {"study_key": study_key} if study_key else {"mlflow.parentRunId": parent_run_id}
     key = hashlib.sha256(json.dumps([scope, params, code], sort_keys=True).encode()).hexdigest()[:24]
-    claim = tracking.FileLock(tracking.lock_dir() / f"run-{key}.lock")
+    claim = store.FileLock(store.lock_dir() / f"run-{key}.lock")
     if not claim.acquire(blocking=False):
         d = cfg.derived()
         print(f"{tracking.run_name(d.N, d.D)}: another process is training this configuration; waiting for it",
@@ -118,7 +118,7 @@ def _run_claimed(client, cfg, parent_run_id, scope, code, tags, data, progress, 
 
     resume_id = next((r.info.run_id for r in same if r.info.status in INTERRUPTED), None) if resume_running else None
     child_tags = {"code_version": code, "study_key": study_key or "", **(tags or {})}
-    with tracking.scratch() as tmp:     # downloaded checkpoints: removed when the run ends
+    with store.scratch() as tmp:     # downloaded checkpoints: removed when the run ends
         ckpt = tracking.fetch_checkpoint(client, resume_id, tmp) if resume_id else None
         tracker = tracking.start_run(run_name=tracking.run_name(d.N, d.D), tags=child_tags,
                                      parent_run_id=parent_run_id, run_id=resume_id)
@@ -221,7 +221,7 @@ def run_study(plan: Plan, experiment: str | None = None, params: dict | None = N
     study on this machine waits, then finds every run the first finished and skips it, instead of
     opening a second parent or attaching to the live one. (run_child also claims each
     configuration, for callers that train concurrently.)"""
-    lock = tracking.FileLock(tracking.lock_dir() / f"study-{plan.key}.lock")
+    lock = store.FileLock(store.lock_dir() / f"study-{plan.key}.lock")
     if not lock.acquire(blocking=False):
         print(f"another process is running this {plan.mode} study on this store; waiting for it to end", flush=True)
         lock.acquire()

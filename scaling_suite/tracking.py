@@ -19,11 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import SuiteError
-# init_store, tracking_uri, safe_uri and git_commit serve this module. FileLock, lock_dir, scratch,
-# scratch_dir and quiet_downloads are store.py's; they are named here too only because modules not
-# yet moved to store.py (cli, sweep, worker, optimize, study_report) import them from tracking.
-from .store import (FileLock, git_commit, init_store, lock_dir, quiet_downloads, safe_uri,  # noqa: F401
-                    scratch, scratch_dir, tracking_uri)
+from .store import git_commit, init_store, safe_uri, tracking_uri  # noqa: F401 (tracking.tracking_uri etc. for callers)
 
 DEFAULT_EXPERIMENT = "scaling-suite"
 CHECKPOINT = "checkpoints/last.pt"

@@ -23,15 +23,13 @@ import torch
 
 from . import data as data_lib
 from . import earlystop
-# config_from_params only for cli.py, which still imports it (and load_checkpoint) from here: both
-# are checkpoint.py's, and cli.py is to import them from there.
-from .checkpoint import config_from_params, load_checkpoint, save_checkpoint  # noqa: F401
+from .checkpoint import load_checkpoint, save_checkpoint
 from .compiling import CompilePolicy
 from .config import RunConfig
 from .device import autocast, fused_adamw, place, process_memory, release_memory
 from .errors import SuiteError
 from .model import GPT
-from .schedule import lr_per_step
+from .schedule import lr_at, lr_per_step
 from .store import scratch
 from .tracking import NullTracker
 

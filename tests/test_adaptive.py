@@ -13,7 +13,7 @@ import mlflow
 import optuna
 import pytest
 
-from scaling_suite import adaptive, cli
+from scaling_suite import adaptive, budget_search, cli
 from scaling_suite import ladder as ladder_lib
 from scaling_suite.plan import MODES
 
@@ -39,10 +39,10 @@ def test_faster_device_plans_larger_budgets_and_sizes_and_places_runs_around_eac
         cs = [r.C for r in lad.rungs]
         assert cs == sorted(cs) and all(b / a >= ladder_lib.RATIO * 0.999 for a, b in zip(cs, cs[1:]))
         for rung in lad.rungs:
-            space = adaptive.budget_space(base, rung, rung.N_guess, math.inf, {"kind": "rule"})
+            space = budget_search.budget_space(base, rung, rung.N_guess, math.inf, {"kind": "rule"})
             Ns = [s.N for s in space.shapes]
             assert Ns[0] < rung.N_guess < Ns[-1], (factor, rung, Ns[0], Ns[-1])
-            seeds = {space.nearest(math.log10(rung.N_guess) + o)[0].N for o in adaptive.FIRST_SEEDS}
+            seeds = {space.nearest(math.log10(rung.N_guess) + o)[0].N for o in budget_search.FIRST_SEEDS}
             assert min(seeds) < rung.N_guess < max(seeds)
             # the batch grows with the budget (DeepSeek LLM §3.1 exponent), in whole sequences
             assert rung.batch_tokens % base.context == 0
@@ -69,34 +69,34 @@ def rows_of(profile):
 def test_search_steps_out_beyond_an_edge_and_stops_once_the_minimum_is_pinned():
     base = adaptive.base_config("quick", {})
     rung = ladder_lib.Rung(4e11, 8192, 2e4)
-    space = adaptive.budget_space(base, rung, 2e4, math.inf, {"kind": "rule"})
+    space = budget_search.budget_space(base, rung, 2e4, math.inf, {"kind": "rule"})
     Ns = [s.N for s in space.shapes]
     # the best run is the largest tried: the next trial goes above it
-    step, x = adaptive.next_step(rows_of([(Ns[2], 2.3), (Ns[4], 2.2), (Ns[6], 2.1)]), space, set())
+    step, x = budget_search.next_step(rows_of([(Ns[2], 2.3), (Ns[4], 2.2), (Ns[6], 2.1)]), space, set())
     assert step == "step_out" and 10 ** x > Ns[6]
     # ... the smallest: below it
-    step, x = adaptive.next_step(rows_of([(Ns[2], 2.0), (Ns[4], 2.2), (Ns[6], 2.4)]), space, set())
+    step, x = budget_search.next_step(rows_of([(Ns[2], 2.0), (Ns[4], 2.2), (Ns[6], 2.4)]), space, set())
     assert step == "step_out" and 10 ** x < Ns[2]
     # bracketed by 4 sizes with a run at the vertex: pinned, no further run
     prof = [(n, 2.0 + 0.5 * (math.log10(n) - math.log10(Ns[5])) ** 2) for n in (Ns[1], Ns[3], Ns[5], Ns[7], Ns[9])]
-    assert adaptive.next_step(rows_of(prof), space, set())[0] == "pinned"
+    assert budget_search.next_step(rows_of(prof), space, set())[0] == "pinned"
     # bracketed by 3 sizes only: the untried size nearest the vertex next ...
-    step, x = adaptive.next_step(rows_of(prof[1:4]), space, {Ns[3], Ns[5], Ns[7]})
+    step, x = budget_search.next_step(rows_of(prof[1:4]), space, {Ns[3], Ns[5], Ns[7]})
     assert step == "vertex" and round(10 ** x) not in (Ns[3], Ns[5], Ns[7])
-    assert abs(x - math.log10(Ns[5])) <= 1.5 * adaptive.PIN_DECADES
+    assert abs(x - math.log10(Ns[5])) <= 1.5 * budget_search.PIN_DECADES
     # ... and when every size near it is planned, Optuna's GP proposes one
-    near = {s.N for s in space.shapes if abs(math.log10(s.N / Ns[5])) <= 1.5 * adaptive.PIN_DECADES}
-    assert adaptive.next_step(rows_of(prof[1:4]), space, near | {Ns[3], Ns[7]})[0] == "search"
-    shape = adaptive.gp_proposal(rows_of(prof[1:4]), space, near | {Ns[3], Ns[7]}, seed=0)
+    near = {s.N for s in space.shapes if abs(math.log10(s.N / Ns[5])) <= 1.5 * budget_search.PIN_DECADES}
+    assert budget_search.next_step(rows_of(prof[1:4]), space, near | {Ns[3], Ns[7]})[0] == "search"
+    shape = budget_search.gp_proposal(rows_of(prof[1:4]), space, near | {Ns[3], Ns[7]}, seed=0)
     assert shape is not None and shape.N not in near
 
 
 def test_law_guess_follows_the_budgets_done():
-    done = [adaptive.Budget(1e11, fit={"status": "ok", "x_opt": 1e4}),
-            adaptive.Budget(4e11, fit={"status": "ok", "x_opt": 2e4})]
-    assert adaptive.law_guess(done, 1.6e12, 150) == pytest.approx(4e4, rel=1e-6)   # slope 0.5 extended
-    assert adaptive.law_guess(done[:1], 4e11, 150) == pytest.approx(2e4, rel=1e-6)  # one budget: slope 1/2
-    assert adaptive.law_guess([], 6e11, 150) == pytest.approx(ladder_lib.prior_N(6e11, 150))
+    done = [budget_search.Budget(1e11, fit={"status": "ok", "x_opt": 1e4}),
+            budget_search.Budget(4e11, fit={"status": "ok", "x_opt": 2e4})]
+    assert budget_search.law_guess(done, 1.6e12, 150) == pytest.approx(4e4, rel=1e-6)   # slope 0.5 extended
+    assert budget_search.law_guess(done[:1], 4e11, 150) == pytest.approx(2e4, rel=1e-6)  # one budget: slope 1/2
+    assert budget_search.law_guess([], 6e11, 150) == pytest.approx(ladder_lib.prior_N(6e11, 150))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -160,6 +160,6 @@ def test_sigkill_mid_study_then_rerun_completes_without_duplicates(mlflow_store,
     # every trial counted once: each budget's distinct configurations = its FINISHED runs
     counted = 0
     for n in optuna.get_all_study_names(storage):
-        counted += len(adaptive.unique_rows(optuna.load_study(study_name=n, storage=storage)))
+        counted += len(budget_search.unique_rows(optuna.load_study(study_name=n, storage=storage)))
     assert counted == len(finished), (counted, len(finished))
     assert "adaptive study" in out.stdout

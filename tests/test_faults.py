@@ -263,7 +263,7 @@ def test_null_tracker_has_the_whole_interface():
 # --- 4. scratch copies --------------------------------------------------------------------------------
 
 def test_no_scratch_copy_is_left_after_a_run_or_a_failed_run(mlflow_store, token_cache, capsys, monkeypatch, tmp_path):
-    """a7e3e38 left every run's checkpoint copy in /tmp (tracking.scratch_dir)."""
+    """a7e3e38 left every run's checkpoint copy in /tmp (store.scratch_dir)."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(scratch))
