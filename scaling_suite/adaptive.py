@@ -42,7 +42,7 @@ import numpy as np
 import optuna
 import torch
 
-from analysis.fit import fit_chinchilla
+from analysis.fit import fit_chinchilla, fit_loglinear, lr_law_band
 
 from . import data as data_lib
 from . import ladder as ladder_lib
@@ -361,14 +361,23 @@ def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, 
     pred = float(fit.predict(d.N, d.D))
     iv = fit.predict_interval(np.array(d.N, float), np.array(d.D, float))
     lo, hi = (float(iv[0]), float(iv[1])) if iv is not None else (math.nan, math.nan)
-    out = {"C": Cv, "factor": Cv / top, "N_opt_predicted": N_pred, "N": d.N, "D": d.D, "batch_tokens": cfg.batch_tokens,
+    # A second, simpler prediction (also made before the run): the budgets' minimum losses as a
+    # power law in C, L_opt ∝ C^-gamma (Kaplan et al. 2020 eq. 1.4 form, no offset), OLS in log-log.
+    ok = [b for b in done if b.fit.get("status") == "ok"]
+    lc = fit_loglinear([b.C for b in ok], [b.fit["loss_opt"] for b in ok], x_name="C", y_name="loss_opt")
+    band = lr_law_band(lc, Cv)   # the log-linear fit's 95% band (named for its first use, the lr law)
+    pl = {"power_law_loss": float(lc.predict(Cv)), "power_law_lo": float(band[0]) if band else math.nan,
+          "power_law_hi": float(band[1]) if band else math.nan}
+    out = {**pl, "C": Cv, "factor": Cv / top, "N_opt_predicted": N_pred, "N": d.N, "D": d.D, "batch_tokens": cfg.batch_tokens,
            "predicted_loss": pred, "predicted_lo": lo, "predicted_hi": hi,
            "law": f"N_opt ∝ C^{al.a:.3f} (approach 2, {len(al.table)} budgets); loss from the Chinchilla fit "
                   f"to {len(rows)} runs{'' if fit.identified else ' (NOT IDENTIFIED)'}",
            "chinchilla_identified": bool(fit.identified)}
     parent.log_metrics({k: v for k, v in {"validation_C": Cv, "validation_N_opt_predicted": N_pred,
                                          "validation_predicted_loss": pred, "validation_predicted_lo": lo,
-                                         "validation_predicted_hi": hi}.items() if math.isfinite(v)}, step=0)
+                                         "validation_predicted_hi": hi,
+                                         "validation_power_law_loss": pl["power_law_loss"]}.items() if math.isfinite(v)},
+                       step=0)
     say(f"[validation] C={Cv:.3g} ({Cv / top:.2g}x the largest budget): N={d.N:,} (law: N_opt={N_pred:,.0f}), "
         f"predicted final_val_loss {pred:.4f} [{lo:.4f}, {hi:.4f}]; training it")
     tags = {"design": DESIGN, "mode": s.mode, "role": "validation", "C_budget": f"{Cv:g}",
@@ -377,7 +386,9 @@ def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, 
     out.update(run_id=child.run_id, status=child.status, measured_loss=child.final_val_loss)
     if child.status in ("FINISHED", "SKIPPED"):
         out["rel_error"] = child.final_val_loss / pred - 1
-        parent.log_metrics({"validation_loss": child.final_val_loss, "validation_rel_error": out["rel_error"]}, step=0)
+        out["power_law_rel_error"] = child.final_val_loss / pl["power_law_loss"] - 1
+        parent.log_metrics({"validation_loss": child.final_val_loss, "validation_rel_error": out["rel_error"],
+                            "validation_power_law_rel_error": out["power_law_rel_error"]}, step=0)
     return out
 
 

@@ -13,7 +13,7 @@ from scaling_suite import plan as plan_lib
 from scaling_suite.errors import SuiteError
 from scaling_suite.schedule import lr_per_step
 from scaling_suite.sweep import run_study
-from scaling_suite.train import config_from_params
+from scaling_suite.checkpoint import config_from_params
 
 
 def children(client, parent_id):
