@@ -122,7 +122,7 @@ def test_console_script_exit_code(tmp_path):
     (["--schedule", "wsd", "--early_stop", "true", "--branching", "true"], "error: branching and early_stop"),
 ])
 def test_sweep_branching_errors_are_one_line(argv, match, mlflow_store, capsys):
-    code, out, err = run_cli(["sweep", "--mode", "quick", "--quiet", *argv], capsys)
+    code, out, err = run_cli(["sweep", "--mode", "quick", "--design", "isoflop", "--quiet", *argv], capsys)
     assert code == 2 and err.startswith(match) and err.count("\n") == 1
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scaling_suite import worker
+from scaling_suite import rdb, worker
 from scaling_suite.cli import main
 from scaling_suite.config import make_config
 from analysis.minimum import profile_minimum
@@ -67,7 +67,7 @@ def _check_search(storage, name, n):
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(done) == n
     assert len({t.user_attrs["config_key"] for t in done}) == n
-    parent = study.user_attrs[worker.ATTR]["mlflow_parent_run_id"]
+    parent = study.user_attrs[rdb.ATTR]["mlflow_parent_run_id"]
     client, runs = _children(parent)
     assert len(runs) == n and {r.info.status for r in runs} == {"FINISHED"}
     assert len({json.dumps(r.data.params, sort_keys=True) for r in runs}) == n   # trained once each
