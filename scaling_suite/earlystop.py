@@ -47,6 +47,21 @@ def law(s1, s2, L0, A, alpha, C):
     return L0 + A * np.power(s1, -alpha) - C * s2
 
 
+def _multistart(resid, starts, bounds):
+    """The least-squares fit of RESID with the lowest cost over STARTS (None if none converged)."""
+    from scipy.optimize import least_squares     # lazy: scipy is heavy and only fits need it
+
+    best = None
+    for p0 in starts:
+        try:
+            r = least_squares(resid, p0, bounds=bounds)
+        except ValueError:
+            continue
+        if best is None or r.cost < best.cost:
+            best = r
+    return best
+
+
 @dataclass(frozen=True)
 class Prediction:
     tokens_seen: int
@@ -66,8 +81,6 @@ def predict_final(train_losses: list[float], lrs: np.ndarray, val_gap: float, to
     LRS covers the whole run (normalized to the peak), TRAIN_LOSSES the steps seen so far.
     Returns None when there are too few points to fit.
     """
-    from scipy.optimize import least_squares
-
     n = len(train_losses)
     if n < 20:
         return None
@@ -83,15 +96,8 @@ def predict_final(train_losses: list[float], lrs: np.ndarray, val_gap: float, to
     def resid(p):
         return law(x1, x2, p[0], math.exp(p[1]), p[2], p[3]) - y
 
-    best = None
-    for alpha0 in (0.3, 0.6, 1.0):
-        p0 = [max(0.0, y.min() - 0.5), math.log(max(1e-3, y[0] - y.min() + 0.5)), alpha0, 0.1]
-        try:
-            r = least_squares(resid, p0, bounds=([0, -10, 0.01, 0], [y.min(), 10, 3, 100]))
-        except ValueError:
-            continue
-        if best is None or r.cost < best.cost:
-            best = r
+    best = _multistart(resid, [[max(0.0, y.min() - 0.5), math.log(max(1e-3, y[0] - y.min() + 0.5)), a0, 0.1]
+                               for a0 in (0.3, 0.6, 1.0)], ([0, -10, 0.01, 0], [y.min(), 10, 3, 100]))
     if best is None:
         return None
     p = best.x
@@ -262,8 +268,6 @@ def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, token
     (on a quick study, reading the shorter runs' warm-up lr from their thinned lr log instead of
     the schedule moved the fitted C by 0.0016 and the 4x longer 35k/10.2M run's prediction from
     +2.7% to -21.5%). The law is used inside the lengths it was fitted on only."""
-    from scipy.optimize import least_squares     # lazy: scipy is heavy and only fits need it
-
     mult, _ = _normalized(lrs, peak_lr)
     if mult is None or not same:
         return None
@@ -283,15 +287,8 @@ def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, token
     def resid(p):
         return np.log(f(p, x1, x2)) - np.log(y)
 
-    best = None
-    for alpha0 in (0.3, 0.7, 1.2):
-        p0 = [0.5 * y.min(), math.log(max(1e-3, y.max())), alpha0, 0.0]
-        try:
-            r = least_squares(resid, p0, bounds=([0, -20, 0.01, -1], [y.min(), 20, 4, 1]))
-        except ValueError:
-            continue
-        if best is None or r.cost < best.cost:
-            best = r
+    best = _multistart(resid, [[0.5 * y.min(), math.log(max(1e-3, y.max())), a0, 0.0] for a0 in (0.3, 0.7, 1.2)],
+                       ([0, -20, 0.01, -1], [y.min(), 20, 4, 1]))
     if best is None:
         return None
     p, end1, end2 = best.x, own[3], own[4]
