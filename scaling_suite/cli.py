@@ -85,27 +85,40 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+class DoctorRecorder(tracking.NullTracker):
+    """Keeps a doctor run's tags and metrics, so doctor reports what the run did: the
+    precision and compile tags, and the step times behind tokens_per_second."""
+
+    def __init__(self):
+        self.tags, self.metrics = {}, []
+
+    def set_tags(self, tags):
+        self.tags.update({k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append(dict(metrics))
+
+    def series(self, key):
+        return [m[key] for m in self.metrics if key in m]
+
+
+def in_force(device, precision) -> str:
+    # What autocast really does on this device and torch (torch 2.5 silently disabled bf16 on
+    # MPS; MPS bf16 kernels need macOS 14): a matmul's output dtype, not the flag.
+    a = torch.ones(8, 8, device=device)
+    with autocast(device, precision):
+        got = (a @ a).dtype
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    if got != want:
+        raise SuiteError(f"precision {precision} requested but a matmul under it gives {got}")
+    return f"{precision} (a matmul under it gives {got})"
+
+
 def cmd_doctor(args) -> int:
     """Check this machine end to end, as a run would use it: torch, devices, precision in force,
     the store, the data, a 12-step eager run and, where compiling is supported, three compiled
     steps (a warm-up and two timed). Every check prints one line, and the measured step times say
     what a run at that shape costs here; any failure ends in one `error:` line and exit status 1."""
-
-    class Recorder(tracking.NullTracker):
-        """Keeps a doctor run's tags and metrics, so doctor reports what the run did: the
-        precision and compile tags, and the step times behind tokens_per_second."""
-
-        def __init__(self):
-            self.tags, self.metrics = {}, []
-
-        def set_tags(self, tags):
-            self.tags.update({k: str(v) for k, v in tags.items()})
-
-        def log_metrics(self, metrics, step):
-            self.metrics.append(dict(metrics))
-
-        def series(self, key):
-            return [m[key] for m in self.metrics if key in m]
 
     problems = []
 
@@ -119,17 +132,6 @@ def cmd_doctor(args) -> int:
             return None
         print(f"  ok    {name}: {show(detail)}  ({time.perf_counter() - t:.1f}s)")
         return detail
-
-    def in_force(device, precision):
-        # What autocast really does on this device and torch (torch 2.5 silently disabled bf16 on
-        # MPS; MPS bf16 kernels need macOS 14): a matmul's output dtype, not the flag.
-        a = torch.ones(8, 8, device=device)
-        with autocast(device, precision):
-            got = (a @ a).dtype
-        want = torch.bfloat16 if precision == "bf16" else torch.float32
-        if got != want:
-            raise SuiteError(f"precision {precision} requested but a matmul under it gives {got}")
-        return f"{precision} (a matmul under it gives {got})"
 
     print("scaling-suite doctor")
     print(f"  torch {torch.__version__}; the suite supports torch>={'.'.join(map(str, TORCH_MIN))} on CPU, "
@@ -162,7 +164,7 @@ def cmd_doctor(args) -> int:
     if data is None or placed is None:
         return _doctor_verdict(problems)
 
-    eager = Recorder()
+    eager = DoctorRecorder()
     r = check("12-step training, eager", lambda: _brief(train(cfg, tracker=eager, data=data, progress=False)))
     if r is not None:
         curve = eager.series("val_loss")
@@ -178,7 +180,7 @@ def cmd_doctor(args) -> int:
         # steps: a missing compiler or a dynamo/inductor failure shows here, not mid-study. The
         # first step carries the warm-up; the other two are timed.
         cfg2 = cfg.replace(D=3 * cfg.batch_tokens, compile="true", eval_tokens=cfg.context, eval_every=3)
-        comp = Recorder()
+        comp = DoctorRecorder()
         if check("3 compiled steps", lambda: _brief(train(cfg2, tracker=comp, data=data, progress=False))) is not None:
             warm = (comp.series("compile_seconds") or [float("nan")])[0]
             step_c = statistics.median(cfg.batch_tokens / t for t in comp.series("tokens_per_second")[1:])

@@ -228,28 +228,7 @@ def summary(result: dict, facts: dict, plan) -> str:
         iv = a.get("interval")
         lines.append(f"L(N): alpha_N = {a['value']:.3f} {format_interval(iv)}".rstrip()
                      + f"  (Kaplan et al. 2020: {KAPLAN_ALPHA_N}; {a['convention']})")
-    for key, name in (("allocation_isoflop", "IsoFLOP (approach 2)"), ("allocation_envelope", "envelope (approach 1)"),
-                      ("allocation_parametric", "parametric (approach 3)")):
-        if key in s:
-            al = s[key]
-            lines.append(f"{name}: N_opt ∝ C^{fmt(al['a'], '.3f')} {format_interval(al.get('a_interval')) or '(no interval)'}, "
-                         f"D_opt ∝ C^{fmt(al['b'], '.3f')} {format_interval(al.get('b_interval'))}  (Chinchilla ≈ {CHINCHILLA_A})")
-            if al.get("extras", {}).get("unidentified"):
-                lines[-1] += "  NOT IDENTIFIED (see the warning below)"
-            if al.get("extras", {}).get("interval_note"):
-                lines.append(f"    {al['extras']['interval_note']}")
-            if key == "allocation_isoflop":
-                lines.append(f"    parabola through {al.get('extras', {}).get('window', '')}; intervals: "
-                             f"{al.get('extras', {}).get('interval_method', '')}")
-            if key == "allocation_envelope":
-                lines.append(f"    the envelope visits {al.get('extras', {}).get('n_sizes_visited')} distinct size(s); "
-                             f"intervals: {al.get('extras', {}).get('interval_method', '')}")
-            for row in al.get("table", [])[:8] if key == "allocation_isoflop" else []:
-                ratio = row["D_opt"] / row["N_opt"] if row["D_opt"] is not None and row["N_opt"] else None
-                lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])} "
-                             f"{format_interval([row.get('N_lo'), row.get('N_hi')])}, D*={fmt(row['D_opt'])}, "
-                             f"D/N={fmt(ratio, '.1f')}, from {len(row.get('used') or [])} of {row.get('n_runs')} runs")
-            lines += [f"    budget {b} left out: {why}" for b, why in (al.get("skipped") or {}).items()]
+    lines += allocation_lines(s)
     if "chinchilla" in s:
         p, iv = s["chinchilla"]["params"], s["chinchilla"].get("intervals", {})
         lines.append("Chinchilla L(N,D): " + ", ".join(f"{k}={fmt(v, '.4g')}{format_interval(iv.get(k))}" for k, v in p.items()))
@@ -296,6 +275,34 @@ def summary(result: dict, facts: dict, plan) -> str:
     lines += [f"plots (logged to the study run, {where}/analysis):"]
     lines += [f"    {Path(f).name}" for f in result.get("files", []) if f.endswith(".png")]
     return "\n".join(lines)
+
+
+def allocation_lines(s: dict) -> list[str]:
+    """The three approaches' exponents, intervals, windows and per-budget minima (report sections S)."""
+    lines: list[str] = []
+    for key, name in (("allocation_isoflop", "IsoFLOP (approach 2)"), ("allocation_envelope", "envelope (approach 1)"),
+                      ("allocation_parametric", "parametric (approach 3)")):
+        if key in s:
+            al = s[key]
+            lines.append(f"{name}: N_opt ∝ C^{fmt(al['a'], '.3f')} {format_interval(al.get('a_interval')) or '(no interval)'}, "
+                         f"D_opt ∝ C^{fmt(al['b'], '.3f')} {format_interval(al.get('b_interval'))}  (Chinchilla ≈ {CHINCHILLA_A})")
+            if al.get("extras", {}).get("unidentified"):
+                lines[-1] += "  NOT IDENTIFIED (see the warning below)"
+            if al.get("extras", {}).get("interval_note"):
+                lines.append(f"    {al['extras']['interval_note']}")
+            if key == "allocation_isoflop":
+                lines.append(f"    parabola through {al.get('extras', {}).get('window', '')}; intervals: "
+                             f"{al.get('extras', {}).get('interval_method', '')}")
+            if key == "allocation_envelope":
+                lines.append(f"    the envelope visits {al.get('extras', {}).get('n_sizes_visited')} distinct size(s); "
+                             f"intervals: {al.get('extras', {}).get('interval_method', '')}")
+            for row in al.get("table", [])[:8] if key == "allocation_isoflop" else []:
+                ratio = row["D_opt"] / row["N_opt"] if row["D_opt"] is not None and row["N_opt"] else None
+                lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])} "
+                             f"{format_interval([row.get('N_lo'), row.get('N_hi')])}, D*={fmt(row['D_opt'])}, "
+                             f"D/N={fmt(ratio, '.1f')}, from {len(row.get('used') or [])} of {row.get('n_runs')} runs")
+            lines += [f"    budget {b} left out: {why}" for b, why in (al.get("skipped") or {}).items()]
+    return lines
 
 
 def _finite(v) -> bool:
