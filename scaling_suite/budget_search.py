@@ -144,7 +144,7 @@ def next_step(rows: list[dict], space: Space, planned: set) -> tuple[str, float 
     if fit["status"] == "ok" and fit["n_sizes"] >= 4 and \
             min(abs(math.log10(r["N"] / fit["x_opt"])) for r in rows) <= PIN_DECADES:
         return "pinned", None
-    free = [s for s in space.shapes if s.N not in planned]
+    free = [s for s in space.shapes if not near_twin(s.N, planned)]
     if fit["status"] in ("unbracketed", "extrapolated") and len(rows) >= 2:
         best = min(rows, key=lambda r: r["final_val_loss"])["N"]
         up = fit["x_opt"] > best if fit["status"] == "extrapolated" else best == max(r["N"] for r in rows)
@@ -173,10 +173,15 @@ def gp_proposal(rows: list[dict], space: Space, planned: set, seed: int):
         study.add_trial(optuna.trial.create_trial(params={"log10_N": min(max(math.log10(r["N"]), space.lo), space.hi)},
                                                   distributions={"log10_N": dist}, value=r["final_val_loss"]))
     x = study.ask({"log10_N": dist}).params["log10_N"]
-    # Not a near-twin of a size already planned (a running run the GP does not see): sizes within
-    # 0.06 decades (15%) differ by less than the shape-to-shape scatter of the final loss here.
-    far = [s for s in space.nearest(x) if all(abs(math.log10(s.N / n)) > 0.06 for n in planned if n)]
+    # Not a near-twin of a size already planned (a running run the GP does not see).
+    far = [s for s in space.nearest(x) if not near_twin(s.N, planned)]
     return far[0] if far else None
+
+
+def near_twin(N: float, planned: set) -> bool:
+    """Within 0.06 decades (15%) of a size already planned: sizes that close differ by less than the
+    shape-to-shape scatter of the final loss here, so a second run there teaches nothing new."""
+    return any(abs(math.log10(N / n)) <= 0.06 for n in planned if n)
 
 
 def search_budget(study, space: Space, workers: int, max_trials: int, alive, say=print) -> Budget:
