@@ -287,7 +287,8 @@ def fit_loglinear(x, y, level=0.95, x_name="x", y_name="y") -> FitResult:
                      "k": (float(np.exp(logk - t * se_logk)), float(np.exp(logk + t * se_logk)))}
     return FitResult(model="loglinear", params=params, objective=rss, n_points=int(xs.size),
                      intervals=intervals, stderr=stderr, level=level,
-                     method="OLS in log space", x_name=x_name, y_name=y_name, dof=dof,
+                     method="OLS in log space", x_name=x_name, y_name=y_name, dof=dof, x_mean=float(xm), sxx=sxx,
+                     sigma2=float(rss / dof) if dof > 0 else float("nan"),
                      data_range={x_name: [float(xs.min()), float(xs.max())]})
 
 
@@ -314,7 +315,8 @@ def fit_lr_law(N, lr_opt, level=0.95) -> FitResult:
 
 
 def lr_law_band(fit: FitResult, N):
-    """(lo, hi) confidence band of lr*(N) at fit.level (OLS mean response in log space), or None."""
+    """(lo, hi) confidence band of lr*(N) at fit.level (OLS mean response in log space), or None.
+    Any fit_loglinear result works the same way (its x for N)."""
     if not ((fit.dof or 0) > 0 and fit.sigma2 is not None and np.isfinite(fit.sigma2)):
         return None
     lx = np.log(np.asarray(N, dtype=float))

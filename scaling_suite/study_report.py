@@ -336,9 +336,10 @@ def adaptive_summary(ladder, done: list, notes: list[str], validation: dict, wal
                      f"({v['N'] / v['N_opt_predicted']:.2f}x the predicted N_opt {v['N_opt_predicted']:,.0f}): "
                      f"predicted {v['predicted_loss']:.4f} [{v['predicted_lo']:.4f}, {v['predicted_hi']:.4f}], "
                      f"measured {v['measured_loss']:.4f}: error {v['rel_error']:+.2%}")
-        lines.append(f"    prediction made before the run started, from {v['law']}; the budgets' minimum losses as a "
-                     f"power law in C predicted {v['power_law_loss']:.4f} [{v['power_law_lo']:.4f}, {v['power_law_hi']:.4f}]: "
-                     f"error {v['power_law_rel_error']:+.2%}")
+        lines.append(f"    prediction made before the run started, from {v['law']}; Chinchilla's parametric fit to "
+                     f"{v['n_runs_fitted']} runs predicted {v['chinchilla_loss']:.4f} [{v['chinchilla_lo']:.4f}, "
+                     f"{v['chinchilla_hi']:.4f}]{'' if v['chinchilla_identified'] else ' (NOT IDENTIFIED)'}: "
+                     f"error {v['chinchilla_rel_error']:+.2%}")
     else:
         lines.append(f"validation: the run ended {v.get('status')}")
     return "\n".join(lines)
