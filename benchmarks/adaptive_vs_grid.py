@@ -3,6 +3,7 @@
     python benchmarks/adaptive_vs_grid.py --mode quick              # grid, adaptive (each in a fresh store)
     python benchmarks/adaptive_vs_grid.py --repeats 2               # grid, adaptive, grid, adaptive
     python benchmarks/adaptive_vs_grid.py --study sqlite:////tmp/a/mlflow.db ...   # only read finished studies
+    (--study reads each store's newest study; its wall time is the study's own wall_seconds metric)
 
 For each study: wall time of the whole command, FLOPs its runs computed and FLOPs per wall second,
 runs, budgets with a bracketed minimum (approach 2), and a (N_opt ∝ C^a) with its 95% interval, read
@@ -68,6 +69,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="quick")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--designs", nargs="+", default=["isoflop", "adaptive"], help="the order to train them in")
     p.add_argument("--study", nargs="*", default=None, help="tracking URIs of finished studies: only read them")
     a = p.parse_args()
     rows = []
@@ -75,10 +77,10 @@ def main() -> None:
         rows = [read_study(uri) for uri in a.study]
     else:
         for _ in range(a.repeats):
-            for design in ("isoflop", "adaptive"):
+            for design in a.designs:
                 uri, wall = run_study(a.mode, design, [])
                 rows.append(read_study(uri, wall))
-                print(line(rows[-1]), flush=True)
+                print(line(rows[-1]) + f"  ({uri})", flush=True)
     print(f"\n{a.mode}: fixed grid vs adaptive study, this machine ({os.cpu_count()} cores)")
     for r in rows:
         print(line(r))
