@@ -97,7 +97,10 @@ def chinchilla_G(A, B, alpha, beta):
     """G = (alpha A / (beta B))^(1/(alpha+beta)) of Hoffmann et al. 2022 §3.3 eq. (4)."""
     alpha = np.asarray(alpha, dtype=float)
     beta = np.asarray(beta, dtype=float)
-    return (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+    # A degenerate bootstrap draw (an amplitude of inf or 0) gives NaN here, which the intervals
+    # drop; numpy's warning about it would only reach the user's screen.
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
 
 
 def chinchilla_optimal_exponents(alpha, beta):
