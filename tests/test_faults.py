@@ -323,8 +323,9 @@ def test_database_urls_without_their_driver_are_one_line(mlflow_store, capsys, m
 def test_ctrl_c_is_one_line_exit_130_and_the_run_is_killed(mlflow_store, token_cache, tmp_path):
     """a7e3e38 marked the run KILLED but printed 22-28 lines of KeyboardInterrupt and exited 1."""
     env = {**os.environ, **ONE_THREAD, "MLFLOW_TRACKING_URI": mlflow_store}
-    proc = subprocess.Popen([sys.executable, "-m", "scaling_suite.cli", "train", "--preset", "tiny", "--quiet"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # 4M tokens (the tiny preset's 1M ended before the interrupt once, its first metrics flushed late).
+    proc = subprocess.Popen([sys.executable, "-m", "scaling_suite.cli", "train", "--preset", "tiny", "--D", "4e6",
+                             "--quiet"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = mlflow.MlflowClient(mlflow_store)
     run_id, deadline = None, time.time() + 180
     while time.time() < deadline and proc.poll() is None and run_id is None:
