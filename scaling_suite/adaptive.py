@@ -88,7 +88,7 @@ def smallest_sensible(base: RunConfig) -> int:
 
 def default_workers() -> int:
     """$SCALING_SUITE_WORKERS, else 2 on a CPU of >= 2 cores (two trainings at 1 thread each did 1.27x
-    the work of one at 2 threads here: docs/adaptive.md), else 1 (one accelerator: one training)."""
+    the work of one at 2 threads on the reference 2-core CPU), else 1 (one accelerator: one training)."""
     if os.environ.get(WORKERS_ENV):
         return int(os.environ[WORKERS_ENV])
     return 2 if not torch.cuda.is_available() and not torch.backends.mps.is_available() and (os.cpu_count() or 1) >= 2 \
@@ -108,8 +108,8 @@ def probe(base: RunConfig, data: data_lib.TokenData, workers: int, steps: int = 
     """Training FLOP/s of this device at three sizes (depth 1, 2, 4 of the base's shape), each
     measured alone with the threads one of WORKERS workers gets. Two runs at once on a shared CPU
     each go at about 0.64 of their alone-speed (2 cores: two depth-3 quick runs at 1 thread took
-    65 s together against 82 s one after the other at 2 threads; docs/adaptive.md), which the plan
-    assumes and the replanning after each budget corrects."""
+    65 s together against 82 s one after the other at 2 threads, on the reference CPU), which the
+    plan assumes and the replanning after each budget corrects."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads_per_worker(workers))
     try:
