@@ -13,7 +13,9 @@ import sys
 import time
 from dataclasses import fields
 
+import signal
 import statistics
+import threading
 
 import torch
 
@@ -29,7 +31,7 @@ from .device import (TORCH_MIN, autocast, available_memory, compile_support, mps
 from .errors import SuiteError
 from .lr_auto import parse_lr, resolve_lr
 from .checkpoint import config_from_params, load_checkpoint
-from .train import result_dict, train
+from .train import INTERRUPT, result_dict, train
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -373,8 +375,17 @@ def cmd_analyze(args) -> int:
     return code
 
 
+def on_interrupt(signum, frame) -> None:
+    """Ctrl-C: remembered (train.INTERRUPT, so a run stops at its next step even where a library
+    swallowed the exception), then raised as usual."""
+    INTERRUPT.set()
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and threading.current_thread() is threading.main_thread():   # the command line, not a test
+        signal.signal(signal.SIGINT, on_interrupt)
     try:
         return args.fn(args)
     except SuiteError as e:

@@ -13,6 +13,7 @@ micro-batches (gradient accumulation), never the batch, the schedule or the toke
 from __future__ import annotations
 
 import math
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,11 @@ from .tracking import NullTracker
 
 class TrainingFailed(SuiteError):
     """A run that cannot go on (NaN loss, out of memory); a sweep records it FAILED and moves on."""
+
+
+# Set by the CLI's SIGINT handler. A Ctrl-C during torch.compile's first (cold) compilation was lost
+# on this machine (the run went on and exited 0); the loop checks this before every step.
+INTERRUPT = threading.Event()
 
 
 class Pruned(Exception):
@@ -113,6 +119,8 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         fwd, precision = model, pl.precision
         log = StepLog(cfg, d, tracker, start, _progress(d.steps, start, progress, cfg, bar_position))
         for step in range(start, d.steps):
+            if INTERRUPT.is_set():   # a Ctrl-C that a library swallowed (cli.on_interrupt)
+                raise KeyboardInterrupt
             if evaluator.due(step):
                 evaluator.evaluate(step)
                 if cfg.early_stop and earlystop.is_stable(history.predictions):
