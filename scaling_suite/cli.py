@@ -31,7 +31,7 @@ from .device import (TORCH_MIN, autocast, available_memory, compile_support, mps
 from .errors import SuiteError
 from .lr_auto import parse_lr, resolve_lr
 from .checkpoint import config_from_params, load_checkpoint
-from .train import INTERRUPT, result_dict, train
+from .train import on_interrupt, result_dict, train
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -373,13 +373,6 @@ def cmd_analyze(args) -> int:
         code = report.main(args, logger=tracker) or 0
     print(f"analysis run {tracker.run_id}" + (f" (nested under {parent})" if parent else ""))
     return code
-
-
-def on_interrupt(signum, frame) -> None:
-    """Ctrl-C: remembered (train.INTERRUPT, so a run stops at its next step even where a library
-    swallowed the exception), then raised as usual."""
-    INTERRUPT.set()
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

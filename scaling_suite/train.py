@@ -44,6 +44,12 @@ class TrainingFailed(SuiteError):
 INTERRUPT = threading.Event()
 
 
+def on_interrupt(signum, frame) -> None:
+    """The CLI's SIGINT handler: remembered in INTERRUPT, then raised as usual."""
+    INTERRUPT.set()
+    raise KeyboardInterrupt
+
+
 class Pruned(Exception):
     """Raised by an `on_eval` hook to stop a run early (an Optuna pruner, tune.py); STEP optimizer
     steps were trained. Not a failure: the caller records the run as pruned."""
