@@ -116,10 +116,7 @@ def open_budget(storage, name: str, space: Space, seeds: list[float], key: str, 
 
 
 def enqueue(study, space: Space, s) -> None:
-    cfg = space.config(s)
-    d = cfg.derived()
-    study.enqueue_trial({}, user_attrs={"config": cfg.to_params(), "config_key": worker.config_key(cfg), "N": d.N, "D": d.D,
-                                    "C": d.C, "depth": s.depth, "aspect": s.aspect, "log10_N_trained": math.log10(d.N)})
+    study.enqueue_trial({}, user_attrs=worker.trial_attrs(space.config(s)))
 
 
 def unique_rows(study) -> list[dict]:

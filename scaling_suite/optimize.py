@@ -135,9 +135,7 @@ def open_search(storage, name: str, space: Space, n_trials: int, sampler: str, i
             cfg = space.config(s)
             d = cfg.derived()
             params = {"log10_N": math.log10(d.N), **{k: getattr(cfg, k) for k in space.tune}}
-            study.enqueue_trial(params, user_attrs={"config": cfg.to_params(), "config_key": worker.config_key(cfg),
-                                                    "N": d.N, "D": d.D, "C": d.C, "depth": s.depth, "aspect": s.aspect,
-                                                    "log10_N_trained": math.log10(d.N), "grid_point": True})
+            study.enqueue_trial(params, user_attrs={**worker.trial_attrs(cfg), "grid_point": True})
     else:
         if spec.kind != "allocation":
             raise SuiteError(f"study {name!r} is a {spec.kind} study, not an allocation search; use another --study")

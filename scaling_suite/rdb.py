@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -47,6 +48,14 @@ def storage_url(flag: str | None) -> str:
 def config_key(cfg: RunConfig) -> str:
     """Digest of every setting: two trials with the same key would train the same run."""
     return hashlib.sha256(json.dumps(cfg.to_params(), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def trial_attrs(cfg: RunConfig) -> dict:
+    """The user attrs of a trial that trains CFG: its config (what a worker trains), the claim key, and
+    N, D, C and the shape (what optimize.trial_table and the samplers read)."""
+    d = cfg.derived()
+    return {"config": cfg.to_params(), "config_key": config_key(cfg), "N": d.N, "D": d.D, "C": d.C,
+            "depth": cfg.depth, "aspect": cfg.aspect, "log10_N_trained": math.log10(d.N)}
 
 
 # --- storage ---------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from . import sweep, tracking
 from .config import RunConfig, make_config
 from .errors import SuiteError
 from .rdb import (DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, MAX_RETRY, STORAGE_ENV, StudySpec,  # noqa: F401
-                  claim, config_key, ensure_claims, load_study, open_storage, storage_url)
+                  claim, config_key, ensure_claims, load_study, open_storage, storage_url, trial_attrs)
 from .space import Space, make_sampler
 
 # --- the queue ---------------------------------------------------------------------------------------
@@ -133,9 +133,7 @@ class Objective:
             self.exhausted = True
             trial.set_user_attr("skipped", "every size in the search range is already trained")
             return None
-        d = cfg.derived()
-        for k, v in {"config": cfg.to_params(), "config_key": config_key(cfg), "N": d.N, "D": d.D, "C": d.C,
-                     "depth": cfg.depth, "aspect": cfg.aspect, "log10_N_trained": math.log10(d.N)}.items():
+        for k, v in trial_attrs(cfg).items():
             trial.set_user_attr(k, v)
         return cfg
 
