@@ -265,24 +265,27 @@ def cmd_adaptive(args, overrides: dict, lr) -> int:
         raise SuiteError(f"a box of {box:.0f}s is too small: set-up, the speed probe and the analysis alone take "
                          f"about {adaptive.ANALYSIS_S:.0f}s")
     width = None
-    if args.target_width not in (None, "", "none", "0"):
+    if args.target_width not in (None, "", "none"):
         try:
             width = float(args.target_width)
         except ValueError:
             raise SuiteError(f"--target_width takes a number, got {args.target_width!r}") from None
-    if width is not None and not (math.isfinite(width) and width > 0) or args.target_width == "0":
-        raise SuiteError(f"--target_width must be a positive width of the 95% interval on a, got {args.target_width!r}")
-    workers = int(args.workers) if args.workers not in (None, "") else adaptive.default_workers()
+        if not (math.isfinite(width) and width > 0):
+            raise SuiteError(f"--target_width must be a positive width of the 95% interval on a, got {args.target_width!r}")
+    try:
+        workers = int(args.workers) if args.workers not in (None, "") else adaptive.default_workers()
+    except ValueError:
+        raise SuiteError(f"--workers takes a whole number, got {args.workers!r}") from None
     if workers < 1:
         raise SuiteError(f"--workers must be at least 1, got {args.workers}")
+    if not 1 <= args.heartbeat < args.grace:
+        raise SuiteError(f"--heartbeat ({args.heartbeat}s) must be at least 1 s and shorter than --grace ({args.grace}s)")
     base = adaptive.base_config(args.mode, overrides)         # validates every setting
     pick_device(base.device)
     tracking.init_store()
     storage = worker.storage_url(args.storage)
     worker.open_storage(storage, None, None)                  # an unreachable storage fails here
     data = data_lib.load_data(base.dataset, base.tokenizer, base.vocab_size)
-    if not 1 <= args.heartbeat < args.grace:
-        raise SuiteError(f"--heartbeat ({args.heartbeat}s) must be at least 1 s and shorter than --grace ({args.grace}s)")
     settings = adaptive.Settings(args.mode, box, workers, width, storage, args.heartbeat, args.grace, experiment=args.experiment,
                                  progress=not args.quiet, analyze=not args.no_analysis)
     print(f"{args.mode} study, adaptive design: a box of {box:.0f}s on this machine", flush=True)

@@ -107,6 +107,9 @@ def test_law_guess_follows_the_budgets_done():
     (["--mode", "huge"], "unknown mode"),
     (["--mode", "quick", "--design", "isoflop", "--target_width", "0.2"], "applies to the adaptive design"),
     (["--mode", "quick", "--branching", "true"], "--branching applies to the fixed designs"),
+    (["--mode", "quick", "--workers", "two"], "--workers takes a whole number"),
+    (["--mode", "quick", "--workers", "0"], "--workers must be at least 1"),
+    (["--mode", "quick", "--heartbeat", "90"], "--heartbeat (90s) must be at least 1 s and shorter than --grace"),
 ])
 def test_bad_input_is_one_line_before_any_training(argv, message, mlflow_store, capsys, monkeypatch):
     monkeypatch.setattr(adaptive, "probe", lambda *a, **k: pytest.fail("probed before refusing bad input"))
