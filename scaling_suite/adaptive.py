@@ -198,10 +198,9 @@ def run_adaptive(base: RunConfig, data: data_lib.TokenData, s: Settings, lr: flo
 def plan_for(base: RunConfig, data, s: Settings, rates: ladder_lib.Rates, overhead: float) -> ladder_lib.Ladder:
     """ladder.plan_ladder with this mode's prior and base, the corpus' epoch limit left to the search."""
     return ladder_lib.plan_ladder(s.box_seconds, rates, ladder_lib.PRIORS.get(s.mode, 20.0), smallest_sensible(base),
-                                  base.batch_tokens, C_REF.get(s.mode, 1e12), base.context, overhead)
+                                  base.batch_tokens, ladder_lib.C_REF.get(s.mode, 1e12), base.context, overhead)
 
 
-C_REF = {"smoke": 3e9, "quick": 1.2e12, "dev": 1e14, "full": 1e16}   # where each mode's base batch is right
 
 
 def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) -> sweep.StudyOutcome:
@@ -260,7 +259,7 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
                 widen(rungs, ladder, done, base, s, t0, calib, notes, parent)
             i += 1
     finally:
-        _end_ladder(storage, names, done, procs)
+        _end_ladder(storage, names, procs)
     ladder = replace(ladder, rungs=tuple(rungs))
     validation = validate_law(plan, ladder, base, done, data, s, rule, parent, t0, calib, say)
     wall = time.perf_counter() - t0
@@ -307,13 +306,13 @@ def widen(rungs: list, ladder, done, base, s: Settings, t0: float, calib: float,
     if (cost + validation_seconds(ladder, 2 * nxt, 1.0)) * calib > spare:
         return
     prior = ladder_lib.PRIORS.get(s.mode, 20.0)
-    batch = ladder_lib.batch_for(nxt, base.batch_tokens, C_REF.get(s.mode, 1e12), base.context)
+    batch = ladder_lib.batch_at(nxt, s.mode, base.batch_tokens, base.context)
     rungs.append(ladder_lib.Rung(nxt, batch, law_guess(done, nxt, prior), cost))
     notes.append(f"budget C={nxt:.3g} added: the budgets took {calib:.2f}x their planned time, so the box had room")
     parent.log_text(json.dumps(replace(ladder, rungs=tuple(rungs)).to_dict(), indent=1), "ladder.json")
 
 
-def _end_ladder(storage, names: list[str], done: list, procs: list) -> None:
+def _end_ladder(storage, names: list[str], procs: list) -> None:
     """Tell the workers the ladder has ended (every opened budget without a next one), let them
     finish, and stop any that do not within a minute (an error here: their trials are retried on a rerun)."""
     for name in names:
@@ -350,7 +349,7 @@ def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, 
         return {"skipped": f"the box had {max(left, 0):.0f}s left; a validation run at {Cv:.3g} FLOPs "
                            f"({Cv / top:.2g}x the largest budget) needs about {validation_seconds(ladder, Cv, calib):.0f}s"}
     N_pred = float(al.N_opt(Cv))
-    rung = ladder_lib.Rung(Cv, ladder_lib.batch_for(Cv, base.batch_tokens, C_REF.get(s.mode, 1e12), base.context), N_pred)
+    rung = ladder_lib.Rung(Cv, ladder_lib.batch_at(Cv, s.mode, base.batch_tokens, base.context), N_pred)
     space = budget_space(base, rung, N_pred, MAX_EPOCHS * len(data.train), rule)
     shape = space.nearest(math.log10(N_pred))[0]
     cfg = space.config(shape)

@@ -99,8 +99,8 @@ def open_budget(storage, name: str, space: Space, seeds: list[float], key: str, 
         worker.ensure_claims(storage)
         # A queue: this process decides every run (seeds, step-outs, vertices, the GP's proposals)
         # from the results so far, and the workers train what is queued.
-        spec = worker.StudySpec("queue", key, heartbeat, grace, parent_run_id, max_trials, "gp",
-                                len(seeds), 0, tracking.safe_uri(tracking.tracking_uri()), space.to_spec(), tags)
+        spec = worker.StudySpec("queue", key, heartbeat, grace, parent_run_id, max_trials,
+                                tracking_uri=tracking.safe_uri(tracking.tracking_uri()), space=space.to_spec(), tags=tags)
         spec.save(study)
         queued: set = set()
         for x in seeds:

@@ -43,6 +43,7 @@ BOXES = {"smoke": 150.0, "quick": 13 * 60.0, "dev": 60 * 60.0, "full": 8 * 3600.
 # scale (the quick IsoFLOP study, N* ≈ 35k at C = 1.2e12, D*/N* ≈ 150; the tiny models' embedding
 # and attention make the optimum data-heavy); dev/full: towards Chinchilla's 20 as models grow.
 PRIORS = {"smoke": 20.0, "quick": 150.0, "dev": 60.0, "full": 20.0}
+C_REF = {"smoke": 3e9, "quick": 1.2e12, "dev": 1e14, "full": 1e16}   # where each mode's base batch is right
 RUNS_PER_BUDGET = 5.0       # expected runs to bracket and pin one budget's minimum (seeds + search)
 MIN_BUDGETS = 4             # fewer budgets: a is printed without an interval
 MAX_BUDGETS = 6
@@ -51,6 +52,7 @@ VALIDATION_MIN = 2.0        # the validation budget, at least this x the largest
 VALIDATION_SHARE = 0.25     # at most this share of the training time goes to the validation run
 BATCH_EXPONENT = 0.3271     # DeepSeek LLM §3.1
 EVAL_SHARE = 1 / 3          # an evaluation token costs a third of a training token (forward only)
+EVAL_TOKENS = 0.3           # evaluation tokens per training token: ~20 evaluations, ~30% of D at the small budgets
 PER_RUN_S = 2.0             # opening a run, the first evaluation, checkpoints: 1-2 s here (smoke-scale runs)
 WORKER_START_S = 10.0       # worker processes importing torch and loading the corpus (their first run is slower)
 
@@ -131,10 +133,15 @@ def batch_for(C: float, base_batch: int, C_ref: float, context: int) -> int:
     return int(max(8, round(want / context)) * context)
 
 
-def run_seconds(C: float, N: float, rates: Rates, eval_share: float = 0.1) -> float:
+def batch_at(C: float, mode: str, base_batch: int, context: int) -> int:
+    """batch_for with the mode's reference budget: the batch of any run of an adaptive study at C."""
+    return batch_for(C, base_batch, C_REF.get(mode, 1e12), context)
+
+
+def run_seconds(C: float, N: float, rates: Rates) -> float:
     """Wall seconds of one run of budget C at size N on one worker (its evaluations included)."""
     per_worker = rates.at(N) * (rates.efficiency if rates.workers > 1 else 1.0)
-    return C * (1 + eval_share * EVAL_SHARE * 3) / per_worker + PER_RUN_S
+    return C * (1 + EVAL_TOKENS * EVAL_SHARE) / per_worker + PER_RUN_S
 
 
 def budget_seconds(C: float, N: float, rates: Rates, runs: float = RUNS_PER_BUDGET) -> float:
