@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 # torch 2.13.0 is a CPU wheel on the reference machine; override for another build, e.g.
 # make test TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH  ?= torch==2.13.0
+# pytest-xdist workers for `make test`, each training on one thread (tests/conftest.py)
+TEST_WORKERS ?= 2
 export MLFLOW_DISABLE_TELEMETRY ?= true
 # `mlflow run` (like every MLflow client) uses ./mlflow.db unless told otherwise: point it, and
 # scaling-suite, at the project's store.
@@ -26,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 quick: $(VENV)/.installed
 	mkdir -p mlruns

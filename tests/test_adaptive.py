@@ -136,7 +136,7 @@ def test_sigkill_mid_study_then_rerun_completes_without_duplicates(mlflow_store,
     one FINISHED run, and no Optuna trial is counted twice."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
     cmd = [sys.executable, "-m", "scaling_suite.cli", "sweep", "--mode", "smoke", "--design", "adaptive",
-           "--budget", "150s", "--storage", storage, "--quiet", "--no_analysis", "--heartbeat", "1", "--grace", "3"]
+           "--budget", "110s", "--storage", storage, "--quiet", "--no_analysis", "--heartbeat", "1", "--grace", "3"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
     p = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
