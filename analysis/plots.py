@@ -11,23 +11,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import LogNorm
-from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FormatStrFormatter, MaxNLocator, NullFormatter
 
 from . import laws
 from .fit import lr_law_band
 from .result import FitResult
 from .extrapolate import _optimal_D_for_N
 
+
+def _mpl():
+    """matplotlib, imported on first use (a deliberately lazy heavy library): ~1 s of start-up that
+    the processes which never draw (training workers, most CLI verbs) should not pay."""
+    import matplotlib.backends.backend_agg
+    import matplotlib.cm
+    import matplotlib.colors
+    import matplotlib.figure
+    import matplotlib.ticker
+    return matplotlib
+
+
 CMAP = "viridis"
 
 
 def _figure(ncols=1, width=6.4, height=4.4):
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _mpl().figure.Figure(figsize=(width * ncols, height), layout="constrained")
+    _mpl().backends.backend_agg.FigureCanvasAgg(fig)
     axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
     return fig, axes
 
@@ -38,10 +45,10 @@ def _finish(fig, path):
             # Losses span well under a decade on a log axis, where matplotlib would label one 10^0
             # tick or none: put linear "nice" values (2, 2.5, 3, ...) on it instead.
             lo, hi = ax.get_ylim()
-            ticks = [t for t in MaxNLocator(7).tick_values(lo, hi) if lo <= t <= hi and t > 0]
-            ax.yaxis.set_major_locator(FixedLocator(ticks))
-            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
+            ticks = [t for t in _mpl().ticker.MaxNLocator(7).tick_values(lo, hi) if lo <= t <= hi and t > 0]
+            ax.yaxis.set_major_locator(_mpl().ticker.FixedLocator(ticks))
+            ax.yaxis.set_major_formatter(_mpl().ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(_mpl().ticker.NullFormatter())
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
@@ -66,7 +73,7 @@ def _reference_slope(ax, x, y, slope, label, style="--"):
 
 def _scatter_by(ax, df, x, y, color_col):
     if color_col in df and df[color_col].notna().any() and (df[color_col] > 0).all():
-        sc = ax.scatter(df[x], df[y], c=df[color_col], cmap=CMAP, norm=LogNorm(), s=18, zorder=3)
+        sc = ax.scatter(df[x], df[y], c=df[color_col], cmap=CMAP, norm=_mpl().colors.LogNorm(), s=18, zorder=3)
         ax.figure.colorbar(sc, ax=ax, label=color_col)
     else:
         ax.scatter(df[x], df[y], s=18, zorder=3, color="C0")
@@ -122,7 +129,7 @@ def loss_vs_C(runs_df=None, curves_df=None, envelope=None, fit=None, loss_col="l
     fig, (ax,) = _figure()
     ys = []
     if curves_df is not None and len(curves_df) and "N" in curves_df:
-        norm = LogNorm(curves_df["N"].min(), curves_df["N"].max())
+        norm = _mpl().colors.LogNorm(curves_df["N"].min(), curves_df["N"].max())
         cmap = fig.colorbar(_mappable(norm), ax=ax, label="N (parameters)").mappable.cmap
         col = "val_loss" if "val_loss" in curves_df else "train_loss"
         for _, g in curves_df.sort_values("flops").groupby("run_id"):
@@ -149,7 +156,7 @@ def loss_vs_C(runs_df=None, curves_df=None, envelope=None, fit=None, loss_col="l
 
 
 def _mappable(norm):
-    return ScalarMappable(norm=norm, cmap=CMAP)
+    return _mpl().cm.ScalarMappable(norm=norm, cmap=CMAP)
 
 
 def isoflop_curves(runs_df, allocation, loss_col=None, path=None):
@@ -163,7 +170,7 @@ def isoflop_curves(runs_df, allocation, loss_col=None, path=None):
     key = df["run_id"] if "run_id" in df else df.index.to_series()
     used = {u for us in allocation.table.get("used", []) for u in us}
     in_fit = key.isin(used).to_numpy()
-    norm = LogNorm(df["_C"].min(), df["_C"].max())
+    norm = _mpl().colors.LogNorm(df["_C"].min(), df["_C"].max())
     cmap = fig.colorbar(_mappable(norm), ax=ax, label="C (FLOPs)").mappable.cmap
     for C, g in df.groupby("_C"):
         m = in_fit[df.index.get_indexer(g.index)]
@@ -242,7 +249,7 @@ def learning_curves(curves_df, runs_df=None, loss_col="val_loss", path=None):
     fig, (ax,) = _figure()
     has_N = "N" in df and df["N"].notna().any()
     if has_N:
-        norm = LogNorm(df["N"].min(), df["N"].max())
+        norm = _mpl().colors.LogNorm(df["N"].min(), df["N"].max())
         cmap = fig.colorbar(_mappable(norm), ax=ax, label="N (parameters)").mappable.cmap
     for i, (_, g) in enumerate(df.sort_values("tokens").groupby("run_id")):
         g = g[np.isfinite(g[loss_col]) & (g["tokens"] > 0)]

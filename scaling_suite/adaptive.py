@@ -285,8 +285,8 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
 
 
 def target_reached(done, rungs, i, s: Settings, calib: float, notes: list, parent) -> bool:
-    """--target_width: is approach 2's 95% interval on a narrower than the target? (Said in NOTES.)"""
-    al = allocation_so_far(done, s.n_bootstrap)
+    """--target_width: approach 2's 95% interval on a, from >= MIN_BUDGETS budgets, narrower? (In NOTES.)"""
+    al = allocation_so_far(done, s.n_bootstrap) if len(done) >= ladder_lib.MIN_BUDGETS else None
     if al is None or not np.all(np.isfinite(al.a_interval)) or al.a_interval[1] - al.a_interval[0] >= s.target_width:
         return False
     rest = sum(r.est_seconds for r in rungs[i + 1:]) * calib

@@ -291,8 +291,13 @@ def allocation_lines(s: dict) -> list[str]:
             if al.get("extras", {}).get("interval_note"):
                 lines.append(f"    {al['extras']['interval_note']}")
             if key == "allocation_isoflop":
-                lines.append(f"    parabola through {al.get('extras', {}).get('window', '')}; intervals: "
-                             f"{al.get('extras', {}).get('interval_method', '')}")
+                ex = al.get("extras", {})
+                lines.append(f"    parabola through {ex.get('window', '')}; intervals: {ex.get('interval_method', '')}")
+                boot = ex.get("bootstrap_interval")
+                if boot:   # the resampling check beside the OLS interval (analysis.allocation.isoflop says why)
+                    lines.append("    bootstrap over runs, beside it: " + (
+                        f"a {format_interval(boot['a'])} ({boot['resamples_used']}/{boot['n_bootstrap']} resamples)"
+                        if "a" in boot else f"undefined ({boot['note']})"))
             if key == "allocation_envelope":
                 lines.append(f"    the envelope visits {al.get('extras', {}).get('n_sizes_visited')} distinct size(s); "
                              f"intervals: {al.get('extras', {}).get('interval_method', '')}")

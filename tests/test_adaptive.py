@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 
@@ -166,3 +168,31 @@ def test_sigkill_mid_study_then_rerun_completes_without_duplicates(mlflow_store,
         counted += len(budget_search.unique_rows(optuna.load_study(study_name=n, storage=storage)))
     assert counted == len(finished), (counted, len(finished))
     assert "adaptive study" in out.stdout
+
+
+def _budgets(Cs, noise=0.001, seed=0):
+    """Budgets done, each 5 runs on a parabola in log N around N* = 0.1 C^0.5, loss noise NOISE."""
+    rng = np.random.default_rng(seed)
+    done = []
+    for C in Cs:
+        n_star = 0.1 * C ** 0.5
+        rows = [{"N": N, "D": C / (6 * N), "C": C, "mlflow_run_id": f"{C:g}-{i}",
+                 "final_val_loss": (2 + 0.05 * math.log(N / n_star) ** 2) * (1 + noise * rng.standard_normal())}
+                for i, N in enumerate(n_star * np.logspace(-0.4, 0.4, 5))]
+        done.append(budget_search.Budget(C, rows=rows, fit={"status": "ok"}))
+    return done
+
+
+def test_target_width_ends_the_ladder_only_from_enough_budgets_and_says_the_time_saved():
+    rungs = [SimpleNamespace(est_seconds=100.0)] * 6
+    logged, notes = {}, []
+    parent = SimpleNamespace(log_metrics=lambda m, step: logged.update(m))
+    s = adaptive.Settings(mode="quick", box_seconds=780, workers=2, target_width=0.3, n_bootstrap=0)
+    Cs = [1e11 * 2 ** k for k in range(6)]
+    # 3 budgets: an OLS interval of 1 dof, narrow by luck as often as not: never a reason to stop
+    assert not adaptive.target_reached(_budgets(Cs[:3]), rungs, 2, s, 1.0, notes, parent)
+    assert adaptive.target_reached(_budgets(Cs[:4]), rungs, 3, s, 1.0, notes, parent)
+    assert "--target_width 0.3 reached after 4 budgets" in notes[-1] and "about 200s saved" in notes[-1], notes
+    assert logged == {"target_width_seconds_saved": 200.0}
+    narrow = adaptive.Settings(mode="quick", box_seconds=780, workers=2, target_width=1e-4, n_bootstrap=0)
+    assert not adaptive.target_reached(_budgets(Cs[:4]), rungs, 3, narrow, 1.0, notes, parent)

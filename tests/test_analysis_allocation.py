@@ -184,11 +184,24 @@ def test_envelope_interval_is_a_bootstrap_over_runs():
     assert hi - lo > 3 * (ols_hi - ols_lo)
 
 
-def test_isoflop_gives_no_exponent_interval_when_resamples_lose_the_minima():
-    # Three sizes per budget: most resamples of the runs lose a side of some budget's best run.
-    res = allocation.isoflop(synthetic.parabola_runs(n_per_budget=3), n_bootstrap=200)
-    assert res.a == pytest.approx(0.5, abs=1e-6)
-    assert np.isnan(res.a_interval[0]) and "no 95% interval: only" in res.extras["interval_note"]
-    assert res.extras["interval_note"] in res.report()
-    # Per budget too: a resample missing any of the 3 sizes has no vertex, so no interval either.
+def test_isoflop_interval_is_ols_over_budgets_when_resamples_lose_the_minima():
+    # Three sizes per budget: most resamples of the runs lose a side of some budget's best run, so
+    # the bootstrap over runs says it is undefined; the interval on a is the OLS t-interval over the
+    # budgets' minima, which scatter (1% loss noise) about the planted line.
+    runs = synthetic.parabola_runs(n_per_budget=3, budgets=(1e18, 3e18, 1e19, 3e19, 1e20))
+    runs["loss"] *= 1 + 0.01 * np.random.default_rng(0).standard_normal(len(runs))
+    res = allocation.isoflop(runs, n_bootstrap=200)
+    lo, hi = res.a_interval
+    assert (lo, hi) == res.N_fit.intervals["s"] and lo < 0.5 < hi and hi - lo > 0.01, (lo, hi)
+    assert res.extras["interval_method"] == "OLS t-interval over the 5 budgets' minima (dof 3)"
+    boot = res.extras["bootstrap_interval"]
+    assert "a" not in boot and "resamples of the runs locate a minimum" in boot["note"]
+    assert "undefined: only" in res.report() and "OLS t-interval" in res.report()
+    # Per budget: a resample missing any of the 3 sizes has no vertex, so no N* interval either.
     assert res.table["N_lo"].isna().all() and (res.table["boot_undefined"] > 0.05).all()
+
+
+def test_isoflop_from_two_budgets_has_no_exponent_interval():
+    res = allocation.isoflop(synthetic.parabola_runs(budgets=(1e18, 1e19)), n_bootstrap=50)
+    assert res.a == pytest.approx(0.5, abs=1e-6) and np.isnan(res.a_interval[0])
+    assert "2 budgets: no 95% interval" in res.report()
