@@ -263,9 +263,9 @@ def isoflop(runs_df: pd.DataFrame, loss_col: str | None = None, level: float = 0
 
     Intervals. On N* and D* of a budget: percentile bootstrap over its runs (minimum.profile_minimum).
     On a and b: the OLS t-interval over the budgets' minima (dof = budgets - 2, so none from 2
-    budgets), as Besiroglu et al. 2024 (§4, a = 0.513 ± 0.020) report approach 2: the budgets are
-    independent (disjoint runs), and the scatter of their N* about the line carries whatever moved
-    them (seed noise, the window, the sizes tried). The bootstrap over runs of the slope (runs
+    budgets; fit_loglinear, the textbook standard error of a line fitted to a few optima): the
+    budgets are independent (disjoint runs), and the scatter of their N* about the line carries
+    whatever moved them (seed noise, the window, the sizes tried). The bootstrap over runs of the slope (runs
     resampled within each budget, every step repeated) is reported beside it (extras
     `bootstrap_interval`), not as the interval: with the 3-6 runs an adaptive budget holds, a
     resample often keeps < 3 sizes of some budget, that budget drops out of the draw, and the draw's
