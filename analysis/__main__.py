@@ -18,7 +18,7 @@ def cli(argv=None) -> int:
             # As the top-level caller, point MLflow at the project's store (MLFLOW_TRACKING_URI
             # when set, else sqlite:///mlruns/mlflow.db), as `scaling-suite` does; analysis.load
             # itself reads whatever mlflow.get_tracking_uri() gives.
-            import mlflow
+            import mlflow   # lazy heavy library: a CSV analysis never needs it (analysis/load.py)
 
             from scaling_suite.store import tracking_uri
             mlflow.set_tracking_uri(tracking_uri())

@@ -14,7 +14,7 @@ import pandas as pd
 
 from scaling_suite.errors import SuiteError
 
-from . import extrapolate
+from . import extrapolate, load
 from .common import check_positive
 
 PASSTHROUGH = ("design", "C_budget", "run_id", "run_name", "predicted")
@@ -121,7 +121,6 @@ def read_csv_runs(path, N_col="N", D_col="D", C_col="C", loss_col="loss", drop_h
 
 
 def _from_mlflow(args):
-    from . import load
     loss_col = args.loss_col or "final_val_loss"
     where = (f"experiment(s) {', '.join(args.experiment)}" if args.experiment else "all experiments")
     if args.parent_run:

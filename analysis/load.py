@@ -17,6 +17,9 @@ import pandas as pd
 
 from scaling_suite.errors import SuiteError
 
+# mlflow is imported inside the functions that read the store (a deliberately lazy heavy library:
+# ~3.5 s to import), so analysis from a CSV never pays it.
+
 RUN_METRICS = ("N", "N_nonembed", "N_total", "D", "C", "flops_per_token", "final_val_loss",
                "final_train_loss", "val_bpb")
 # What the study report reads of each run (compute spent, early-stop error), NaN where not logged.

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import laws
+from .allocation import budget_groups
 from .fit import lr_law_band
 from .result import FitResult
 from .extrapolate import _optimal_D_for_N
@@ -163,7 +164,6 @@ def isoflop_curves(runs_df, allocation, loss_col=None, path=None):
     """Hoffmann et al. 2022 Fig. 3 left: loss vs N at each budget, the parabola through the runs
     near the best one (filled markers: the runs it used; hollow: the rest) and its minimum N*, with
     its interval only where that is finite and inside the plotted sizes."""
-    from .allocation import budget_groups
     loss_col = loss_col or allocation.extras.get("loss_col", "loss")
     fig, (ax,) = _figure()
     df = runs_df.assign(_C=budget_groups(runs_df))

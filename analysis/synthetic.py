@@ -91,7 +91,7 @@ def undertrained_optimum(C, params=None, batch_tokens=2.0 ** 19, k_steps=60.0,
                          flops_per_token_factor=6.0) -> float:
     """The true N* of undertrained_loss at budget C, found numerically (bounded 1-D minimisation in
     log N; the profile is smooth and unimodal in log N)."""
-    from scipy.optimize import minimize_scalar
+    from scipy.optimize import minimize_scalar   # lazy heavy library: only this test-data helper needs it
 
     p = dict(PLANTED if params is None else params)
 

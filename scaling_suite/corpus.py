@@ -136,7 +136,7 @@ def _read_file(path: Path, rel: str) -> Iterator[tuple[str, str]]:
                     raise SuiteError(f"{path}:{i}: expected a JSON object with a 'text' field") from None
                 yield f"{rel}#{i}", "" if text is None else str(text)
     else:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq   # lazy heavy library (datasets' dependency): only for .parquet files
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:  # not a parquet file, unreadable
@@ -163,7 +163,7 @@ def _parse_hf(dataset: str) -> tuple[str, str | None]:
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
-    from huggingface_hub import constants
+    from huggingface_hub import constants   # lazy heavy library: only for hf: sources
     from huggingface_hub.utils import get_session
     try:  # same HTTP client (and proxy settings) as the downloads
         get_session().head(constants.ENDPOINT, timeout=timeout)
@@ -175,7 +175,7 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
 def load_hf(dataset: str):
     """datasets.load_dataset for "hf:NAME[:CONFIG]" -> DatasetDict; fails in seconds when offline."""
     name, config = _parse_hf(dataset)
-    import datasets
+    import datasets   # lazy heavy library: only for hf: sources
     from huggingface_hub import constants
     # Offline, huggingface_hub retries each request with backoff (~25 s per file here). If the hub
     # does not answer a quick probe, switch to offline mode for this call: a dataset already in

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 from .config import RunConfig, make_config
@@ -329,8 +330,6 @@ def scale(plan: Plan, factor: float) -> Plan:
 
 def parse_duration(text: str) -> float:
     """'90s', '10m', '1.5h', '1h30m' or a bare number of seconds -> seconds."""
-    import re
-
     t = text.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", t):
         seconds = float(t)

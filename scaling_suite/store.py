@@ -50,7 +50,7 @@ def init_store(uri: str | None = None):
             probe.unlink()
         except OSError as e:
             raise SuiteError(f"cannot write the MLflow store {uri}: {e.strerror or e}") from None
-    import mlflow
+    import mlflow   # lazy heavy library (tracking.py says why)
     from mlflow import MlflowClient
 
     # MLflow's INFO lines (table creation, system-metrics thread start/stop) drown the progress
@@ -93,7 +93,7 @@ def check_server(uri: str) -> None:
     _BACKOFF_FACTOR; about 4 minutes), right for a blip mid-run (the metrics wait in the
     tracker's buffer meanwhile) but a long silence at start. Any HTTP answer counts: only a
     refused or timed-out connection fails here."""
-    import requests
+    import requests   # lazy: only an HTTP tracking server needs it
 
     url = uri.rstrip("/") + "/health"
     for i in range(SERVER_TRIES):

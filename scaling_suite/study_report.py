@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
+from analysis import load, report
 from analysis.common import fmt, format_interval
+from analysis.fit import fit_kaplan
 from analysis.laws import CHINCHILLA_N_OPT_EXPONENT as CHINCHILLA_A
 from analysis.laws import KAPLAN_ALPHA_N
+from analysis.report import unidentified_warnings
 
 from . import store, tracking
+from .config import RunConfig
 from .earlystop import MIN_REFERENCE, leave_one_out, lr_from_history
 
 
 def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstrap: int = 200) -> dict:
-    import mlflow
-
-    from analysis import load, report
-    from analysis.fit import fit_kaplan
+    import mlflow   # lazy, as everywhere in the suite: `import mlflow` alone takes ~3.5 s here
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
     runs = newest_per_config(load.fitting_runs(load.load_runs(parent_run_id=parent.run_id, client=client)))
@@ -113,10 +115,6 @@ def newest_per_config(runs):
     """One row per configuration. A study re-run after a code change retrains its configurations
     (sweep.run_child matches the code version), and the older finished run stays beside the new one
     under the parent: fitting both would count that point twice. Keeps the newest run of each."""
-    from dataclasses import fields
-
-    from .config import RunConfig
-
     cols = [f"param_{f.name}" if f"param_{f.name}" in runs else f.name for f in fields(RunConfig)
             if f"param_{f.name}" in runs or f.name in runs]
     if runs.empty or not cols or not runs.duplicated(cols).any():
@@ -206,8 +204,6 @@ def monotone_in_N(runs) -> dict:
 
 
 def summary(result: dict, facts: dict, plan) -> str:
-    from analysis.report import unidentified_warnings
-
     s = result.get("sections", {})
     lines = [f"\n=== {plan.mode} study: {result['data']['n_runs']} runs ==="]
     lr = facts.get("learning_rate") or {}

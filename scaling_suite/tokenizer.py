@@ -37,7 +37,7 @@ def check_tokenizer(tokenizer: str, vocab_size: int) -> int:
 def version(tokenizer: str) -> str:
     if tokenizer == "byte":
         return BYTE_VERSION
-    import tokenizers
+    import tokenizers   # lazy: only the bpe tokenizer needs the library (the byte tokenizer is the default)
     # The library version is part of the key: a new tokenizers release may train different merges.
     return f"{BPE_VERSION}/tokenizers-{tokenizers.__version__}"
 
@@ -84,7 +84,7 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers   # lazy: see version()
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -95,7 +95,7 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path, vocab_size: int) -> "BPETokenizer":
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer   # lazy: see version()
         return cls(Tokenizer.from_file(str(path)), vocab_size)
 
     def save(self, path) -> None:

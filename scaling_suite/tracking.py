@@ -18,6 +18,8 @@ import os
 import time
 from pathlib import Path
 
+# mlflow is imported inside the functions that use it (a deliberately lazy heavy library: `import
+# mlflow` alone takes ~3.5 s here), so the NullTracker, `--help` and the analysis of a CSV never pay it.
 from .errors import SuiteError
 from .store import git_commit, init_store, safe_uri, tracking_uri  # noqa: F401 (tracking.tracking_uri etc. for callers)
 

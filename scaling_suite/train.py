@@ -384,7 +384,7 @@ def _fail(reason: str, device) -> None:
 
 
 def _progress(total: int, initial: int, enabled: bool, cfg: RunConfig, position: int):
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm   # lazy: only a run that shows a bar needs it (workers and CI runs do not)
 
     # disable=None: no bar when stderr is not a terminal (logs, CI), where it would print every update.
     return tqdm(total=total, initial=initial, disable=None if enabled else True, unit="step", leave=False,
