@@ -105,23 +105,25 @@ def threads_per_worker(workers: int) -> int:
 
 
 def probe(base: RunConfig, data: data_lib.TokenData, workers: int, steps: int = 12) -> ladder_lib.Rates:
-    """Training FLOP/s of this device at three sizes (depth 1, 2, 4 of the base's shape), each
-    measured alone with the threads one of WORKERS workers gets. Two runs at once on a shared CPU
-    each go at about 0.64 of their alone-speed (2 cores: two depth-3 quick runs at 1 thread took
-    65 s together against 82 s one after the other at 2 threads, on the reference CPU), which the
-    plan assumes and the replanning after each budget corrects."""
+    """Training FLOP/s of this device at three sizes (depth 1, 2, 4 of the base's shape), each alone
+    with the threads one of WORKERS workers gets. Two runs at once on a shared CPU each go at about
+    0.64 of that (2 cores: two depth-3 quick runs at 1 thread took 65 s together against 82 s one after
+    the other at 2 threads), which the replanning after each budget corrects. Depth 2 is also timed on
+    every core, as the validation run trains (1.8x one thread here; without it the box went unused)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(threads_per_worker(workers))
+
+    def rate(depth: int, threads: int) -> tuple[int, float]:
+        torch.set_num_threads(threads)
+        cfg = base.replace(depth=depth, C=0.0, tokens_per_param=0.0, D=float(steps * base.batch_tokens),
+                           eval_every=10**6, checkpoint_every=10**6, compile="false")
+        return cfg.derived().N, cfg.derived().C / train(cfg, data=data, progress=False).wall_seconds
+
     try:
-        points = []
-        for depth in (1, 2, 4):
-            cfg = base.replace(depth=depth, C=0.0, tokens_per_param=0.0, D=float(steps * base.batch_tokens),
-                               eval_every=10**6, checkpoint_every=10**6, compile="false")
-            r = train(cfg, data=data, progress=False)
-            points.append((cfg.derived().N, cfg.derived().C / r.wall_seconds))
+        points = [rate(depth, threads_per_worker(workers)) for depth in (1, 2, 4)]
+        speedup = rate(2, before)[1] / points[1][1] if before > threads_per_worker(workers) else 1.0
     finally:
         torch.set_num_threads(before)
-    return ladder_lib.Rates(tuple(points), workers, 0.64 if workers > 1 else 1.0)
+    return ladder_lib.Rates(tuple(points), workers, 0.64 if workers > 1 else 1.0, max(1.0, speedup))
 
 
 # --- the study ---------------------------------------------------------------------------------------
@@ -178,8 +180,9 @@ def run_adaptive(base: RunConfig, data: data_lib.TokenData, s: Settings, lr: flo
         rule, lr_info = lr_auto.rule_for(base, data, lr)
         if ladder is None:
             rates = rates or probe(base, data, s.workers)
-            say("speed here, FLOP/s per worker (%d worker(s), %d thread(s) each): %s" % (
-                s.workers, threads_per_worker(s.workers), ", ".join(f"N={n:,}: {r:.3g}" for n, r in rates.points)))
+            say("speed here, FLOP/s per worker (%d worker(s), %d thread(s) each): %s; alone on every core %.2gx" % (
+                s.workers, threads_per_worker(s.workers), ", ".join(f"N={n:,}: {r:.3g}" for n, r in rates.points),
+                rates.alone_speedup))
             ladder = plan_for(base, data, s, rates, overhead=ANALYSIS_S + ladder_lib.WORKER_START_S + (time.perf_counter() - t0))
         plan.ladder = ladder
         say(f"plan: {ladder.describe()}")
@@ -199,8 +202,6 @@ def plan_for(base: RunConfig, data, s: Settings, rates: ladder_lib.Rates, overhe
     """ladder.plan_ladder with this mode's prior and base, the corpus' epoch limit left to the search."""
     return ladder_lib.plan_ladder(s.box_seconds, rates, ladder_lib.PRIORS.get(s.mode, 20.0), smallest_sensible(base),
                                   base.batch_tokens, ladder_lib.C_REF.get(s.mode, 1e12), base.context, overhead)
-
-
 
 
 def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) -> sweep.StudyOutcome:

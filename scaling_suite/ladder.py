@@ -63,6 +63,7 @@ class Rates:
     points: tuple            # ((N, FLOP/s), ...)
     workers: int = 1
     efficiency: float = 1.0  # each of `workers` concurrent runs trains at this share of its alone-rate
+    alone_speedup: float = 1.0  # one run alone on every core / on one worker's threads (the validation run)
 
     def at(self, N: float) -> float:
         """FLOP/s of one worker at size N: log-linear between the probed sizes, flat beyond them."""
@@ -78,7 +79,7 @@ class Rates:
         return pts[-1][1]
 
     def scaled(self, factor: float) -> "Rates":
-        return Rates(tuple((n, r * factor) for n, r in self.points), self.workers, self.efficiency)
+        return Rates(tuple((n, r * factor) for n, r in self.points), self.workers, self.efficiency, self.alone_speedup)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def plan_ladder(box_seconds: float, rates: Rates, tokens_per_param: float, N_flo
     def cost(cs):
         return sum(budget_seconds(c, prior_N(c, tokens_per_param), rates) for c in cs)
 
-    alone = Rates(rates.points)   # the validation run trains alone, on every core
+    alone = Rates(rates.points).scaled(rates.alone_speedup)   # the validation run trains alone, on every core
 
     def validation(cs):
         """(C_v, its seconds): the largest budget >= VALIDATION_MIN x the top one that the rest of the

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import mlflow
@@ -196,3 +197,16 @@ def test_target_width_ends_the_ladder_only_from_enough_budgets_and_says_the_time
     assert logged == {"target_width_seconds_saved": 200.0}
     narrow = adaptive.Settings(mode="quick", box_seconds=780, workers=2, target_width=1e-4, n_bootstrap=0)
     assert not adaptive.target_reached(_budgets(Cs[:4]), rungs, 3, narrow, 1.0, notes, parent)
+
+
+def test_the_validation_run_is_planned_at_its_speed_alone_on_every_core():
+    """The probe's per-worker rates are one worker's threads; the validation run trains alone on all
+    of them (alone_speedup, measured by the probe): its estimate per FLOP shrinks by that factor, and
+    the rates' copies (scaled) keep it."""
+    _, slow = quick_plan(HERE)
+    fast = replace(HERE, alone_speedup=1.8)
+    assert fast.scaled(10).alone_speedup == 1.8
+    _, lad = quick_plan(fast)
+    per_flop = [x.est_validation_seconds / x.validation_C for x in (slow, lad)]
+    assert per_flop[1] == pytest.approx(per_flop[0] / 1.8, rel=0.02)
+    assert [r.C for r in lad.rungs][:len(slow.rungs)] == [r.C for r in slow.rungs]
