@@ -7,22 +7,18 @@
 2. **Plan** a ladder of compute budgets that fits the box, and a validation budget beyond it
    (ladder.py: the rules and their sources). The ladder is logged (ladder.json) and reused by a
    rerun, which resumes the study instead of re-planning it.
-3. **Search each budget** with Optuna, from the smallest up. Every budget is an Optuna study in the
-   RDB (the GP sampler on log10 N, space.py's size dial), and every trial a nested MLflow child of
-   the study's parent run, trained by worker processes (worker.py) that follow the ladder from
-   budget to budget, the cores split between them. The first trials of a budget are queued around
-   the optimum that the allocation law fitted on the budgets already done predicts (the prior for
-   the first), so they land near it; then the GP sampler places trials, and this process watches:
-   a budget whose best run is at an edge gets the next size beyond it; a budget whose minimum is
-   pinned (analysis.minimum.profile_minimum: bracketed, a convex vertex, >= 4 sizes and a run
-   within PIN_DECADES of the vertex) stops, so no run is trained where the minimum is already known
-   not to be.
-4. **Stop when the law is known**: with --target_width W the ladder ends once the 95% interval of
-   a (N_opt ∝ C^a, approach 2) is narrower than W, and the summary states the time saved. The box
-   itself is replanned after every budget from the measured wall times.
-5. **Validate**: one run at the validation budget, at the N_opt the fitted law predicts there, with
-   its loss predicted (Chinchilla's parametric fit to every run, with a bootstrap interval) and
-   logged before it starts; the summary prints predicted against measured.
+3. **Search each budget** with Optuna, from the smallest up: one Optuna study per budget in the RDB,
+   every trial a nested MLflow child of the study's parent, trained by worker processes (worker.py)
+   that follow the ladder, the cores split between them. A budget's first trials are queued around
+   the optimum that the law fitted on the budgets done predicts (the prior for the first); then
+   budget_search.next_step places each run (beyond an edge best, at the vertex, else the GP's
+   proposal), and a budget stops once its minimum is pinned (analysis.minimum.profile_minimum).
+4. **Stop when the law is known**: with --target_width W the ladder ends once approach 2's 95%
+   interval on a is narrower than W. After every budget the box is replanned from the measured
+   wall times (budgets dropped, or one added where the box and the corpus allow).
+5. **Validate**: one run at the validation budget, at the N_opt the law predicts there, its loss
+   predicted (the budgets' minima as a power law in C; Chinchilla's fit beside it) and logged
+   before it starts; the summary prints predicted against measured.
 
 A killed study resumes: the same command finds its parent run and ladder, each budget's Optuna
 study (finished budgets are skipped, a dead worker's trial is retried after the grace period and
@@ -220,7 +216,7 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
             rung = rungs[i]
             elapsed = time.perf_counter() - t0
             est = rung.est_seconds
-            left = s.box_seconds - ANALYSIS_S - elapsed - validation_seconds(ladder, 2 * rungs[-1].C, calib)
+            left = s.box_seconds - ANALYSIS_S - elapsed - ladder.validation_seconds(2 * rungs[-1].C, calib)
             if i >= 1 and est * calib > left:
                 notes.append(f"budgets from C={rung.C:.3g} up were not trained: the box had {max(left, 0):.0f}s left "
                              f"for them, they needed about {est * calib:.0f}s")
@@ -257,7 +253,7 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
                 del rungs[i + 1:]
                 break
             if i == len(rungs) - 1 and len(rungs) < ladder_lib.MAX_BUDGETS:
-                widen(rungs, ladder, done, base, s, t0, calib, notes, parent)
+                widen(rungs, ladder, done, base, s, t0, calib, notes, parent, D_max)
             i += 1
     finally:
         _end_ladder(storage, names, procs)
@@ -298,17 +294,20 @@ def target_reached(done, rungs, i, s: Settings, calib: float, notes: list, paren
     return True
 
 
-def widen(rungs: list, ladder, done, base, s: Settings, t0: float, calib: float, notes: list, parent) -> None:
-    """Append a budget when the box has room for it (the plan's estimates corrected by the measured
-    times): the ladder as wide as the box allows."""
+def widen(rungs: list, ladder, done, base, s: Settings, t0: float, calib: float, notes: list, parent, D_max) -> None:
+    """Append a budget where the box (the plan's estimates x the measured pace) and the corpus (its
+    optimum's D* = C / 6N* within MAX_EPOCHS epochs) have room for it."""
     nxt = rungs[-1].C * ladder.ratio
     cost = rungs[-1].est_seconds * ladder.ratio
     spare = s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
-    if (cost + validation_seconds(ladder, 2 * nxt, 1.0)) * calib > spare:
+    guess = law_guess(done, nxt, ladder_lib.PRIORS.get(s.mode, 20.0))
+    if (cost + ladder.validation_seconds(2 * nxt, 1.0)) * calib > spare:
         return
-    prior = ladder_lib.PRIORS.get(s.mode, 20.0)
-    batch = ladder_lib.batch_at(nxt, s.mode, base.batch_tokens, base.context)
-    rungs.append(ladder_lib.Rung(nxt, batch, law_guess(done, nxt, prior), cost))
+    if nxt / (6 * guess) > D_max:   # its sizes near N* would all repeat the data too often: none placeable
+        notes.append(f"budget C={nxt:.3g} not added: its optimum (N≈{guess:,.0f}) needs about {nxt / (6 * guess):.3g} "
+                     f"tokens, more than {MAX_EPOCHS:g} epochs of this corpus (Muennighoff et al. 2023)")
+        return
+    rungs.append(ladder_lib.Rung(nxt, ladder_lib.batch_at(nxt, s.mode, base.batch_tokens, base.context), guess, cost))
     notes.append(f"budget C={nxt:.3g} added: the budgets took {calib:.2f}x their planned time, so the box had room")
     parent.log_text(json.dumps(replace(ladder, rungs=tuple(rungs)).to_dict(), indent=1), "ladder.json")
 
@@ -340,18 +339,23 @@ def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, 
     al = allocation_so_far(done, s.n_bootstrap)
     if al is None:
         return {"skipped": "fewer than 2 budgets with a bracketed minimum: no law to validate"}
-    top = max(b.C for b in done)
+    top = max(b.C for b in done if b.fit.get("status") == "ok")   # the largest budget the law rests on
     left = s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
-    # As far beyond the largest budget as the box allows, from 4x down to VALIDATION_MIN x.
+    D_max = MAX_EPOCHS * len(data.train)
+    # As far beyond the largest budget as the box and the corpus (D_opt within MAX_EPOCHS epochs)
+    # allow, from 4x down to VALIDATION_MIN x.
     Cv = 4 * top
-    while Cv / 1.25 >= ladder_lib.VALIDATION_MIN * top and validation_seconds(ladder, Cv, calib) > left:
+    while Cv / 1.25 >= ladder_lib.VALIDATION_MIN * top and (ladder.validation_seconds(Cv, calib) > left
+                                                             or Cv / (6 * float(al.N_opt(Cv))) > D_max):
         Cv /= 1.25
-    if validation_seconds(ladder, Cv, calib) > left + 60:
+    if ladder.validation_seconds(Cv, calib) > left + 60:
         return {"skipped": f"the box had {max(left, 0):.0f}s left; a validation run at {Cv:.3g} FLOPs "
-                           f"({Cv / top:.2g}x the largest budget) needs about {validation_seconds(ladder, Cv, calib):.0f}s"}
+                           f"({Cv / top:.2g}x the largest budget) needs about {ladder.validation_seconds(Cv, calib):.0f}s"}
     N_pred = float(al.N_opt(Cv))
     rung = ladder_lib.Rung(Cv, ladder_lib.batch_at(Cv, s.mode, base.batch_tokens, base.context), N_pred)
-    space = budget_space(base, rung, N_pred, MAX_EPOCHS * len(data.train), rule)
+    # At N_opt even where that repeats the data more often (said in the summary): a run off the
+    # optimum would not test the law.
+    space = budget_space(base, rung, N_pred, max(D_max, 1.25 * Cv / (6 * N_pred)), rule)
     shape = space.nearest(math.log10(N_pred))[0]
     cfg = space.config(shape)
     d = cfg.derived()
@@ -376,7 +380,7 @@ def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, 
                   f"L_opt ∝ C^{lc.params['s']:.3f}",
            "chinchilla_loss": chin, "chinchilla_lo": float(iv[0]) if iv is not None else math.nan,
            "chinchilla_hi": float(iv[1]) if iv is not None else math.nan,
-           "chinchilla_identified": bool(fit.identified), "n_runs_fitted": len(rows)}
+           "chinchilla_identified": bool(fit.identified), "n_runs_fitted": len(rows), "epochs": d.D / len(data.train)}
     parent.log_metrics({k: v for k, v in {"validation_C": Cv, "validation_N_opt_predicted": N_pred,
                                          "validation_predicted_loss": pred, "validation_predicted_lo": lo,
                                          "validation_predicted_hi": hi,
@@ -394,7 +398,3 @@ def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, 
                             "validation_chinchilla_rel_error": out["chinchilla_rel_error"]}, step=0)
     return out
 
-
-def validation_seconds(ladder, C: float, calib: float) -> float:
-    """The validation run's estimated seconds at budget C: the plan's estimate per FLOP, x calib."""
-    return ladder.est_validation_seconds / ladder.validation_C * C * max(calib, 0.5)

@@ -101,6 +101,10 @@ class Ladder:
     ratio: float
     N_floor: int
 
+    def validation_seconds(self, C: float, calib: float) -> float:
+        """The validation run's estimated seconds at budget C: the plan's estimate per FLOP, x calib."""
+        return self.est_validation_seconds / self.validation_C * C * max(calib, 0.5)
+
     @property
     def span_decades(self) -> float:
         return math.log10(self.rungs[-1].C / self.rungs[0].C) if self.rungs else 0.0

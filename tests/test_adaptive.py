@@ -180,7 +180,7 @@ def _budgets(Cs, noise=0.001, seed=0):
         rows = [{"N": N, "D": C / (6 * N), "C": C, "mlflow_run_id": f"{C:g}-{i}",
                  "final_val_loss": (2 + 0.05 * math.log(N / n_star) ** 2) * (1 + noise * rng.standard_normal())}
                 for i, N in enumerate(n_star * np.logspace(-0.4, 0.4, 5))]
-        done.append(budget_search.Budget(C, rows=rows, fit={"status": "ok"}))
+        done.append(budget_search.Budget(C, rows=rows, fit={"status": "ok", "x_opt": n_star}))
     return done
 
 
@@ -210,3 +210,20 @@ def test_the_validation_run_is_planned_at_its_speed_alone_on_every_core():
     per_flop = [x.est_validation_seconds / x.validation_C for x in (slow, lad)]
     assert per_flop[1] == pytest.approx(per_flop[0] / 1.8, rel=0.02)
     assert [r.C for r in lad.rungs][:len(slow.rungs)] == [r.C for r in slow.rungs]
+
+
+def test_widen_adds_no_budget_whose_optimum_the_corpus_cannot_feed():
+    """A sixth budget is added when the box has room, unless its predicted optimum would repeat the
+    training split more than MAX_EPOCHS times (the second corpus, 4.4 MB, got one whose every
+    placeable size was above its optimum)."""
+    base, lad = quick_plan(HERE.scaled(100))
+    done = _budgets([r.C for r in lad.rungs])
+    s = adaptive.Settings(mode="quick", box_seconds=1e6, workers=2, n_bootstrap=0)
+    parent = SimpleNamespace(log_text=lambda *a: None)
+    nxt = lad.rungs[-1].C * lad.ratio
+    D_opt = nxt / (6 * budget_search.law_guess(done, nxt, ladder_lib.PRIORS["quick"]))
+    for D_max, added in ((10 * D_opt, True), (D_opt / 2, False)):
+        rungs, notes = list(lad.rungs), []
+        adaptive.widen(rungs, lad, done, base, s, time.perf_counter(), 1.0, notes, parent, D_max)
+        assert (len(rungs) == len(lad.rungs) + 1) == added, notes
+        assert ("added" in notes[-1]) if added else ("epochs of this corpus" in notes[-1]), notes
