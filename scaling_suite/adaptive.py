@@ -295,17 +295,17 @@ def target_reached(done, rungs, i, s: Settings, calib: float, notes: list, paren
 
 
 def widen(rungs: list, ladder, done, base, s: Settings, t0: float, calib: float, notes: list, parent, D_max) -> None:
-    """Append a budget where the box (the plan's estimates x the measured pace) and the corpus (its
-    optimum's D* = C / 6N* within MAX_EPOCHS epochs) have room for it."""
+    """Append a budget where the box (the plan's estimates x the measured pace) and the corpus (a size
+    at half its optimum, D = C / 3N*, within MAX_EPOCHS epochs) have room for it."""
     nxt = rungs[-1].C * ladder.ratio
     cost = rungs[-1].est_seconds * ladder.ratio
     spare = s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
     guess = law_guess(done, nxt, ladder_lib.PRIORS.get(s.mode, 20.0))
     if (cost + ladder.validation_seconds(2 * nxt, 1.0)) * calib > spare:
         return
-    if nxt / (6 * guess) > D_max:   # its sizes near N* would all repeat the data too often: none placeable
-        notes.append(f"budget C={nxt:.3g} not added: its optimum (N≈{guess:,.0f}) needs about {nxt / (6 * guess):.3g} "
-                     f"tokens, more than {MAX_EPOCHS:g} epochs of this corpus (Muennighoff et al. 2023)")
+    if nxt / (3 * guess) > D_max:   # no size at half its N* (a bracket's lower side) fits MAX_EPOCHS epochs
+        notes.append(f"budget C={nxt:.3g} not added: a size below its optimum (N≈{guess:,.0f}) needs about "
+                     f"{nxt / (3 * guess):.3g} tokens, more than {MAX_EPOCHS:g} epochs of this corpus (Muennighoff et al. 2023)")
         return
     rungs.append(ladder_lib.Rung(nxt, ladder_lib.batch_at(nxt, s.mode, base.batch_tokens, base.context), guess, cost))
     notes.append(f"budget C={nxt:.3g} added: the budgets took {calib:.2f}x their planned time, so the box had room")

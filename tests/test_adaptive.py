@@ -213,16 +213,17 @@ def test_the_validation_run_is_planned_at_its_speed_alone_on_every_core():
 
 
 def test_widen_adds_no_budget_whose_optimum_the_corpus_cannot_feed():
-    """A sixth budget is added when the box has room, unless its predicted optimum would repeat the
-    training split more than MAX_EPOCHS times (the second corpus, 4.4 MB, got one whose every
-    placeable size was above its optimum)."""
+    """A sixth budget is added when the box has room, unless a size at half its predicted optimum
+    would repeat the training split more than MAX_EPOCHS times (the second corpus, 4.4 MB, got one
+    whose smallest placeable size was above its optimum: unbracketed after 6 runs, twice)."""
     base, lad = quick_plan(HERE.scaled(100))
     done = _budgets([r.C for r in lad.rungs])
     s = adaptive.Settings(mode="quick", box_seconds=1e6, workers=2, n_bootstrap=0)
     parent = SimpleNamespace(log_text=lambda *a: None)
     nxt = lad.rungs[-1].C * lad.ratio
     D_opt = nxt / (6 * budget_search.law_guess(done, nxt, ladder_lib.PRIORS["quick"]))
-    for D_max, added in ((10 * D_opt, True), (D_opt / 2, False)):
+    # the bracket's lower side, half of N*, needs 2 D_opt
+    for D_max, added in ((2.1 * D_opt, True), (1.9 * D_opt, False)):
         rungs, notes = list(lad.rungs), []
         adaptive.widen(rungs, lad, done, base, s, time.perf_counter(), 1.0, notes, parent, D_max)
         assert (len(rungs) == len(lad.rungs) + 1) == added, notes
