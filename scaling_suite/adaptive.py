@@ -54,7 +54,6 @@ from .train import train
 
 DESIGN = "adaptive"
 MAX_TRIALS = 6             # per budget (the first: 7)
-MAX_EPOCHS = 4.0           # Muennighoff et al. 2023 §4: up to ~4 epochs repeated data is as good as new
 ANALYSIS_S = 60.0          # the analysis at the end, and the set-up before the probe
 WORKERS_ENV = "SCALING_SUITE_WORKERS"
 
@@ -202,7 +201,7 @@ def plan_for(base: RunConfig, data, s: Settings, rates: ladder_lib.Rates, overhe
 
 def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) -> sweep.StudyOutcome:
     storage = worker.open_storage(s.storage_url, s.heartbeat, s.grace)
-    D_max = MAX_EPOCHS * len(data.train)
+    D_max = ladder_lib.max_tokens(len(data.train))
     done: list[Budget] = []
     notes: list[str] = []
     procs: list = []
@@ -296,16 +295,17 @@ def target_reached(done, rungs, i, s: Settings, calib: float, notes: list, paren
 
 def widen(rungs: list, ladder, done, base, s: Settings, t0: float, calib: float, notes: list, parent, D_max) -> None:
     """Append a budget where the box (the plan's estimates x the measured pace) and the corpus (a size
-    at half its optimum, D = C / 3N*, within MAX_EPOCHS epochs) have room for it."""
+    at half its optimum within ladder.MAX_EPOCHS epochs) have room for it."""
     nxt = rungs[-1].C * ladder.ratio
     cost = rungs[-1].est_seconds * ladder.ratio
     spare = s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
-    guess = law_guess(done, nxt, ladder_lib.PRIORS.get(s.mode, 20.0))
     if (cost + ladder.validation_seconds(2 * nxt, 1.0)) * calib > spare:
         return
-    if nxt / (3 * guess) > D_max:   # no size at half its N* (a bracket's lower side) fits MAX_EPOCHS epochs
-        notes.append(f"budget C={nxt:.3g} not added: a size below its optimum (N≈{guess:,.0f}) needs about "
-                     f"{nxt / (3 * guess):.3g} tokens, more than {MAX_EPOCHS:g} epochs of this corpus (Muennighoff et al. 2023)")
+    guess = law_guess(done, nxt, ladder_lib.PRIORS.get(s.mode, 20.0))
+    below = ladder_lib.tokens_for(nxt, guess / 2)   # a size at half its N*: the bracket's lower side
+    if below > D_max:
+        notes.append(f"budget C={nxt:.3g} not added: a size below its optimum (N≈{guess:,.0f}) needs about {below:.3g} "
+                     f"tokens, more than {ladder_lib.MAX_EPOCHS:g} epochs of this corpus (Muennighoff et al. 2023)")
         return
     rungs.append(ladder_lib.Rung(nxt, ladder_lib.batch_at(nxt, s.mode, base.batch_tokens, base.context), guess, cost))
     notes.append(f"budget C={nxt:.3g} added: the budgets took {calib:.2f}x their planned time, so the box had room")
@@ -339,14 +339,15 @@ def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, 
     al = allocation_so_far(done, s.n_bootstrap)
     if al is None:
         return {"skipped": "fewer than 2 budgets with a bracketed minimum: no law to validate"}
-    top = max(b.C for b in done if b.fit.get("status") == "ok")   # the largest budget the law rests on
+    ok = [b for b in done if b.fit.get("status") == "ok"]
+    top = max(b.C for b in ok)   # the largest budget the law rests on
     left = s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
-    D_max = MAX_EPOCHS * len(data.train)
+    D_max = ladder_lib.max_tokens(len(data.train))
     # As far beyond the largest budget as the box and the corpus (D_opt within MAX_EPOCHS epochs)
     # allow, from 4x down to VALIDATION_MIN x.
     Cv = 4 * top
     while Cv / 1.25 >= ladder_lib.VALIDATION_MIN * top and (ladder.validation_seconds(Cv, calib) > left
-                                                             or Cv / (6 * float(al.N_opt(Cv))) > D_max):
+                                                             or ladder_lib.tokens_for(Cv, float(al.N_opt(Cv))) > D_max):
         Cv /= 1.25
     if ladder.validation_seconds(Cv, calib) > left + 60:
         return {"skipped": f"the box had {max(left, 0):.0f}s left; a validation run at {Cv:.3g} FLOPs "
@@ -355,7 +356,7 @@ def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, 
     rung = ladder_lib.Rung(Cv, ladder_lib.batch_at(Cv, s.mode, base.batch_tokens, base.context), N_pred)
     # At N_opt even where that repeats the data more often (said in the summary): a run off the
     # optimum would not test the law.
-    space = budget_space(base, rung, N_pred, max(D_max, 1.25 * Cv / (6 * N_pred)), rule)
+    space = budget_space(base, rung, N_pred, max(D_max, 1.25 * ladder_lib.tokens_for(Cv, N_pred)), rule)
     shape = space.nearest(math.log10(N_pred))[0]
     cfg = space.config(shape)
     d = cfg.derived()
@@ -364,7 +365,6 @@ def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, 
     # log-log with its 95% band, at the validation budget. Chosen over Chinchilla's parametric fit at
     # the run's (N, D), also logged: in the first three studies (docs/adaptive.md, measured/predicted
     # - 1) the power law missed by +7.0%, -4.8%, +0.5%, the parametric fit by -8.1%, -11.6%, -9.5%.
-    ok = [b for b in done if b.fit.get("status") == "ok"]
     lc = fit_loglinear([b.C for b in ok], [b.fit["loss_opt"] for b in ok], x_name="C", y_name="loss_opt")
     band = lr_law_band(lc, Cv)   # the log-linear fit's band (named for its first use, the lr law)
     pred = float(lc.predict(Cv))

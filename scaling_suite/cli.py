@@ -9,13 +9,12 @@ import argparse
 import json
 import math
 import os
-import sys
-import time
-from dataclasses import fields
-
 import signal
 import statistics
+import sys
 import threading
+import time
+from dataclasses import fields
 
 import torch
 

@@ -55,6 +55,7 @@ EVAL_SHARE = 1 / 3          # an evaluation token costs a third of a training to
 EVAL_TOKENS = 0.3           # evaluation tokens per training token: ~20 evaluations, ~30% of D at the small budgets
 PER_RUN_S = 2.0             # opening a run, the first evaluation, checkpoints: 1-2 s here (smoke-scale runs)
 WORKER_START_S = 10.0       # worker processes importing torch and loading the corpus (their first run is slower)
+MAX_EPOCHS = 4.0            # Muennighoff et al. 2023 §4: up to ~4 epochs repeated data is as good as new
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,16 @@ class Ladder:
         return (f"{len(self.rungs)} budgets {cs} FLOPs ({self.span_decades:.2f} decades, {self.ratio:.2g}x apart), "
                 f"validation at {self.validation_C:.3g}; estimated {self.est_ladder_seconds:.0f}s + "
                 f"{self.est_validation_seconds:.0f}s of {self.train_seconds:.0f}s for training")
+
+
+def tokens_for(C: float, N: float) -> float:
+    """D of a run of size N on budget C, with C = 6 N D (Hoffmann et al. 2022 §3)."""
+    return C / (6.0 * N)
+
+
+def max_tokens(train_tokens: int) -> float:
+    """The most tokens a run may train on a corpus of TRAIN_TOKENS: MAX_EPOCHS repeats of it."""
+    return MAX_EPOCHS * train_tokens
 
 
 def prior_N(C: float, tokens_per_param: float) -> float:

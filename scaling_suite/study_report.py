@@ -21,6 +21,7 @@ from analysis.laws import CHINCHILLA_N_OPT_EXPONENT as CHINCHILLA_A
 from analysis.laws import KAPLAN_ALPHA_N
 from analysis.report import unidentified_warnings
 
+from . import ladder as ladder_lib
 from . import store, tracking
 from .config import RunConfig
 from .earlystop import MIN_REFERENCE, leave_one_out, lr_from_history
@@ -337,9 +338,9 @@ def adaptive_summary(ladder, done: list, notes: list[str], validation: dict, wal
                      f"({v['N'] / v['N_opt_predicted']:.2f}x the predicted N_opt {v['N_opt_predicted']:,.0f}): "
                      f"predicted {v['predicted_loss']:.4f} [{v['predicted_lo']:.4f}, {v['predicted_hi']:.4f}], "
                      f"measured {v['measured_loss']:.4f}: error {v['rel_error']:+.2%}")
-        if v.get("epochs", 0) > 4:   # adaptive.MAX_EPOCHS
-            lines.append(f"    the validation run repeats the training split {v['epochs']:.1f} times (over the 4 "
-                         f"epochs of Muennighoff et al. 2023): the corpus is small for this budget")
+        if v.get("epochs", 0) > ladder_lib.MAX_EPOCHS:
+            lines.append(f"    the validation run repeats the training split {v['epochs']:.1f} times (over the "
+                         f"{ladder_lib.MAX_EPOCHS:g} epochs of Muennighoff et al. 2023): the corpus is small for this budget")
         lines.append(f"    prediction made before the run started, from {v['law']}; Chinchilla's parametric fit to "
                      f"{v['n_runs_fitted']} runs predicted {v['chinchilla_loss']:.4f} [{v['chinchilla_lo']:.4f}, "
                      f"{v['chinchilla_hi']:.4f}]{'' if v['chinchilla_identified'] else ' (NOT IDENTIFIED)'}: "
