@@ -116,12 +116,24 @@ def _need_columns(df, cols, what):
 
 # --- Approach 1 ----------------------------------------------------------------------------------
 
+# Hoffmann et al. 2022 App. B (Fig. A1): a cosine cycle over ~25% longer than the steps taken leaves
+# a model clearly worse than one whose cycle ends there; their approach 1 has a run near its cycle's end
+# at every C (4 horizons per size). Studies here train one horizon per (size, budget), so a curve is read
+# only where its D is <= 1.25x the tokens seen. On a noise-free planted law in an IsoFLOP design whole
+# curves give a = 0.406 for the true 0.469, this rule 0.467 (tests; docs/isoflop-and-prediction.md).
+MIN_PROGRESS = 0.8
+
+
 def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buckets: int = 100,
-             loss_col: str = "val_loss", level: float = 0.95, n_bootstrap: int = 1000, seed: int = 0) -> Allocation:
+             loss_col: str = "val_loss", level: float = 0.95, n_bootstrap: int = 1000, seed: int = 0,
+             min_progress: float = MIN_PROGRESS) -> Allocation:
     """Hoffmann et al. 2022 §3.1: at each of n_buckets log-spaced FLOP values (they used 1,500),
     interpolate every run's loss (linear in log FLOPs) and take the run with the lowest loss; its N
     (and the tokens it had seen there) is N_opt (D_opt) at that C. Only FLOP values reached by at
     least two runs count. N per run comes from curves_df["N"] or from runs_df (run_id, N).
+
+    A run counts from progress MIN_PROGRESS on (tokens / D, D from runs_df or the last point); 0 reads
+    whole curves, right only where every point is a trained model (a planted law, no schedule).
 
     The buckets are not independent observations: the envelope is a staircase of a few runs, so an
     OLS interval over buckets counts one run many times. Intervals on a and b are percentile
@@ -129,7 +141,7 @@ def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buc
     refit). The slope is identified only when the envelope visits >= 3 distinct sizes
     (common.n_distinct, the fits' rule in fit.term_support): a staircase of two sizes has a slope
     set by where the one step falls, not by how N_opt grows; it is reported, marked unidentified."""
-    runs = _run_curves(curves_df, runs_df, loss_col)
+    runs = _run_curves(curves_df, runs_df, loss_col, min_progress)
     lo = min(r[2][0] for r in runs)
     hi = max(r[2][-1] for r in runs)
     grid = np.linspace(lo, hi, n_buckets)
@@ -154,21 +166,20 @@ def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buc
                           "loss_opt": L[win[b], b], "run_id": [runs[i][0] for i in win[b]],
                           "n_runs": np.isfinite(L[:, b]).sum(axis=0)})
     if len(table) < 2 or table["N_opt"].nunique() < 2:
-        raise SuiteError("envelope: one run is lowest at every FLOP value reached by two or more runs; "
-                         "need overlapping curves from more model sizes")
+        raise SuiteError("envelope: one run is lowest at every FLOP value reached by two or more runs "
+                         f"(each run read from {min_progress:.0%} of its schedule on); need runs of several "
+                         "sizes ending at the same FLOP values (IsoFLOP budgets), or horizons per size")
     table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
     visited = n_distinct(np.log(table["N_opt"].to_numpy(float)))
     sizes = sorted(set(table["N_opt"]))
-    extras = {"n_runs": len(runs), "n_buckets": int(len(table)), "loss_col": loss_col,
+    extras = {"n_runs": len(runs), "n_buckets": int(len(table)), "loss_col": loss_col, "min_progress": min_progress,
               "n_sizes_visited": visited, "sizes_visited": sizes}
     al = _exponents(table["C"], table["N_opt"], table["D_opt"], level, "envelope", table, {}, extras)
-    nan2 = (float("nan"), float("nan"))
-    a_iv = b_iv = nan2
+    a_iv = b_iv = (float("nan"), float("nan"))
     if n_bootstrap:
         a_d, b_d = _envelope_slope_draws(pick, len(runs), Ns, T, grid, n_bootstrap, seed)
         undefined = float(np.mean(np.isnan(a_d)))
-        extras.update(interval_method=f"percentile bootstrap over runs ({n_bootstrap} resamples)",
-                      boot_undefined=undefined)
+        extras.update(interval_method=f"percentile bootstrap over runs ({n_bootstrap} resamples)", boot_undefined=undefined)
         if undefined <= 1 - level:
             a_iv = tuple(float(v) for v in percentile_interval(a_d, level))
             b_iv = tuple(float(v) for v in percentile_interval(b_d, level))
@@ -186,23 +197,27 @@ def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buc
     return replace(al, a_interval=a_iv, b_interval=b_iv, extras=extras)
 
 
-def _run_curves(curves_df, runs_df, loss_col: str) -> list:
-    """(run_id, N, log flops, loss, tokens) per run with >= 2 valid curve points, in FLOPs order."""
+def _run_curves(curves_df, runs_df, loss_col: str, min_progress: float = 0.0) -> list:
+    """(run_id, N, log flops, loss, tokens) per run with >= 2 valid curve points at progress >=
+    MIN_PROGRESS, in FLOPs order."""
     if curves_df is None or len(curves_df) == 0:
         raise SuiteError("envelope needs learning curves; none were given")
     df = curves_df
+    for col in ("N", "D"):
+        if col not in df.columns and runs_df is not None and col in runs_df.columns:
+            df = df.merge(runs_df[["run_id", col]], on="run_id", how="left")
     if "N" not in df.columns:
-        if runs_df is None or "N" not in runs_df.columns:
-            raise SuiteError("envelope needs N per run: a column N in the curves or runs_df with run_id, N")
-        df = df.merge(runs_df[["run_id", "N"]], on="run_id", how="left")
+        raise SuiteError("envelope needs N per run: a column N in the curves or runs_df with run_id, N")
     _need_columns(df, ["run_id", "flops", loss_col, "N"], "envelope")
     df = df[np.isfinite(df[loss_col]) & (df["flops"] > 0) & (df[loss_col] > 0) & (df["N"] > 0)]
     runs = []
     for run_id, g in df.sort_values("flops").groupby("run_id", sort=False):
-        if len(g) >= 2:
-            tok = g["tokens"].to_numpy(float) if "tokens" in g else g["flops"].to_numpy(float) / (6 * g["N"].to_numpy(float))
-            runs.append((run_id, float(g["N"].iloc[0]), np.log(g["flops"].to_numpy(float)),
-                         g[loss_col].to_numpy(float), tok))
+        tok = g["tokens"].to_numpy(float) if "tokens" in g else g["flops"].to_numpy(float) / (6 * g["N"].to_numpy(float))
+        D = float(g["D"].iloc[0]) if "D" in g and np.isfinite(g["D"].iloc[0]) else float(tok.max())
+        keep = tok >= min_progress * D * (1 - 1e-9)
+        if keep.sum() >= 2:
+            runs.append((run_id, float(g["N"].iloc[0]), np.log(g["flops"].to_numpy(float)[keep]),
+                         g[loss_col].to_numpy(float)[keep], tok[keep]))
     if len(runs) < 2:
         raise SuiteError(f"envelope needs curves (>= 2 points each) from at least 2 runs, got {len(runs)}")
     return runs

@@ -64,6 +64,26 @@ def learning_curves(sizes=(1e5, 3e5, 1e6), tokens_per_param=40, n_points=40, par
     return pd.concat(frames, ignore_index=True)
 
 
+def isoflop_curves(params=None, budgets=tuple(np.logspace(17, 19, 5)), n_per_budget=5, width=0.5,
+                   n_points=30, gap=0.0, flops_per_token_factor=6.0) -> pd.DataFrame:
+    """Learning curves of an IsoFLOP design, one horizon per (size, budget) as an adaptive or grid
+    study trains them: per budget, n_per_budget sizes over +-width decades around the planted
+    optimum, each run's loss after t of its D tokens L(N, t) + gap * (1 + cos(pi t / D)) / 2 (gap:
+    what a run still lacks mid-cosine, zero at its end). Columns as learning_curves, plus D."""
+    p = dict(PLANTED if params is None else params)
+    frames = []
+    for C in budgets:
+        n_opt, _ = laws.chinchilla_optimal(C, **p, flops_per_token_factor=flops_per_token_factor)
+        for N in np.logspace(np.log10(n_opt) - width, np.log10(n_opt) + width, n_per_budget):
+            D = C / (flops_per_token_factor * N)
+            t = np.logspace(np.log10(D) - 2, np.log10(D), n_points)
+            loss = laws.chinchilla(N, t, **p) + gap * (1 + np.cos(np.pi * t / D)) / 2
+            frames.append(pd.DataFrame({
+                "run_id": f"C{C:.3g}-N{N:.4g}", "N": N, "D": D, "step": t.round().astype(np.int64), "tokens": t,
+                "flops": flops_per_token_factor * N * t, "train_loss": loss, "val_loss": loss, "lr": 1e-3}))
+    return pd.concat(frames, ignore_index=True)
+
+
 def undertrained_isoflop_runs(params=None, budgets=tuple(np.logspace(18, 21, 7)),
                               sizes=tuple(np.logspace(7.5, 10.5, 13)), batch_tokens=2.0 ** 19,
                               k_steps=60.0, noise=0.0, seed=0, flops_per_token_factor=6.0) -> pd.DataFrame:

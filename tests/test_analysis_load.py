@@ -79,7 +79,7 @@ def _log_isoflop_study(client, tmp):
         fpt = 6 * r["N"]
         metrics = [Metric(k, float(v), 0, 0) for k, v in (("N", r["N"]), ("D", r["D"]), ("C", r["C"]),
                                                          ("flops_per_token", fpt), ("final_val_loss", r["loss"]))]
-        for t in np.logspace(np.log10(r["D"]) - 1.5, np.log10(r["D"]), 8).round():
+        for t in np.linspace(r["D"] / 8, r["D"], 8).round():    # evenly spaced in steps, as train.py evaluates
             metrics.append(Metric("val_loss", float(laws.chinchilla(r["N"], t, **synthetic.PLANTED)), 0, int(t)))
         client.log_batch(rid, metrics=metrics, params=[Param("C", str(r["C_budget"]))])
         client.set_terminated(rid, "FINISHED")

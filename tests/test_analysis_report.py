@@ -45,7 +45,7 @@ def isoflop_study():
     runs["design"] = "isoflop"
     curves = []
     for rid, N, D in zip(runs["run_id"], runs["N"], runs["D"]):
-        t = np.logspace(np.log10(D) - 1.5, np.log10(D), 12)
+        t = np.linspace(D / 12, D, 12)     # evaluations evenly spaced in steps, as train.py makes them
         curves.append(pd.DataFrame({"run_id": rid, "step": t.astype(int), "tokens": t, "flops": 6 * N * t,
                                     "val_loss": laws.chinchilla(N, t, **synthetic.PLANTED),
                                     "train_loss": np.nan, "lr": 1e-3}))
