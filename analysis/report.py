@@ -16,7 +16,7 @@ import pandas as pd
 
 from scaling_suite.errors import SuiteError
 
-from . import allocation, extrapolate, plots
+from . import allocation, extrapolate, laws, plots
 from .common import fmt, format_interval, jsonable, n_distinct
 from .crossval import holdout_largest, loo_errors
 from .fit import fit_chinchilla, fit_kaplan, fit_power_law
@@ -146,6 +146,10 @@ def build_report(runs_df: pd.DataFrame, curves_df: pd.DataFrame | None = None, o
     lN, lD = _one_variable_laws(R, df, loss_col, boot, target_N)
     iso, env, lC = _allocations(R, df, curves_df, loss_col, boot, target_C)
     allocs = [a for a in (iso, env, par) if a is not None]
+    agree = allocation_agreement(allocs)
+    if agree is not None:
+        R.add("allocation_agreement", agree, agreement_line(agree))
+        R.metrics["alloc_agree"] = float(agree["agree"])
 
     # Figures.
     # A law is drawn through the points (and out to target_N) only where the data identify it.
@@ -200,6 +204,48 @@ def _parametric(R: _Report, df, N, D, C, y, grid, boot: dict, target_N: float, t
             R.extrapolation("C_chinchilla", extrapolate.at_C, chin, target_C)
         R.figure("residuals_chinchilla", plots.residuals, chin, N, D, loss=y)
     return chin, par
+
+
+APPROACHES = {"isoflop": "IsoFLOP (approach 2)", "envelope": "envelope (approach 1)",
+              "parametric": "parametric (approach 3)"}
+
+
+def allocation_line(key: str, d: dict) -> str:
+    """Report section KEY (allocation_<approach>: Allocation.to_dict()) on one line: exponents,
+    intervals, identification. The one wording of it, for `analyze`'s summary and the study's."""
+    approach = key.removeprefix("allocation_")
+    line = (f"{APPROACHES.get(approach, approach)}: N_opt ∝ C^{fmt(d['a'], '.3f')} "
+            f"{format_interval(d.get('a_interval')) or '(no interval)'}, D_opt ∝ C^{fmt(d['b'], '.3f')} "
+            f"{format_interval(d.get('b_interval'))}  (Chinchilla ≈ {laws.CHINCHILLA_N_OPT_EXPONENT})")
+    return line + ("  NOT IDENTIFIED (see the warning)" if d.get("extras", {}).get("unidentified") else "")
+
+
+def allocation_agreement(allocs) -> dict | None:
+    """Do the approaches agree on a? Hoffmann et al. 2022 (Table 2) set their three side by side; the
+    rule here: each identified approach's a lies inside every other one's interval. None with fewer
+    than two identified approaches. An approach without an interval (2 budgets) is checked against
+    the others, but cannot check them (listed in no_interval)."""
+    al = [a for a in allocs if not a.extras.get("unidentified")]
+    if len(al) < 2:
+        return None
+    outside, no_interval = [], []
+    for y in al:
+        lo, hi = y.a_interval
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            no_interval.append(y.approach)
+            continue
+        outside += [f"{APPROACHES[x.approach]}'s a = {x.a:.3f} lies {'below' if x.a < lo else 'above'} "
+                    f"{APPROACHES[y.approach]}'s interval [{lo:.3f}, {hi:.3f}]"
+                    for x in al if x is not y and not lo <= x.a <= hi]
+    return {"approaches": [a.approach for a in al], "agree": not outside, "outside": outside,
+            "no_interval": no_interval, "rule": "each approach's a inside every other approach's interval"}
+
+
+def agreement_line(g: dict) -> str:
+    names = ", ".join(APPROACHES[a].split(" (")[1].rstrip(")") for a in g["approaches"])
+    head = (f"the approaches ({names}) agree on a: each point inside the others' intervals" if g["agree"]
+            else f"the approaches ({names}) DISAGREE on a: " + "; ".join(g["outside"]))
+    return head + (f" (no interval to check against: {', '.join(g['no_interval'])})" if g["no_interval"] else "")
 
 
 def _one_variable_laws(R: _Report, df, loss_col: str, boot: dict, target_N: float):
@@ -307,12 +353,10 @@ def summary(result: dict) -> str:
             f"{k} {fmt(v, '.4g')} {format_interval(iv.get(k), '.4g')}".rstrip()
             for k, v in p.items()) + f"; objective {s['chinchilla']['objective']:.5e}")
     lines += [f"WARNING {w}" for w in unidentified_warnings(s)]
-    for key in ("allocation_parametric", "allocation_isoflop", "allocation_envelope"):
-        if key in s:
-            lines.append(f"{key.replace('_', ' ')}: N_opt ∝ C^{fmt(s[key]['a'], '.3f')} "
-                         f"{format_interval(s[key].get('a_interval')) or '(no interval)'}, "
-                         f"D_opt ∝ C^{fmt(s[key]['b'], '.3f')}"
-                         + (" (NOT IDENTIFIED)" if s[key].get("extras", {}).get("unidentified") else ""))
+    lines += [allocation_line(k, s[k]) for k in ("allocation_isoflop", "allocation_envelope", "allocation_parametric")
+              if k in s]
+    if "allocation_agreement" in s:
+        lines.append(agreement_line(s["allocation_agreement"]))
     for e in result["extrapolations"]:
         iv = e["interval"]
         lines.append(f"loss at {e['target']} = {fmt(e['value'])}: {fmt(e['loss'], '.4f')}"

@@ -7,8 +7,10 @@ Planted (issue 14): the Chinchilla law plus an undertraining term k/steps at a f
 (analysis.synthetic.undertrained_isoflop_runs), one fixed list of 21 sizes for 13 budgets over six
 decades, 1% noise; the true N* per budget is found numerically, the true a by OLS over budgets.
 Prints |a - a_true| (median, 90th percentile, share < 0.01) for each window rule of
-analysis.minimum.profile_minimum. --mlflow: approaches 1-3 on the isoflop runs of the store
-(allocation.isoflop with each rule; envelope and parametric through analysis.report).
+analysis.minimum.profile_minimum. --mlflow: approaches 1-3 on the runs of one design in the store
+(allocation.isoflop with each rule; envelope and parametric through analysis.report; beside them the
+envelope of whole curves and approach 3 on approach 2's windowed runs). An adaptive study:
+`--design adaptive --seeds 0`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import numpy as np
 
 from analysis import allocation, load, report, synthetic
+from analysis.fit import fit_chinchilla
 
 RULES = [("within 10% of the best (default)", {}), ("within 15%", {"band": 0.15}), ("within 5%", {"band": 0.05}),
          ("5 nearest sizes", {"nearest": 5}), ("9 nearest sizes", {"nearest": 9}), ("all points", {"band": np.inf})]
@@ -58,6 +61,17 @@ def real(design: str) -> None:
             x = res["sections"][key]
             print(f"  {key}: a = {x['a']:.3f} {x['a_interval']} "
                   + json.dumps({k: x["extras"].get(k) for k in ("n_sizes_visited", "unidentified", "interval_note")}))
+    # What the rules chosen replaced, on the same runs: the envelope of whole curves, and approach 3
+    # fitted (tried, not adopted) only on the runs approach 2's windows use.
+    whole = allocation.envelope(curves, runs, min_progress=0, n_bootstrap=200)
+    print(f"  envelope of whole curves (min_progress=0): a = {whole.a:.3f} {whole.a_interval}")
+    iso = allocation.isoflop(runs, loss_col="final_val_loss", n_bootstrap=0)
+    used = runs["run_id"].isin({i for u in iso.table["used"] for i in u})
+    w = runs[used]
+    fit = fit_chinchilla(w["N"].to_numpy(float), w["D"].to_numpy(float), w["final_val_loss"].to_numpy(float),
+                         grid="coarse", n_bootstrap=200)
+    par = allocation.from_parametric(fit)
+    print(f"  approach 3 on the {int(used.sum())} runs approach 2's windows use: a = {par.a:.3f} {par.a_interval}")
 
 
 def main() -> None:

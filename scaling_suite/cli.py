@@ -30,7 +30,7 @@ from .device import (TORCH_MIN, autocast, available_memory, compile_support, mps
 from .errors import SuiteError
 from .lr_auto import parse_lr, resolve_lr
 from .checkpoint import config_from_params, load_checkpoint
-from .train import on_interrupt, result_dict, train
+from .train import SIGNALS, on_interrupt, result_dict, train
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -380,18 +380,19 @@ def cmd_analyze(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None and threading.current_thread() is threading.main_thread():   # the command line, not a test
-        signal.signal(signal.SIGINT, on_interrupt)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_interrupt)
     try:
         return args.fn(args)
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        # The runs were marked KILLED on the way out (Tracker.running); 130 = 128 + SIGINT, the
-        # shell's code for a Ctrl-C.
+        # The runs were marked KILLED on the way out (Tracker.running); the shell's code for death
+        # by a signal: 128 + its number (130 for a Ctrl-C, 143 for SIGTERM).
         print("interrupted: the run(s) in progress are marked KILLED; rerun the same command "
               "(or train --resume RUN_ID) to continue from the last checkpoint", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + SIGNALS[0] if SIGNALS else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

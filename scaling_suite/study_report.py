@@ -17,9 +17,8 @@ import numpy as np
 from analysis import load, report
 from analysis.common import fmt, format_interval
 from analysis.fit import fit_kaplan
-from analysis.laws import CHINCHILLA_N_OPT_EXPONENT as CHINCHILLA_A
 from analysis.laws import KAPLAN_ALPHA_N
-from analysis.report import unidentified_warnings
+from analysis.report import agreement_line, allocation_line, unidentified_warnings
 
 from . import ladder as ladder_lib
 from . import store, tracking
@@ -277,14 +276,10 @@ def summary(result: dict, facts: dict, plan) -> str:
 def allocation_lines(s: dict) -> list[str]:
     """The three approaches' exponents, intervals, windows and per-budget minima (report sections S)."""
     lines: list[str] = []
-    for key, name in (("allocation_isoflop", "IsoFLOP (approach 2)"), ("allocation_envelope", "envelope (approach 1)"),
-                      ("allocation_parametric", "parametric (approach 3)")):
+    for key in ("allocation_isoflop", "allocation_envelope", "allocation_parametric"):
         if key in s:
             al = s[key]
-            lines.append(f"{name}: N_opt ∝ C^{fmt(al['a'], '.3f')} {format_interval(al.get('a_interval')) or '(no interval)'}, "
-                         f"D_opt ∝ C^{fmt(al['b'], '.3f')} {format_interval(al.get('b_interval'))}  (Chinchilla ≈ {CHINCHILLA_A})")
-            if al.get("extras", {}).get("unidentified"):
-                lines[-1] += "  NOT IDENTIFIED (see the warning below)"
+            lines.append(allocation_line(key, al))
             if al.get("extras", {}).get("interval_note"):
                 lines.append(f"    {al['extras']['interval_note']}")
             if key == "allocation_isoflop":
@@ -304,6 +299,8 @@ def allocation_lines(s: dict) -> list[str]:
                              f"{format_interval([row.get('N_lo'), row.get('N_hi')])}, D*={fmt(row['D_opt'])}, "
                              f"D/N={fmt(ratio, '.1f')}, from {len(row.get('used') or [])} of {row.get('n_runs')} runs")
             lines += [f"    budget {b} left out: {why}" for b, why in (al.get("skipped") or {}).items()]
+    if "allocation_agreement" in s:
+        lines.append(agreement_line(s["allocation_agreement"]))
     return lines
 
 

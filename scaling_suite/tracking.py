@@ -59,7 +59,7 @@ class NullTracker:
             yield self
         except (KeyboardInterrupt, SystemExit):
             self.discard()
-            self.end("KILLED", "interrupted by the user")
+            self.end("KILLED", "interrupted (Ctrl-C or SIGTERM)")
             raise
         except stopped as e:
             self.end("KILLED", str(e))

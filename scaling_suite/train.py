@@ -39,14 +39,17 @@ class TrainingFailed(SuiteError):
     """A run that cannot go on (NaN loss, out of memory); a sweep records it FAILED and moves on."""
 
 
-# Set by the CLI's SIGINT handler. A Ctrl-C during torch.compile's first (cold) compilation was lost
-# on this machine (the run went on and exited 0); the loop checks this before every step.
+# Set by the CLI's SIGINT/SIGTERM handler. A Ctrl-C during torch.compile's first (cold) compilation
+# was lost on this machine (the run went on and exited 0); the loop checks this before every step.
 INTERRUPT = threading.Event()
+SIGNALS: list[int] = []     # the signals received, in order (the CLI's exit code is 128 + the first)
 
 
 def on_interrupt(signum, frame) -> None:
-    """The CLI's SIGINT handler: remembered in INTERRUPT, then raised as usual."""
+    """The CLI's SIGINT (Ctrl-C) and SIGTERM (`kill`, a scheduler) handler: remembered, then raised as
+    a KeyboardInterrupt, so both end a run KILLED (Python's default SIGTERM left it RUNNING)."""
     INTERRUPT.set()
+    SIGNALS.append(signum)
     raise KeyboardInterrupt
 
 

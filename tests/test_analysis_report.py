@@ -210,3 +210,25 @@ def test_unidentified_law_is_reported_not_used(tmp_path):
     text = study_report.summary({"data": {"n_runs": 13}, "sections": {"allocation_isoflop": iso}}, facts,
                                 SimpleNamespace(mode="quick"))
     assert "    budget C=6e+11 left out: minimum at N=5.49e+03" in text
+
+
+def test_allocation_agreement_names_each_point_outside_another_interval():
+    from analysis.allocation import Allocation
+    from analysis.report import agreement_line, allocation_agreement
+
+    iso = Allocation("isoflop", 0.451, 0.55, (0.344, 0.558), (0.44, 0.67))
+    env = Allocation("envelope", 0.402, 0.59, (0.197, 0.521), (0.48, 0.81))
+    par = Allocation("parametric", 0.236, 0.76, (0.047, 0.570), (0.43, 0.95))
+    g = allocation_agreement([iso, env, par])
+    assert not g["agree"] and g["outside"] == [
+        "parametric (approach 3)'s a = 0.236 lies below IsoFLOP (approach 2)'s interval [0.344, 0.558]"]
+    assert "DISAGREE" in agreement_line(g)
+    ok = allocation_agreement([iso, env])
+    assert ok["agree"] and agreement_line(ok).startswith("the approaches (approach 2, approach 1) agree")
+    # Two budgets: no interval on approach 2; it is still checked against the envelope's.
+    two = Allocation("isoflop", 0.9, 0.1)
+    g = allocation_agreement([two, env])
+    assert not g["agree"] and g["no_interval"] == ["isoflop"] and "above" in g["outside"][0]
+    # An unidentified approach is not a measurement: it takes no part.
+    bad = Allocation("envelope", 0.1, 0.9, (0.0, 0.2), extras={"unidentified": {"a": "2 sizes"}})
+    assert allocation_agreement([iso, bad]) is None

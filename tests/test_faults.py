@@ -320,8 +320,11 @@ def test_database_urls_without_their_driver_are_one_line(mlflow_store, capsys, m
     assert code == 2 and "psycopg2" in one_line(err) and "s3cret" not in err
 
 
-def test_ctrl_c_is_one_line_exit_130_and_the_run_is_killed(mlflow_store, token_cache, tmp_path):
-    """a7e3e38 marked the run KILLED but printed 22-28 lines of KeyboardInterrupt and exited 1."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_is_one_line_exit_128_plus_signal_and_the_run_is_killed(sig, code, mlflow_store,
+                                                                                   token_cache, tmp_path):
+    """a7e3e38 marked the run KILLED on Ctrl-C but printed 22-28 lines of KeyboardInterrupt and exited 1;
+    on SIGTERM (a scheduler's stop, `kill`) the process died at once and the run stayed RUNNING."""
     env = {**os.environ, **ONE_THREAD, "MLFLOW_TRACKING_URI": mlflow_store}
     # 4M tokens (the tiny preset's 1M ended before the interrupt once, its first metrics flushed late).
     proc = subprocess.Popen([sys.executable, "-m", "scaling_suite.cli", "train", "--preset", "tiny", "--D", "4e6",
@@ -335,9 +338,9 @@ def test_ctrl_c_is_one_line_exit_130_and_the_run_is_killed(mlflow_store, token_c
             runs = [r for r in client.search_runs([exp.experiment_id]) if "val_loss" in r.data.metrics]
             run_id = runs[0].info.run_id if runs else None
     assert run_id, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == code, err[-1500:]
     assert one_line(err).startswith("interrupted")
     run = client.get_run(run_id)
     assert run.info.status == "KILLED" and "interrupted" in run.data.tags["failure_reason"]
