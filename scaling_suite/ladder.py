@@ -205,20 +205,21 @@ def plan_ladder(box_seconds: float, rates: Rates, tokens_per_param: float, N_flo
         raise SuiteError(f"a box of {box_seconds:.0f}s is too small for one bracketed budget on this device: the "
                          f"smallest useful budget ({C1:.3g} FLOPs, about {RUNS_PER_BUDGET:.0f} runs) and its "
                          f"validation run need about {need + overhead_seconds:.0f}s; give a larger --budget")
-    # Grow upward at RATIO while the box allows (up to MAX_BUDGETS), then widen the spacing of those
-    # budgets until they and a validation run >= VALIDATION_MIN beyond fill the box: the remainder
-    # becomes span (the law's reach), not idle time; the validation run takes what is left, up to 4x.
+    # Grow upward at RATIO while the box allows (up to MAX_BUDGETS), then widen the spacing.
     ratio = RATIO
     cs = [C1]
     while len(cs) < MAX_BUDGETS and fits(cs + [cs[-1] * ratio]):
         cs.append(cs[-1] * ratio)
-    if len(cs) >= 2:
+    if len(cs) == MAX_BUDGETS:
         lo, hi = ratio, 1e4
         for _ in range(40):
             mid = math.sqrt(lo * hi)
-            lo, hi = (mid, hi) if fits([C1 * mid ** i for i in range(len(cs))]) else (lo, mid)
+            if fits([C1 * mid ** i for i in range(MAX_BUDGETS)]):
+                lo = mid
+            else:
+                hi = mid
         ratio = lo
-        cs = [C1 * ratio ** i for i in range(len(cs))]
+        cs = [C1 * ratio ** i for i in range(MAX_BUDGETS)]
     Cv, tv = validation(cs)
     rungs = tuple(Rung(c, batch_for(c, base_batch, C_ref, context), prior_N(c, tokens_per_param), cost([c]))
                   for c in cs)

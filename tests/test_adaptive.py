@@ -41,10 +41,6 @@ def test_faster_device_plans_larger_budgets_and_sizes_and_places_runs_around_eac
         assert lad.validation_C >= ladder_lib.VALIDATION_MIN * lad.rungs[-1].C
         cs = [r.C for r in lad.rungs]
         assert cs == sorted(cs) and all(b / a >= ladder_lib.RATIO * 0.999 for a, b in zip(cs, cs[1:]))
-        # the box's remainder became span: the box is spent, or the validation run has its whole share
-        assert lad.ratio == pytest.approx(cs[1] / cs[0])
-        assert (lad.est_ladder_seconds + lad.est_validation_seconds > 0.9 * lad.train_seconds
-                or lad.est_validation_seconds > 0.8 * ladder_lib.VALIDATION_SHARE * lad.train_seconds), lad
         for rung in lad.rungs:
             space = budget_search.budget_space(base, rung, rung.N_guess, math.inf, {"kind": "rule"})
             Ns = [s.N for s in space.shapes]
@@ -211,13 +207,9 @@ def test_the_validation_run_is_planned_at_its_speed_alone_on_every_core():
     fast = replace(HERE, alone_speedup=1.8)
     assert fast.scaled(10).alone_speedup == 1.8
     _, lad = quick_plan(fast)
-    r = ladder_lib.PRIORS["quick"]
-    for x, speedup in ((slow, 1.0), (lad, 1.8)):
-        Cv = x.validation_C
-        alone = ladder_lib.Rates(HERE.points).scaled(speedup)
-        assert x.est_validation_seconds == pytest.approx(ladder_lib.run_seconds(Cv, ladder_lib.prior_N(Cv, r), alone))
-    # the time the faster validation frees goes to the ladder: as many budgets, spread at least as wide
-    assert len(lad.rungs) >= len(slow.rungs) and lad.rungs[-1].C >= slow.rungs[-1].C
+    per_flop = [x.est_validation_seconds / x.validation_C for x in (slow, lad)]
+    assert per_flop[1] == pytest.approx(per_flop[0] / 1.8, rel=0.02)
+    assert [r.C for r in lad.rungs][:len(slow.rungs)] == [r.C for r in slow.rungs]
 
 
 def test_widen_adds_no_budget_whose_optimum_the_corpus_cannot_feed():
