@@ -34,8 +34,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from scipy.special import stdtrit   # the Student t quantile (scipy.stats costs ~2 s to import)
-
 from .errors import SuiteError
 
 # Wall seconds of each mode's box, set-up, probe, runs and analysis included. quick: `make quick`
@@ -49,8 +47,7 @@ C_REF = {"smoke": 3e9, "quick": 1.2e12, "dev": 1e14, "full": 1e16}   # where eac
 RUNS_PER_BUDGET = 5.0       # expected runs to bracket and pin one budget's minimum (seeds + search)
 MIN_BUDGETS = 4             # --target_width stops no ladder shorter: a's OLS interval from 3 minima (1 dof) is narrow by luck
 MAX_BUDGETS = 6
-RATIO = 2.0                 # spacing of the budgets while they fit the box
-MIN_RATIO = 1.5             # closest spacing of one more budget (neighbouring N* then ~0.07 decades apart at a ≈ 0.4)
+RATIO = 2.0                 # least spacing of the budgets
 VALIDATION_MIN = 2.0        # the validation budget, at least this x the largest fitted budget
 VALIDATION_SHARE = 0.25     # at most this share of the training time goes to the validation run
 BATCH_EXPONENT = 0.3271     # DeepSeek LLM §3.1
@@ -168,33 +165,6 @@ def budget_seconds(C: float, N: float, rates: Rates, runs: float = RUNS_PER_BUDG
     return runs * run_seconds(C, N, rates) / max(1, rates.workers)
 
 
-def slope_width(n: int, span: float) -> float:
-    """The 95% t-interval's width (in units of the scatter of one minimum) of the OLS slope through
-    N budgets evenly spaced over SPAN decades: t_{n-2} / sqrt(sum (x - mean)^2), the interval approach 2
-    reports on a (analysis.allocation.isoflop). inf below 3 budgets."""
-    if n < 3 or span <= 0:
-        return math.inf
-    return float(stdtrit(n - 2, 0.975)) / math.sqrt(span ** 2 * n * (n + 1) / (12 * (n - 1)))
-
-
-def _one_more_budget(cs: list, fits) -> list:
-    """CS (budgets RATIO apart that fit the box, the next one did not) or one budget more at the widest
-    spacing in [MIN_RATIO, RATIO) that fits, when that does not widen the expected interval on a
-    (slope_width): the box's remainder becomes a degree of freedom, and a budget that fails to
-    locate its minimum then leaves as many as the plan at RATIO had."""
-    m = len(cs) + 1
-    at = [cs[0] * MIN_RATIO ** i for i in range(m)]
-    if len(cs) < 2 or not fits(at):
-        return cs
-    lo, hi = MIN_RATIO, RATIO
-    for _ in range(30):
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if fits([cs[0] * mid ** i for i in range(m)]) else (lo, mid)
-    if slope_width(m, (m - 1) * math.log10(lo)) > slope_width(len(cs), (len(cs) - 1) * math.log10(RATIO)):
-        return cs
-    return [cs[0] * lo ** i for i in range(m)]
-
-
 def plan_ladder(box_seconds: float, rates: Rates, tokens_per_param: float, N_floor: int, base_batch: int,
                 C_ref: float, context: int, overhead_seconds: float, N_ceiling: float = math.inf) -> Ladder:
     """The widest ladder of budgets, and its validation budget, whose estimated wall time fits the box.
@@ -235,16 +205,12 @@ def plan_ladder(box_seconds: float, rates: Rates, tokens_per_param: float, N_flo
         raise SuiteError(f"a box of {box_seconds:.0f}s is too small for one bracketed budget on this device: the "
                          f"smallest useful budget ({C1:.3g} FLOPs, about {RUNS_PER_BUDGET:.0f} runs) and its "
                          f"validation run need about {need + overhead_seconds:.0f}s; give a larger --budget")
-    # Grow upward at RATIO while the box allows (up to MAX_BUDGETS); then one budget more at a closer
-    # spacing where the remainder allows (_one_more_budget), or, with MAX_BUDGETS at RATIO, widen the spacing.
+    # Grow upward at RATIO while the box allows (up to MAX_BUDGETS), then widen the spacing.
     ratio = RATIO
     cs = [C1]
     while len(cs) < MAX_BUDGETS and fits(cs + [cs[-1] * ratio]):
         cs.append(cs[-1] * ratio)
-    if len(cs) < MAX_BUDGETS:
-        cs = _one_more_budget(cs, fits)
-        ratio = cs[1] / cs[0] if len(cs) > 1 else ratio
-    if len(cs) == MAX_BUDGETS and ratio >= RATIO:
+    if len(cs) == MAX_BUDGETS:
         lo, hi = ratio, 1e4
         for _ in range(40):
             mid = math.sqrt(lo * hi)
