@@ -197,7 +197,7 @@ def envelope(curves_df: pd.DataFrame, runs_df: pd.DataFrame | None = None, n_buc
     return replace(al, a_interval=a_iv, b_interval=b_iv, extras=extras)
 
 
-def _run_curves(curves_df, runs_df, loss_col: str, min_progress: float = 0.0) -> list:
+def _run_curves(curves_df, runs_df, loss_col: str, min_progress: float) -> list:
     """(run_id, N, log flops, loss, tokens) per run with >= 2 valid curve points at progress >=
     MIN_PROGRESS, in FLOPs order."""
     if curves_df is None or len(curves_df) == 0:

@@ -206,8 +206,8 @@ def _parametric(R: _Report, df, N, D, C, y, grid, boot: dict, target_N: float, t
     return chin, par
 
 
-APPROACHES = {"isoflop": "IsoFLOP (approach 2)", "envelope": "envelope (approach 1)",
-              "parametric": "parametric (approach 3)"}
+APPROACH_NUMBER = {"envelope": 1, "isoflop": 2, "parametric": 3}    # Hoffmann et al. 2022 §3.1-3.3
+APPROACHES = {a: f"{'IsoFLOP' if a == 'isoflop' else a} (approach {n})" for a, n in APPROACH_NUMBER.items()}
 
 
 def allocation_line(key: str, d: dict) -> str:
@@ -242,7 +242,7 @@ def allocation_agreement(allocs) -> dict | None:
 
 
 def agreement_line(g: dict) -> str:
-    names = ", ".join(APPROACHES[a].split(" (")[1].rstrip(")") for a in g["approaches"])
+    names = ", ".join(f"approach {APPROACH_NUMBER[a]}" for a in g["approaches"])
     head = (f"the approaches ({names}) agree on a: each point inside the others' intervals" if g["agree"]
             else f"the approaches ({names}) DISAGREE on a: " + "; ".join(g["outside"]))
     return head + (f" (no interval to check against: {', '.join(g['no_interval'])})" if g["no_interval"] else "")

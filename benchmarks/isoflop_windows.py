@@ -45,9 +45,11 @@ def real(design: str) -> None:
     runs = load.fitting_runs(load.load_runs())
     runs = runs[runs["design"] == design].reset_index(drop=True)
     print(f"{design}: {len(runs)} runs")
+    default = None
     for k, kw in RULES:
         try:
             al = allocation.isoflop(runs, loss_col="final_val_loss", **kw)
+            default = default or al     # RULES[0] is the default window
         except Exception as e:  # noqa: BLE001 — say why this rule has no answer, go on
             print(f"  approach 2, {k}: {e}")
             continue
@@ -65,8 +67,9 @@ def real(design: str) -> None:
     # fitted (tried, not adopted) only on the runs approach 2's windows use.
     whole = allocation.envelope(curves, runs, min_progress=0, n_bootstrap=200)
     print(f"  envelope of whole curves (min_progress=0): a = {whole.a:.3f} {whole.a_interval}")
-    iso = allocation.isoflop(runs, loss_col="final_val_loss", n_bootstrap=0)
-    used = runs["run_id"].isin({i for u in iso.table["used"] for i in u})
+    if default is None:
+        return
+    used = runs["run_id"].isin({i for u in default.table["used"] for i in u})
     w = runs[used]
     fit = fit_chinchilla(w["N"].to_numpy(float), w["D"].to_numpy(float), w["final_val_loss"].to_numpy(float),
                          grid="coarse", n_bootstrap=200)

@@ -13,7 +13,6 @@ micro-batches (gradient accumulation), never the batch, the schedule or the toke
 from __future__ import annotations
 
 import math
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -39,16 +38,15 @@ class TrainingFailed(SuiteError):
     """A run that cannot go on (NaN loss, out of memory); a sweep records it FAILED and moves on."""
 
 
-# Set by the CLI's SIGINT/SIGTERM handler. A Ctrl-C during torch.compile's first (cold) compilation
-# was lost on this machine (the run went on and exited 0); the loop checks this before every step.
-INTERRUPT = threading.Event()
-SIGNALS: list[int] = []     # the signals received, in order (the CLI's exit code is 128 + the first)
+# The signals the CLI's SIGINT/SIGTERM handler received, in order (its exit code is 128 + the first).
+# A Ctrl-C during torch.compile's first (cold) compilation was lost on this machine (the run went on
+# and exited 0); the loop checks this before every step.
+SIGNALS: list[int] = []
 
 
 def on_interrupt(signum, frame) -> None:
     """The CLI's SIGINT (Ctrl-C) and SIGTERM (`kill`, a scheduler) handler: remembered, then raised as
     a KeyboardInterrupt, so both end a run KILLED (Python's default SIGTERM left it RUNNING)."""
-    INTERRUPT.set()
     SIGNALS.append(signum)
     raise KeyboardInterrupt
 
@@ -128,7 +126,7 @@ def train(cfg: RunConfig, tracker=None, data: data_lib.TokenData | None = None,
         fwd, precision = model, pl.precision
         log = StepLog(cfg, d, tracker, start, _progress(d.steps, start, progress, cfg, bar_position))
         for step in range(start, d.steps):
-            if INTERRUPT.is_set():   # a Ctrl-C that a library swallowed (cli.on_interrupt)
+            if SIGNALS:   # a Ctrl-C or SIGTERM that a library swallowed (cli.on_interrupt)
                 raise KeyboardInterrupt
             if evaluator.due(step):
                 evaluator.evaluate(step)
