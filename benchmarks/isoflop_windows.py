@@ -49,7 +49,8 @@ def real(design: str) -> None:
     for k, kw in RULES:
         try:
             al = allocation.isoflop(runs, loss_col="final_val_loss", **kw)
-            default = default or al     # RULES[0] is the default window
+            if not kw:      # the default window (RULES[0]): approach 3 below reuses its runs
+                default = al
         except Exception as e:  # noqa: BLE001 — say why this rule has no answer, go on
             print(f"  approach 2, {k}: {e}")
             continue
@@ -68,6 +69,7 @@ def real(design: str) -> None:
     whole = allocation.envelope(curves, runs, min_progress=0, n_bootstrap=200)
     print(f"  envelope of whole curves (min_progress=0): a = {whole.a:.3f} {whole.a_interval}")
     if default is None:
+        print("  approach 3 on the default window's runs: none (the default window found no allocation)")
         return
     used = runs["run_id"].isin({i for u in default.table["used"] for i in u})
     w = runs[used]

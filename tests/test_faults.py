@@ -339,9 +339,11 @@ def test_ctrl_c_or_sigterm_is_one_line_exit_128_plus_signal_and_the_run_is_kille
             runs = [r for r in client.search_runs([exp.experiment_id]) if "val_loss" in r.data.metrics]
             run_id = runs[0].info.run_id if runs else None
     if run_id is None:
+        ended = proc.poll()
         proc.kill()
         out, err = proc.communicate()
-        pytest.fail(f"no val_loss before the run ended (exit {proc.returncode}): {err[-1500:]}")
+        why = f"the run ended first (exit {ended})" if ended is not None else "none within 180 s"
+        pytest.fail(f"no val_loss to interrupt at: {why}: {err[-1500:]}")
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-1500:]
