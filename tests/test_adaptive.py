@@ -16,7 +16,7 @@ import numpy as np
 import optuna
 import pytest
 
-from scaling_suite import adaptive, budget_search, cli
+from scaling_suite import adaptive, budget_search, cli, rdb
 from scaling_suite import ladder as ladder_lib
 from scaling_suite.plan import MODES
 
@@ -141,16 +141,19 @@ def test_sigkill_mid_study_then_rerun_completes_without_duplicates(mlflow_store,
     cmd = [sys.executable, "-m", "scaling_suite.cli", "sweep", "--mode", "smoke", "--design", "adaptive",
            "--budget", "110s", "--storage", storage, "--quiet", "--no_analysis", "--heartbeat", "1", "--grace", "3"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    # Created here, under the suite's lock, before the child: this process polls the storage, and
+    # opening a fresh SQLite file migrates its schema (two processes at once crash; test_faults).
+    polled = rdb.open_storage(storage, heartbeat=None)
     p = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline:
         time.sleep(1)
         try:
-            names = optuna.get_all_study_names(storage)
+            names = optuna.get_all_study_names(polled)
             done = sum(t.state.name == "COMPLETE" for n in names
-                       for t in optuna.load_study(study_name=n, storage=storage).get_trials(deepcopy=False))
-        except Exception:  # noqa: BLE001 — the storage is being created
+                       for t in optuna.load_study(study_name=n, storage=polled).get_trials(deepcopy=False))
+        except Exception:  # noqa: BLE001 — a write holds the database lock; poll again
             continue
         if done >= 2:
             break

@@ -326,6 +326,10 @@ def test_ctrl_c_or_sigterm_is_one_line_exit_128_plus_signal_and_the_run_is_kille
     """a7e3e38 marked the run KILLED on Ctrl-C but printed 22-28 lines of KeyboardInterrupt and exited 1;
     on SIGTERM (a scheduler's stop, `kill`) the process died at once and the run stayed RUNNING."""
     env = {**os.environ, **ONE_THREAD, "MLFLOW_TRACKING_URI": mlflow_store}
+    # The store is created here, before the child starts: this process polls it, and a client opening a
+    # fresh SQLite store migrates its schema, unlocked, while the child migrates it under the suite's
+    # lock (CI, 2026-12-01: the child failed with "no such column: spans.dimension_attributes").
+    tracking.init_store(mlflow_store)
     # 1e8 tokens: minutes of training on any CPU, so the interrupt always finds it running. 1M, then
     # 4M, ended first on faster machines (CI, 2026-11-30): the first val_loss waits for the 15 s flush.
     proc = subprocess.Popen([sys.executable, "-m", "scaling_suite.cli", "train", "--preset", "tiny", "--D", "1e8",

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from scaling_suite import plan as plan_lib
+from scaling_suite import tracking
 from scaling_suite.errors import SuiteError
 from scaling_suite.schedule import lr_per_step
 from scaling_suite.sweep import run_study
@@ -153,8 +154,8 @@ def test_sigkill_mid_study_then_rerun_resumes(mlflow_store, token_cache, tmp_pat
     # checkpoint often so the kill lands after a checkpoint of the running child
     cmd = [sys.executable, "-m", "scaling_suite.cli", "sweep", "--mode", "smoke", "--experiment", "k",
            "--quiet", "--no_analysis"]
+    client = tracking.init_store(mlflow_store)   # created before the child, which this process polls (test_faults)
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    client = mlflow.MlflowClient(mlflow_store)
     deadline = time.time() + 120
     killed_run = None
     while time.time() < deadline and proc.poll() is None:
