@@ -186,8 +186,9 @@ def wait_done(study, poll: float = 5.0, say=print) -> None:
     while True:
         fail_stale(study)
         n = int(StudySpec.of(study).n_trials)
-        if counts(study)["COMPLETE"] >= n:
-            return
+        if counts(study)["COMPLETE"] >= n or any(t.user_attrs.get("skipped") == worker.EXHAUSTED
+                                                 for t in study.get_trials(deepcopy=False)):
+            return   # done, or a worker found every size trained (a search of --tune values has more)
         if not said:
             say(f"[{study.study_name}] waiting for workers to complete {n} trials")
             said = True
@@ -260,6 +261,13 @@ def cmd_optimize(args) -> int:
     base = base_config(args)
     spaces = [Space(base, C, args.spread, args.min_tpp, args.max_tpp, args.min_steps, tuple(args.tune or ()))
               for C in flops]  # every budget is checked before anything starts
+    for space in spaces:
+        # Without --tune a trial is a size, and no size is trained twice: more trials than sizes
+        # would leave the study waiting for trials that can never run.
+        if not space.tune and n_trials > len(space.shapes):
+            raise SuiteError(f"--trials {n_trials} is more than the {len(space.shapes)} sizes that C={space.C:.3g} "
+                             f"allows (N {space.shapes[0].N:,}..{space.shapes[-1].N:,}); ask for at most "
+                             f"{len(space.shapes)}, or widen the range (--spread, --min_tpp, --min_steps)")
     storage = worker.open_storage(args.storage, args.heartbeat, args.grace)
     tracking.init_store()
     top = tracking.start_run(args.experiment, run_name=f"optimize C={' '.join(f'{c:.3g}' for c in flops)}",

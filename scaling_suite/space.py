@@ -40,9 +40,14 @@ def shape_table(base: RunConfig, spread: float, max_N: float) -> list[Shape]:
     """Shapes of N <= max_N, sorted by N: each (depth, width) once, at the aspect nearest the base's.
 
     Shapes within 2% of a smaller kept one are dropped unless their aspect is nearer the base's.
+    A one-layer shape is kept only below the smallest two-layer one of two heads or more: Kaplan et
+    al. (2020, §3.1 and Fig. 6) find models of fewer than two layers off the trend that deeper ones
+    follow, and every stored study here agreed (the wide one-layer runs sat 0.01-0.06 nats above
+    their budget's quadratic in log N, the two-layer ones below it; docs/adaptive.md).
     """
     lo, hi = max(1, math.floor(base.aspect / spread)), math.ceil(base.aspect * spread)
     best: dict[tuple, tuple] = {}
+    shallow_below = math.inf      # the smallest two-layer shape of two heads or more
     depth = 0
     while True:
         depth += 1
@@ -51,13 +56,17 @@ def shape_table(base: RunConfig, spread: float, max_N: float) -> list[Shape]:
             s = ModelShape.from_dial(depth, a, base.head_dim, base.vocab_size, base.context)
             n = count_params(s)["N"]
             smallest = n if smallest is None else min(smallest, n)
+            if depth == 2 and s.d_model >= 2 * base.head_dim:
+                shallow_below = min(shallow_below, n)
             far = abs(math.log(a / base.aspect))
             if n <= max_N and ((depth, s.d_model) not in best or far < best[(depth, s.d_model)][0]):
                 best[(depth, s.d_model)] = (far, Shape(n, depth, a, s.d_model))
-        if smallest > max_N or depth > 256:
+        if (smallest > max_N and depth >= 2) or depth > 256:
             break
     kept: list[tuple] = []
     for far, shape in sorted(best.values(), key=lambda v: v[1].N):
+        if shape.depth == 1 and shape.N >= shallow_below:
+            continue
         if kept and shape.N < 1.02 * kept[-1][1].N:
             if far < kept[-1][0]:
                 kept[-1] = (far, shape)

@@ -37,6 +37,11 @@ from .rdb import (DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, MAX_RETRY, 
                   claim, config_key, ensure_claims, load_study, open_storage, storage_url, trial_attrs)
 from .space import Space, make_sampler
 
+# A trial's "skipped" attr when every size of an allocation search is trained (optimize.wait_done
+# stops waiting on it).
+EXHAUSTED = "every size in the search range is already trained"
+
+
 # --- the queue ---------------------------------------------------------------------------------------
 
 def enqueue_configs(storage, study_name: str, configs: list[RunConfig], parent_run_id: str,
@@ -131,7 +136,7 @@ class Objective:
                 break
         else:
             self.exhausted = True
-            trial.set_user_attr("skipped", "every size in the search range is already trained")
+            trial.set_user_attr("skipped", EXHAUSTED)
             return None
         for k, v in trial_attrs(cfg).items():
             trial.set_user_attr(k, v)

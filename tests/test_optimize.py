@@ -80,11 +80,11 @@ def _check_search(storage, name, n):
 
 
 def _two_workers(storage, name, then):
-    """Create the study here, let two worker processes train its 6 trials, then run THEN here."""
-    assert main(_optimize(storage, name, 6, "--create_only")) == 0
+    """Create the study here, let two worker processes train its 5 trials, then run THEN here."""
+    assert main(_optimize(storage, name, 5, "--create_only")) == 0
     procs = worker.spawn_workers(storage, STUDY.format(name), 2)
     assert [p.wait(timeout=240) for p in procs] == [0, 0]
-    _, done, _, _ = _check_search(storage, STUDY.format(name), 6)
+    _, done, _, _ = _check_search(storage, STUDY.format(name), 5)
     assert len({t.user_attrs["worker"] for t in done}) == 2          # both workers trained trials
     assert main(_optimize(storage, name, *then)) == 0
     study, done, client, parent = _check_search(storage, STUDY.format(name), then[0])
@@ -95,9 +95,10 @@ def _two_workers(storage, name, then):
 
 
 def test_two_workers_share_one_sqlite_study_which_then_resumes(mlflow_store, token_cache, tmp_path):
-    # Then this process resumes the same study with a 7th trial (a new `optimize` run adopts the
-    # search run) and fits the optimum.
-    done = _two_workers(f"sqlite:///{tmp_path}/mlruns/optuna.db", "two", [7, "--workers", "1"])
+    # Then this process resumes the same study with a 6th trial (a new `optimize` run adopts the
+    # search run) and fits the optimum. (6 sizes at C=6e8: one-layer shapes stop below the smallest
+    # two-layer one, space.shape_table.)
+    done = _two_workers(f"sqlite:///{tmp_path}/mlruns/optuna.db", "two", [6, "--workers", "1"])
     assert sum(t.user_attrs.get("grid_point", False) for t in done) == 4   # the coarse grid, then the GP
     assert all("log10_N" in t.params for t in done)
 
@@ -214,7 +215,7 @@ def postgres_url():
 
 def test_two_workers_share_one_postgresql_study(mlflow_store, token_cache, postgres_url):
     # Then this process only waits for the trials (none left) and fits the optimum.
-    _two_workers(postgres_url, "pg", [6, "--workers", "0"])
+    _two_workers(postgres_url, "pg", [5, "--workers", "0"])
 
 
 def test_parabola_finds_a_known_vertex():
@@ -252,7 +253,9 @@ def test_space_is_log_spaced_and_bounded():
     space = Space(make_config(C=1e18), 1e13)
     Ns = [s.N for s in space.shapes]
     gaps = sorted(b / a for a, b in zip(Ns, Ns[1:]))
-    assert Ns == sorted(Ns) and gaps[-1] < 1.8 and gaps[len(gaps) // 2] < 1.15   # the depth dial alone: 2.7x
+    # the depth dial alone: 2.7x. The widest gap, 1.94x, is 35k -> 68k: two layers at widths 32 and
+    # 48 (head_dim 16), with no one-layer shape between them any more (shape_table)
+    assert Ns == sorted(Ns) and gaps[-1] < 2.0 and gaps[len(gaps) // 2] < 1.15
     grid = space.grid(4)
     assert len(grid) == 4 and grid[0] == space.shapes[0] and grid[-1] == space.shapes[-1]
     # --tune lr beta2: a trial also picks them; the size is the table's nearest to its log10_N
@@ -272,6 +275,7 @@ def test_space_is_log_spaced_and_bounded():
     (["optimize", "--flops", "1e13", "--depth", "3"], "optimize sets depth itself"),
     (["optimize", "--flops", "1e13", "--sampler", "cma"], "unknown --sampler"),
     (["worker", "--study", "nope"], "no study 'nope'"),
+    (["optimize", "--flops", "6e8", "--trials", "7", *SMOKE], "--trials 7 is more than the 6 sizes"),
 ])
 def test_bad_input_is_one_line(argv, message, mlflow_store, capsys, tmp_path):
     if argv[0] == "worker":
@@ -279,6 +283,23 @@ def test_bad_input_is_one_line(argv, message, mlflow_store, capsys, tmp_path):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_one_layer_shapes_stop_below_the_smallest_two_layer_one():
+    """Kaplan et al. 2020 §3.1: one-layer models sit off the trend; here the wide ones (13.1k, 21.6k
+    at quick's base) sat 0.01-0.06 nats above their budgets' fits. Below the smallest two-layer shape
+    of two heads a one-layer model is the only choice, and stays (the ladder's floor)."""
+    from scaling_suite import adaptive
+    from scaling_suite.space import shape_table
+
+    for mode in ("quick", "dev", "full"):
+        base = adaptive.base_config(mode, {})
+        table = shape_table(base, 2.0, 3e6)
+        two = min(s.N for s in table if s.depth == 2 and s.d_model >= 2 * base.head_dim)
+        assert [s for s in table if s.depth == 1 and s.N >= two] == []
+        assert any(s.depth == 1 and s.d_model >= 2 * base.head_dim for s in table)   # smallest_sensible's
+    quick = [(s.N, s.depth) for s in shape_table(adaptive.base_config("quick", {}), 2.0, 3e4)]
+    assert quick == [(3096, 1), (7472, 1), (10832, 2), (20088, 2), (27048, 3)]
 
 
 def test_study_spec_round_trips_through_user_attrs():
