@@ -4,11 +4,12 @@ The budget is an Optuna study in the RDB, of kind "queue": this process decides 
 results so far and the workers (worker.py) train what is queued, so every decision sees every
 finished run. Its first runs are queued around the optimum that the allocation law fitted on the
 budgets already done predicts (law_guess; the prior for the first budget). Then, whenever a worker
-is free (next_step): beyond the best run when it is at an edge; at the vertex of the parabola
-(analysis.minimum.profile_minimum, the routine `analyze` uses) when the minimum is bracketed; else
-Optuna's GP sampler proposes (gp_proposal). The budget stops when its minimum is pinned
-(bracketed, a convex vertex, >= 4 sizes and a run within PIN_DECADES of the vertex) or at its
-trial limit, so no run is trained where the search already knows the minimum is not.
+is free (next_step): beyond the best run when it is at an edge; when the minimum is bracketed, at
+the size nearest the parabola's vertex (analysis.minimum.profile_minimum, the routine `analyze`
+uses) between the best run's neighbours, never beyond them; else (no convex vertex yet) Optuna's GP
+sampler proposes (gp_proposal). The budget stops when its minimum is pinned (bracketed, a convex
+vertex, >= 4 sizes and a run within PIN_DECADES of the vertex), when every size of the bracket is
+tried, or at its trial limit, so no run is trained where the search already knows the minimum is not.
 """
 
 from __future__ import annotations
@@ -131,12 +132,16 @@ def unique_rows(study) -> list[dict]:
     return out
 
 
-def next_step(rows: list[dict], space: Space, planned: set) -> tuple[str, float | None]:
-    """What the budget needs next, from its results so far (PLANNED: sizes trained, running or queued):
+def next_step(rows: list[dict], space: Space, planned: set, training: int = 0) -> tuple[str, float | None]:
+    """What the budget needs next, from its results so far (PLANNED: sizes trained, running or queued;
+    TRAINING: how many of them are training now):
     ("pinned", None): bracketed, a convex vertex, >= 4 sizes and a run within PIN_DECADES of it;
     ("step_out", log10 N): the best run is at an edge, so the next size beyond it;
-    ("vertex", log10 N): the untried size nearest the parabola's vertex (a Newton step);
-    ("search", None): none of these: Optuna's GP sampler proposes (gp_proposal)."""
+    ("vertex", log10 N): bracketed: the untried size between the best run's neighbours nearest the
+    parabola's vertex (a Newton step kept inside the bracket);
+    ("resolved", None): bracketed by >= 4 sizes and every size between the neighbours tried;
+    ("wait", None): bracketed, none free between the neighbours, one of them still training;
+    ("search", None): none of these (no convex vertex yet): Optuna's GP sampler proposes (gp_proposal)."""
     fit = profile_minimum([r["N"] for r in rows], [r["final_val_loss"] for r in rows], n_bootstrap=0)
     if fit["status"] == "ok" and fit["n_sizes"] >= 4 and \
             min(abs(math.log10(r["N"] / fit["x_opt"])) for r in rows) <= PIN_DECADES:
@@ -150,10 +155,26 @@ def next_step(rows: list[dict], space: Space, planned: set) -> tuple[str, float 
         beyond = [s for s in free if (s.N - best) * side > 0]
         if beyond:
             return "step_out", math.log10(min(beyond, key=lambda s: abs(math.log10(s.N) - x)).N)
-    if fit["status"] == "ok" and free:
-        s = min(free, key=lambda s: abs(math.log10(s.N / fit["x_opt"])))
-        if abs(math.log10(s.N / fit["x_opt"])) <= 1.5 * PIN_DECADES:
-            return "vertex", math.log10(s.N)
+    if fit["status"] == "ok":
+        # Bracketed: the minimum lies between the best run's planned neighbours, so the next run goes
+        # there, nearest the vertex. Beyond them the search already knows the minimum is not: a GP
+        # proposal there (a 95k run at C=4e11 whose minimum was bracketed by 7.5k and 27k, quick
+        # study 2026-12-01) trains a far, warmup-bound run that only pulls approach 3 off.
+        best = min(rows, key=lambda r: r["final_val_loss"])["N"]
+        sizes = {n for n in planned if n} | {r["N"] for r in rows}
+        below = max((n for n in sizes if n < best), default=0)
+        above = min((n for n in sizes if n > best), default=math.inf)
+        inside = [s for s in free if below < s.N < above]
+        if inside:
+            return "vertex", math.log10(min(inside, key=lambda s: abs(math.log10(s.N / fit["x_opt"]))).N)
+        if fit["n_sizes"] >= 4:
+            return "resolved", None      # every size of the table inside the bracket is tried
+        if training:
+            return "wait", None          # a run inside the bracket is still training: its result first
+        # Three sizes and none free between them: a fourth beside the bracket, on the vertex's side.
+        side = [s for s in free if s.N < below or s.N > above]
+        if side:
+            return "vertex", math.log10(min(side, key=lambda s: abs(math.log10(s.N / fit["x_opt"]))).N)
     return "search", None
 
 
@@ -205,9 +226,11 @@ def search_budget(study, space: Space, workers: int, max_trials: int, alive, say
                 say(f"[C={C:.3g}] trial {r['trial']}: N={r['N']:,} D={r['D']:,} final_val_loss={r['final_val_loss']:.4f}")
         if not stop and waiting == 0 and running < workers:   # a worker is free: decide its next run
             planned = {t.user_attrs.get("N") for t in trials if t.state != TrialState.FAIL}
-            step, x = next_step(rows, space, planned)
-            if step == "pinned":
-                stop = "pinned"
+            step, x = next_step(rows, space, planned, running)
+            if step in ("pinned", "resolved"):
+                stop = step
+            elif step == "wait":
+                pass
             elif len(rows) + running >= max_trials:
                 stop = f"{max_trials} runs"
             else:

@@ -87,11 +87,21 @@ def test_search_steps_out_beyond_an_edge_and_stops_once_the_minimum_is_pinned():
     step, x = budget_search.next_step(rows_of(prof[1:4]), space, {Ns[3], Ns[5], Ns[7]})
     assert step == "vertex" and round(10 ** x) not in (Ns[3], Ns[5], Ns[7])
     assert abs(x - math.log10(Ns[5])) <= 1.5 * budget_search.PIN_DECADES
-    # ... and when every size near it is planned, Optuna's GP proposes one
+    # ... every size between the best run's neighbours planned: wait for the one still training,
     near = {s.N for s in space.shapes if abs(math.log10(s.N / Ns[5])) <= 1.5 * budget_search.PIN_DECADES}
-    assert budget_search.next_step(rows_of(prof[1:4]), space, near | {Ns[3], Ns[7]})[0] == "search"
-    shape = budget_search.gp_proposal(rows_of(prof[1:4]), space, near | {Ns[3], Ns[7]}, seed=0)
-    assert shape is not None and shape.N not in near
+    planned = near | {Ns[3], Ns[7]}
+    assert budget_search.next_step(rows_of(prof[1:4]), space, planned, training=1)[0] == "wait"
+    # ... then a fourth size just beside the bracket, on the vertex's side; never a far one (a 95k
+    # GP proposal at C=4e11 bracketed by 7.5k and 27k, quick study 2026-12-01)
+    step, x = budget_search.next_step(rows_of(prof[1:4]), space, planned)
+    assert step == "vertex" and round(10 ** x) == min((n for n in Ns if n > Ns[7] and n not in planned))
+    # ... 4 sizes, every size between the best's neighbours tried, none within PIN_DECADES: resolved
+    four = [(n, 2.0 + 0.5 * (math.log10(n) - math.log10(Ns[5])) ** 2) for n in (Ns[3], Ns[4], Ns[6], Ns[8])]
+    assert budget_search.next_step(rows_of(four), space, {Ns[3], Ns[4], Ns[5], Ns[6], Ns[8]})[0] == "resolved"
+    # no vertex yet (two sizes): Optuna's GP proposes, away from the sizes planned
+    assert budget_search.next_step(rows_of(prof[1:3]), space, {Ns[3], Ns[5]})[0] == "search"
+    shape = budget_search.gp_proposal(rows_of(prof[1:4]), space, planned, seed=0)
+    assert shape is not None and shape.N not in planned
 
 
 def test_law_guess_follows_the_budgets_done():
