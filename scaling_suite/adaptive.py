@@ -299,7 +299,10 @@ def widen(rungs: list, ladder, done, base, s: Settings, t0: float, calib: float,
     nxt = rungs[-1].C * ladder.ratio
     cost = rungs[-1].est_seconds * ladder.ratio
     spare = s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
-    if (cost + ladder.validation_seconds(2 * nxt, 1.0)) * calib > spare:
+    need = (cost + ladder.validation_seconds(2 * nxt, 1.0)) * calib
+    if need > spare:
+        notes.append(f"budget C={nxt:.3g} not added: it and a validation run beyond it need about {need:.0f}s at the "
+                     f"measured pace ({calib:.2f}x the plan), {max(0.0, spare):.0f}s of the box are left")
         return
     guess = law_guess(done, nxt, ladder_lib.PRIORS.get(s.mode, 20.0))
     below = ladder_lib.tokens_for(nxt, guess / 2)   # a size at half its N*: the bracket's lower side
