@@ -299,17 +299,14 @@ def widen(rungs: list, ladder, done, base, s: Settings, t0: float, calib: float,
     nxt = rungs[-1].C * ladder.ratio
     cost = rungs[-1].est_seconds * ladder.ratio
     spare = s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
-    need = (cost + ladder.validation_seconds(2 * nxt, 1.0)) * calib
+    need = (cost + ladder.validation_seconds(2 * nxt, 1.0)) * calib    # at the measured pace
     if need > spare:
-        notes.append(f"budget C={nxt:.3g} not added: it and a validation run beyond it need about {need:.0f}s at the "
-                     f"measured pace ({calib:.2f}x the plan), {max(0.0, spare):.0f}s of the box are left")
-        return
+        return notes.append(f"budget C={nxt:.3g} not added: with its validation it needs ~{need:.0f}s, {spare:.0f}s left")
     guess = law_guess(done, nxt, ladder_lib.PRIORS.get(s.mode, 20.0))
     below = ladder_lib.tokens_for(nxt, guess / 2)   # a size at half its N*: the bracket's lower side
     if below > D_max:
-        notes.append(f"budget C={nxt:.3g} not added: a size below its optimum (N≈{guess:,.0f}) needs about {below:.3g} "
-                     f"tokens, more than {ladder_lib.MAX_EPOCHS:g} epochs of this corpus (Muennighoff et al. 2023)")
-        return
+        return notes.append(f"budget C={nxt:.3g} not added: a size below its optimum (N≈{guess:,.0f}) needs about "
+                            f"{below:.3g} tokens, more than {ladder_lib.MAX_EPOCHS:g} epochs of this corpus (Muennighoff et al. 2023)")
     rungs.append(ladder_lib.Rung(nxt, ladder_lib.batch_at(nxt, s.mode, base.batch_tokens, base.context), guess, cost))
     notes.append(f"budget C={nxt:.3g} added: the budgets took {calib:.2f}x their planned time, so the box had room")
     parent.log_text(json.dumps(replace(ladder, rungs=tuple(rungs)).to_dict(), indent=1), "ladder.json")

@@ -244,4 +244,4 @@ def test_widen_adds_no_budget_whose_optimum_the_corpus_cannot_feed():
     # no room in the box: not added, and the summary says how much it needed
     rungs, notes = list(lad.rungs), []
     adaptive.widen(rungs, lad, done, base, replace(s, box_seconds=1.0), time.perf_counter(), 1.0, notes, parent, 2.1 * D_opt)
-    assert len(rungs) == len(lad.rungs) and "not added" in notes[-1] and "of the box are left" in notes[-1], notes
+    assert len(rungs) == len(lad.rungs) and "not added" in notes[-1] and "s left" in notes[-1], notes
