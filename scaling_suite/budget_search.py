@@ -164,17 +164,17 @@ def next_step(rows: list[dict], space: Space, planned: set, training: int = 0) -
         sizes = {n for n in planned if n} | {r["N"] for r in rows}
         below = max((n for n in sizes if n < best), default=0)
         above = min((n for n in sizes if n > best), default=math.inf)
-        inside = [s for s in free if below < s.N < above]
+        by_vertex = [s for s in space.nearest(math.log10(fit["x_opt"])) if s in free]
+        inside = [s for s in by_vertex if below < s.N < above]
         if inside:
-            return "vertex", math.log10(min(inside, key=lambda s: abs(math.log10(s.N / fit["x_opt"]))).N)
+            return "vertex", math.log10(inside[0].N)
         if fit["n_sizes"] >= 4:
             return "resolved", None      # every size of the table inside the bracket is tried
         if training:
             return "wait", None          # a run inside the bracket is still training: its result first
         # Three sizes and none free between them: a fourth beside the bracket, on the vertex's side.
-        side = [s for s in free if s.N < below or s.N > above]
-        if side:
-            return "vertex", math.log10(min(side, key=lambda s: abs(math.log10(s.N / fit["x_opt"]))).N)
+        if by_vertex:
+            return "vertex", math.log10(by_vertex[0].N)
     return "search", None
 
 

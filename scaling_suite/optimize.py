@@ -45,8 +45,7 @@ from .config import PRESETS, RunConfig, add_config_flags, make_config
 from .errors import SuiteError
 from .space import DEFAULT_SAMPLER, SAMPLERS, SEARCHED, TUNABLE, Space
 from .store import scratch_dir
-from .worker import (DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV, StudySpec, counts,
-                     fail_stale)
+from .worker import DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, STORAGE_ENV, StudySpec, fail_stale
 
 # --- the optimum -------------------------------------------------------------------------------------
 
@@ -186,8 +185,9 @@ def wait_done(study, poll: float = 5.0, say=print) -> None:
     while True:
         fail_stale(study)
         n = int(StudySpec.of(study).n_trials)
-        if counts(study)["COMPLETE"] >= n or any(t.user_attrs.get("skipped") == worker.EXHAUSTED
-                                                 for t in study.get_trials(deepcopy=False)):
+        trials = study.get_trials(deepcopy=False)
+        if sum(t.state == TrialState.COMPLETE for t in trials) >= n or \
+                any(t.user_attrs.get("skipped") == worker.EXHAUSTED for t in trials):
             return   # done, or a worker found every size trained (a search of --tune values has more)
         if not said:
             say(f"[{study.study_name}] waiting for workers to complete {n} trials")
