@@ -4,7 +4,8 @@ The budget is an Optuna study in the RDB, of kind "queue": this process decides 
 results so far and the workers (worker.py) train what is queued, so every decision sees every
 finished run. Its first runs are queued around the optimum that the allocation law fitted on the
 budgets already done predicts (law_guess; the prior for the first budget). Then, whenever a worker
-is free (next_step): beyond the best run when it is at an edge; when the minimum is bracketed, at
+is free (next_step): beyond the best run when it is at an edge (but never beyond a run still training
+there: then beside the best, short of that run); when the minimum is bracketed, at
 the size nearest the parabola's vertex (analysis.minimum.profile_minimum, the routine `analyze`
 uses) between the best run's neighbours, never beyond them; else (no convex vertex yet) Optuna's GP
 sampler proposes (gp_proposal). The budget stops when its minimum is pinned (bracketed, a convex
@@ -137,6 +138,8 @@ def next_step(rows: list[dict], space: Space, planned: set, training: int = 0) -
     TRAINING: how many of them are training now):
     ("pinned", None): bracketed, a convex vertex, >= 4 sizes and a run within PIN_DECADES of it;
     ("step_out", log10 N): the best run is at an edge, so the next size beyond it;
+    ("inside", log10 N): the best run is at an edge of the finished sizes, a run beyond it still
+    training: the free size between the best's planned neighbours nearest the best (else "wait");
     ("vertex", log10 N): bracketed: the untried size between the best run's neighbours nearest the
     parabola's vertex (a Newton step kept inside the bracket);
     ("resolved", None): bracketed by >= 4 sizes and every size between the neighbours tried;
@@ -147,13 +150,23 @@ def next_step(rows: list[dict], space: Space, planned: set, training: int = 0) -
             min(abs(math.log10(r["N"] / fit["x_opt"])) for r in rows) <= PIN_DECADES:
         return "pinned", None
     free = [s for s in space.shapes if not near_twin(s.N, planned)]
-    if fit["status"] in ("unbracketed", "extrapolated") and len(rows) >= 2:
+    if fit["status"] in ("unbracketed", "extrapolated", "too_few") and len(rows) >= 2:
         best = min(rows, key=lambda r: r["final_val_loss"])["N"]
         up = fit["x_opt"] > best if fit["status"] == "extrapolated" else best == max(r["N"] for r in rows)
         side = 1 if up else -1
+        done = {r["N"] for r in rows}
+        sizes = {n for n in planned if n} | done
+        if any((n - best) * side > 0 for n in sizes - done):
+            # A run beyond the best is still training: it is this side's step out. Another one beyond it
+            # is far off the minimum whenever the first comes back worse (quick, 2026-12-01: 48k at
+            # C=8e11, 2.03 against 1.64 at the best; 61.7k at C=1.6e12, 1.74 against 1.48), so the next
+            # run goes between the best's planned neighbours, nearest the best: on the profile either way.
+            below, above = neighbours(sizes, best)
+            inside = [s for s in space.nearest(math.log10(best)) if s in free and below < s.N < above]
+            return ("inside", math.log10(inside[0].N)) if inside else ("wait", None)
         x = math.log10(best) + side * STEP_OUT
         beyond = [s for s in free if (s.N - best) * side > 0]
-        if beyond:
+        if beyond and fit["status"] != "too_few":
             return "step_out", math.log10(min(beyond, key=lambda s: abs(math.log10(s.N) - x)).N)
     if fit["status"] == "ok":
         # Bracketed: the minimum lies between the best run's planned neighbours, so the next run goes
@@ -161,9 +174,7 @@ def next_step(rows: list[dict], space: Space, planned: set, training: int = 0) -
         # proposal there (a 95k run at C=4e11 whose minimum was bracketed by 7.5k and 27k, quick
         # study 2026-12-01) trains a far, warmup-bound run that only pulls approach 3 off.
         best = min(rows, key=lambda r: r["final_val_loss"])["N"]
-        sizes = {n for n in planned if n} | {r["N"] for r in rows}
-        below = max((n for n in sizes if n < best), default=0)
-        above = min((n for n in sizes if n > best), default=math.inf)
+        below, above = neighbours({n for n in planned if n} | {r["N"] for r in rows}, best)
         by_vertex = [s for s in space.nearest(math.log10(fit["x_opt"])) if s in free]
         inside = [s for s in by_vertex if below < s.N < above]
         if inside:
@@ -178,7 +189,13 @@ def next_step(rows: list[dict], space: Space, planned: set, training: int = 0) -
     return "search", None
 
 
+def neighbours(sizes: set, N: float) -> tuple[float, float]:
+    """The nearest of SIZES below and above N (0 and inf where there is none)."""
+    return max((n for n in sizes if n < N), default=0), min((n for n in sizes if n > N), default=math.inf)
+
+
 WHY = {"step_out": "beyond the best run, which is at an edge", "vertex": "at the parabola's vertex",
+       "inside": "beside the best run, short of a run still training beyond it",
        "search": "Optuna's GP proposal"}
 
 

@@ -80,6 +80,14 @@ def test_search_steps_out_beyond_an_edge_and_stops_once_the_minimum_is_pinned():
     # ... the smallest: below it
     step, x = budget_search.next_step(rows_of([(Ns[2], 2.0), (Ns[4], 2.2), (Ns[6], 2.4)]), space, set())
     assert step == "step_out" and 10 ** x < Ns[2]
+    # ... but with a run still training beyond the edge best: the next run goes beside the best, short
+    # of it (never a second step further out), and waits when no size is free there
+    step, x = budget_search.next_step(rows_of([(Ns[2], 2.3), (Ns[4], 2.2)]), space, {Ns[2], Ns[4], Ns[8]}, 1)
+    assert step == "inside" and round(10 ** x) == Ns[5]
+    step, x = budget_search.next_step(rows_of([(Ns[4], 2.2), (Ns[6], 2.3)]), space, {Ns[1], Ns[4], Ns[6]}, 1)
+    assert step == "inside" and round(10 ** x) == Ns[5]    # nearest the best, between its planned neighbours
+    inside = {Ns[2], Ns[3], Ns[4], Ns[5], Ns[8]}
+    assert budget_search.next_step(rows_of([(Ns[2], 2.3), (Ns[4], 2.2)]), space, inside, 3)[0] == "wait"
     # bracketed by 4 sizes with a run at the vertex: pinned, no further run
     prof = [(n, 2.0 + 0.5 * (math.log10(n) - math.log10(Ns[5])) ** 2) for n in (Ns[1], Ns[3], Ns[5], Ns[7], Ns[9])]
     assert budget_search.next_step(rows_of(prof), space, set())[0] == "pinned"
