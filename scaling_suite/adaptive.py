@@ -16,9 +16,9 @@
 4. **Stop when the law is known**: with --target_width W the ladder ends once approach 2's 95%
    interval on a is narrower than W. After every budget the box is replanned from the measured
    wall times (budgets dropped, or one added where the box and the corpus allow).
-5. **Validate**: one run at the validation budget, at the N_opt the law predicts there, its loss
-   predicted (the budgets' minima as a power law in C; Chinchilla's fit beside it) and logged
-   before it starts; the summary prints predicted against measured.
+5. **Validate** (validation.py): one run at the validation budget, at the N_opt the law predicts
+   there, its loss predicted (the budgets' minima as a power law in C; Chinchilla's fit beside it)
+   and logged before it starts; the summary prints predicted against measured.
 
 A killed study resumes: the same command finds its parent run and ladder, each budget's Optuna
 study (finished budgets are skipped, a dead worker's trial is retried after the grace period and
@@ -38,8 +38,6 @@ import numpy as np
 import optuna
 import torch
 
-from analysis.fit import fit_chinchilla, fit_loglinear, lr_law_band
-
 from . import data as data_lib
 from . import ladder as ladder_lib
 from . import lr_auto, store, sweep, tracking, worker
@@ -51,6 +49,7 @@ from .plan import MODES
 from .space import shape_table
 from .study_report import adaptive_summary, analyze_study, budget_line
 from .train import train
+from .validation import validate_law
 
 DESIGN = "adaptive"
 MAX_TRIALS = 6             # per budget (the first: 7)
@@ -257,7 +256,8 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
     finally:
         _end_ladder(storage, names, procs)
     ladder = replace(ladder, rungs=tuple(rungs))
-    validation = validate_law(plan, ladder, base, done, data, s, rule, parent, t0, calib, say)
+    validation = validate_law(plan.key, ladder, base, done, data, rule, parent, s.box_seconds - ANALYSIS_S - (
+        time.perf_counter() - t0), calib, say, s.mode, DESIGN, n_bootstrap=s.n_bootstrap, progress=s.progress)
     wall = time.perf_counter() - t0
     outcome = sweep.StudyOutcome(parent.run_id, [], wall, lr_info=lr_info)
     outcome.children = [sweep.ChildOutcome("FINISHED", r["mlflow_run_id"], r["final_val_loss"], b.C)
@@ -331,70 +331,3 @@ def _end_ladder(storage, names: list[str], procs: list) -> None:
         except Exception:  # noqa: BLE001 — subprocess.TimeoutExpired: a worker still training
             p.terminate()
             p.wait()
-
-
-def validate_law(plan, ladder, base, done, data, s: Settings, rule, parent, t0, calib, say) -> dict:
-    """Train one run at the validation budget, at the N_opt the law fitted on the ladder predicts, its
-    loss predicted and logged before it starts (module docstring, step 5)."""
-    al = allocation_so_far(done, s.n_bootstrap)
-    if al is None:
-        return {"skipped": "fewer than 2 budgets with a bracketed minimum: no law to validate"}
-    ok = [b for b in done if b.fit.get("status") == "ok"]
-    top = max(b.C for b in ok)   # the largest budget the law rests on
-    left = s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
-    D_max = ladder_lib.max_tokens(len(data.train))
-    # As far beyond the largest budget as the box and the corpus (D_opt within MAX_EPOCHS epochs)
-    # allow, from 4x down to VALIDATION_MIN x.
-    Cv = 4 * top
-    while Cv / 1.25 >= ladder_lib.VALIDATION_MIN * top and (ladder.validation_seconds(Cv, calib) > left
-                                                             or ladder_lib.tokens_for(Cv, float(al.N_opt(Cv))) > D_max):
-        Cv /= 1.25
-    if ladder.validation_seconds(Cv, calib) > left + 60:
-        return {"skipped": f"the box had {max(left, 0):.0f}s left; a validation run at {Cv:.3g} FLOPs "
-                           f"({Cv / top:.2g}x the largest budget) needs about {ladder.validation_seconds(Cv, calib):.0f}s"}
-    N_pred = float(al.N_opt(Cv))
-    rung = ladder_lib.Rung(Cv, ladder_lib.batch_at(Cv, s.mode, base.batch_tokens, base.context), N_pred)
-    # At N_opt even where that repeats the data more often (said in the summary): a run off the
-    # optimum would not test the law.
-    space = budget_space(base, rung, N_pred, max(D_max, 1.25 * ladder_lib.tokens_for(Cv, N_pred)), rule)
-    shape = space.nearest(math.log10(N_pred))[0]
-    cfg = space.config(shape)
-    d = cfg.derived()
-    # The prediction (made and logged before the run starts): the budgets' minimum losses as a power
-    # law in C, L_opt = k C^s (Kaplan et al. 2020 eq. 1.4's form, L(C_min), without an offset), OLS in
-    # log-log with its 95% band, at the validation budget. Chosen over Chinchilla's parametric fit at
-    # the run's (N, D), also logged: in the first three studies (docs/adaptive.md, measured/predicted
-    # - 1) the power law missed by +7.0%, -4.8%, +0.5%, the parametric fit by -8.1%, -11.6%, -9.5%.
-    lc = fit_loglinear([b.C for b in ok], [b.fit["loss_opt"] for b in ok], x_name="C", y_name="loss_opt")
-    band = lr_law_band(lc, Cv)   # the log-linear fit's band (named for its first use, the lr law)
-    pred = float(lc.predict(Cv))
-    lo, hi = (float(band[0]), float(band[1])) if band else (math.nan, math.nan)
-    rows = [r for b in done for r in b.rows]
-    N, D, L = (np.array([r[k] for r in rows], float) for k in ("N", "D", "final_val_loss"))
-    fit = fit_chinchilla(N, D, L, n_bootstrap=s.n_bootstrap)
-    chin = float(fit.predict(d.N, d.D))
-    iv = fit.predict_interval(np.array(d.N, float), np.array(d.D, float))
-    out = {"C": Cv, "factor": Cv / top, "N_opt_predicted": N_pred, "N": d.N, "D": d.D, "batch_tokens": cfg.batch_tokens,
-           "predicted_loss": pred, "predicted_lo": lo, "predicted_hi": hi,
-           "law": f"N_opt ∝ C^{al.a:.3f} (approach 2, {len(al.table)} budgets); loss: the {len(ok)} budgets' minima as "
-                  f"L_opt ∝ C^{lc.params['s']:.3f}",
-           "chinchilla_loss": chin, "chinchilla_lo": float(iv[0]) if iv is not None else math.nan,
-           "chinchilla_hi": float(iv[1]) if iv is not None else math.nan,
-           "chinchilla_identified": bool(fit.identified), "n_runs_fitted": len(rows), "epochs": d.D / len(data.train)}
-    parent.log_metrics({k: v for k, v in {"validation_C": Cv, "validation_N_opt_predicted": N_pred,
-                                         "validation_predicted_loss": pred, "validation_predicted_lo": lo,
-                                         "validation_predicted_hi": hi,
-                                         "validation_chinchilla_loss": chin}.items() if math.isfinite(v)}, step=0)
-    say(f"[validation] C={Cv:.3g} ({Cv / top:.2g}x the largest budget): N={d.N:,} (law: N_opt={N_pred:,.0f}), "
-        f"predicted final_val_loss {pred:.4f} [{lo:.4f}, {hi:.4f}]; training it")
-    tags = {"design": DESIGN, "mode": s.mode, "role": "validation", "C_budget": f"{Cv:g}",
-            "predicted_loss": f"{pred:.6g}", "N_opt_predicted": f"{N_pred:.6g}"}
-    child = sweep.run_child(cfg, parent.run_id, tags=tags, data=data, progress=s.progress, study_key=plan.key)
-    out.update(run_id=child.run_id, status=child.status, measured_loss=child.final_val_loss)
-    if child.status in ("FINISHED", "SKIPPED"):
-        out["rel_error"] = child.final_val_loss / pred - 1
-        out["chinchilla_rel_error"] = child.final_val_loss / chin - 1
-        parent.log_metrics({"validation_loss": child.final_val_loss, "validation_rel_error": out["rel_error"],
-                            "validation_chinchilla_rel_error": out["chinchilla_rel_error"]}, step=0)
-    return out
-
