@@ -64,46 +64,50 @@ def batched_lbfgs(fun: Objective, x0: np.ndarray, *, m: int = 10, max_iter: int 
     converged[active] = np.abs(g[active]).max(axis=1) <= gtol
     active = active[~converged[active]]
     pos = 0
-    for it in range(max_iter):
-        if active.size == 0:
-            break
-        ga, xa, fa = g[active], x[active], f[active]
-        d = _two_loop(ga, s_hist[active], y_hist[active], rho[active], gamma[active], pos, m)
-        gd = np.einsum("ij,ij->i", ga, d)
-        bad = ~(gd < 0) | ~np.isfinite(gd)
-        if bad.any():  # not a descent direction: restart that problem from steepest descent
-            rho[active[bad]] = 0.0
-            gamma[active[bad]] = 0.0
-            d[bad] = -ga[bad]
-            gd[bad] = -np.einsum("ij,ij->i", ga[bad], ga[bad])
-        # First step of a fresh problem has no curvature information: move at most one unit in
-        # any coordinate (scipy's L-BFGS-B uses 1/||d|| the same way); afterwards the unit step
-        # is right. The max-norm cannot overflow where a huge gradient would overflow ||d||.
-        t = np.where(gamma[active] > 0, 1.0, 1.0 / np.maximum(np.abs(d).max(axis=1), 1e-300))
-        x_new, f_new, g_new, ok = _backtrack(fun, active, xa, fa, gd, d, t, c1, max_ls)
-        # A failed line search means no progress is possible at machine precision: stop there.
-        # It counts as converged when the gradient is already small relative to the objective.
-        failed = active[~ok]
-        converged[failed] = np.abs(g[failed]).max(axis=1) <= np.maximum(gtol, 1e-6 * np.abs(f[failed]))
-        acc = active[ok]
-        xo, fo, go = x[acc], f[acc], g[acc]
-        xn, fn, gn = x_new[ok], f_new[ok], g_new[ok]
-        s, y = xn - xo, gn - go
-        sy = np.einsum("ij,ij->i", s, y)
-        yy = np.einsum("ij,ij->i", y, y)
-        keep = sy > 1e-12 * np.maximum(yy, 1e-300)   # curvature condition, else skip the pair
-        s_hist[acc, pos] = np.where(keep[:, None], s, 0.0)
-        y_hist[acc, pos] = np.where(keep[:, None], y, 0.0)
-        rho[acc, pos] = np.where(keep, 1.0 / np.where(keep, sy, 1.0), 0.0)
-        gamma[acc] = np.where(keep, sy / np.maximum(yy, 1e-300), gamma[acc])
-        x[acc], f[acc], g[acc] = xn, fn, gn
-        n_iter[active] += 1
-        small_df = (fo - fn) <= ftol * np.maximum(np.maximum(np.abs(fo), np.abs(fn)), f_floor)
-        small_g = np.abs(gn).max(axis=1) <= gtol
-        done = small_df | small_g
-        converged[acc[done]] = True
-        active = acc[~done]
-        pos = (pos + 1) % m
+    # A curvature pair whose s.y underflows makes rho = 1/s.y overflow and the next direction inf or
+    # nan; that problem then fails the descent test below and restarts from steepest descent. The
+    # arithmetic warnings on the way are expected, not errors, and must not reach the user's screen.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for it in range(max_iter):
+            if active.size == 0:
+                break
+            ga, xa, fa = g[active], x[active], f[active]
+            d = _two_loop(ga, s_hist[active], y_hist[active], rho[active], gamma[active], pos, m)
+            gd = np.einsum("ij,ij->i", ga, d)
+            bad = ~(gd < 0) | ~np.isfinite(gd)
+            if bad.any():  # not a descent direction: restart that problem from steepest descent
+                rho[active[bad]] = 0.0
+                gamma[active[bad]] = 0.0
+                d[bad] = -ga[bad]
+                gd[bad] = -np.einsum("ij,ij->i", ga[bad], ga[bad])
+            # First step of a fresh problem has no curvature information: move at most one unit in
+            # any coordinate (scipy's L-BFGS-B uses 1/||d|| the same way); afterwards the unit step
+            # is right. The max-norm cannot overflow where a huge gradient would overflow ||d||.
+            t = np.where(gamma[active] > 0, 1.0, 1.0 / np.maximum(np.abs(d).max(axis=1), 1e-300))
+            x_new, f_new, g_new, ok = _backtrack(fun, active, xa, fa, gd, d, t, c1, max_ls)
+            # A failed line search means no progress is possible at machine precision: stop there.
+            # It counts as converged when the gradient is already small relative to the objective.
+            failed = active[~ok]
+            converged[failed] = np.abs(g[failed]).max(axis=1) <= np.maximum(gtol, 1e-6 * np.abs(f[failed]))
+            acc = active[ok]
+            xo, fo, go = x[acc], f[acc], g[acc]
+            xn, fn, gn = x_new[ok], f_new[ok], g_new[ok]
+            s, y = xn - xo, gn - go
+            sy = np.einsum("ij,ij->i", s, y)
+            yy = np.einsum("ij,ij->i", y, y)
+            keep = sy > 1e-12 * np.maximum(yy, 1e-300)   # curvature condition, else skip the pair
+            s_hist[acc, pos] = np.where(keep[:, None], s, 0.0)
+            y_hist[acc, pos] = np.where(keep[:, None], y, 0.0)
+            rho[acc, pos] = np.where(keep, 1.0 / np.where(keep, sy, 1.0), 0.0)
+            gamma[acc] = np.where(keep, sy / np.maximum(yy, 1e-300), gamma[acc])
+            x[acc], f[acc], g[acc] = xn, fn, gn
+            n_iter[active] += 1
+            small_df = (fo - fn) <= ftol * np.maximum(np.maximum(np.abs(fo), np.abs(fn)), f_floor)
+            small_g = np.abs(gn).max(axis=1) <= gtol
+            done = small_df | small_g
+            converged[acc[done]] = True
+            active = acc[~done]
+            pos = (pos + 1) % m
     return BatchResult(x=x, f=f, g=g, n_iter=n_iter, converged=converged)
 
 

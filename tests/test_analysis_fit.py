@@ -336,3 +336,22 @@ def test_bad_settings_raise_suite_error():
             fit_power_law(x, y, **kwargs)
     with pytest.raises(SuiteError):
         fit_loglinear([1.0], [2.0])
+
+
+# The 20 ladder runs of the Debian-changelog quick study of 2026-12-01 (N, D, final_val_loss): its
+# held-out-largest refit sent "RuntimeWarning: overflow encountered in divide" from the L-BFGS to
+# the user's screen (an underflowing curvature pair, which the optimizer already restarts from).
+DEBIAN_STUDY = [(27048, 4236288, 2.4322), (48352, 2458624, 2.5146), (20088, 5784576, 2.2304), (10832, 10400768, 2.4083),
+                (20088, 2891520, 2.4731), (27048, 2113920, 2.4959), (10832, 5201280, 2.4695), (7472, 7885440, 2.5265),
+                (10832, 2599168, 2.5586), (20088, 1444992, 2.7599), (7472, 3944192, 2.6014), (3096, 9283392, 2.8509),
+                (10832, 1298688, 2.81), (20088, 722304, 2.9621), (7472, 1969920, 2.6639), (3096, 4643904, 2.9344),
+                (20088, 362880, 3.2205), (10832, 650880, 3.0105), (7472, 984960, 2.7471), (3096, 2321280, 2.9135)]
+
+
+def test_fits_of_a_real_study_send_no_numpy_warnings():
+    N, D, L = (np.array(c, dtype=float) for c in zip(*DEBIAN_STUDY))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fit = fit_chinchilla(N, D, L)
+        for by in ("N", "D", "C"):
+            holdout_largest(fit, N, D, loss=L, by=by, C=6 * N * D)
