@@ -24,7 +24,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import torch"
+	$(PY) -W ignore -c "import torch"    # installed, before uv could pull a CUDA build (-W: it warns without numpy)
 	( $(PY) -m pip install -q uv 2>/dev/null && VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/uv pip install -q --compile-bytecode -e '.[test]' ) \
 	  || $(PY) -m pip install -q -e '.[test]'
 	touch $@
