@@ -214,7 +214,7 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
             rung = rungs[i]
             elapsed = time.perf_counter() - t0
             est = rung.est_seconds
-            left = s.box_seconds - ANALYSIS_S - elapsed - ladder.validation_seconds(2 * rungs[-1].C, calib)
+            left = s.box_seconds - ANALYSIS_S - elapsed - ladder.validation_seconds(2 * max(r.C for r in rungs), calib)
             if i >= 1 and est * calib > left:
                 notes.append(f"budgets from C={rung.C:.3g} up were not trained: the box had {max(left, 0):.0f}s left "
                              f"for them, they needed about {est * calib:.0f}s")
@@ -250,7 +250,7 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
             if s.target_width and len(done) >= 3 and target_reached(done, rungs, i, s, calib, notes, parent):
                 del rungs[i + 1:]
                 break
-            if i == len(rungs) - 1 and len(rungs) < ladder_lib.MAX_BUDGETS:
+            if i == len(rungs) - 1:
                 widen(rungs, ladder, done, base, s, t0, calib, notes, parent, D_max)
             i += 1
     finally:
@@ -295,21 +295,34 @@ def target_reached(done, rungs, i, s: Settings, calib: float, notes: list, paren
 
 def widen(rungs: list, ladder, done, base, s: Settings, t0: float, calib: float, notes: list, parent, D_max) -> None:
     """Append a budget where the box (the plan's estimates x the measured pace) and the corpus (a size
-    at half its optimum within ladder.MAX_EPOCHS epochs) have room for it."""
-    nxt = rungs[-1].C * ladder.ratio
-    cost = rungs[-1].est_seconds * ladder.ratio
+    at half its optimum within ladder.MAX_EPOCHS epochs) have room for it: above the ladder while it
+    has fewer than MAX_BUDGETS; else, or where that one does not fit, between two of its budgets
+    (ladder.fill_gap), up to MAX_FILLED. What does not fit is said once in NOTES."""
+    top = max(rungs, key=lambda r: r.C)
     spare = s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
-    need = (cost + ladder.validation_seconds(2 * nxt, 1.0)) * calib    # at the measured pace
-    if need > spare:
-        return notes.append(f"budget C={nxt:.3g} not added: with its validation it needs ~{need:.0f}s, {spare:.0f}s left")
-    guess = law_guess(done, nxt, ladder_lib.PRIORS.get(s.mode, 20.0))
-    below = ladder_lib.tokens_for(nxt, guess / 2)   # a size at half its N*: the bracket's lower side
-    if below > D_max:
-        return notes.append(f"budget C={nxt:.3g} not added: a size below its optimum (N≈{guess:,.0f}) needs about "
-                            f"{below:.3g} tokens, more than {ladder_lib.MAX_EPOCHS:g} epochs of this corpus (Muennighoff et al. 2023)")
-    rungs.append(ladder_lib.Rung(nxt, ladder_lib.batch_at(nxt, s.mode, base.batch_tokens, base.context), guess, cost))
-    notes.append(f"budget C={nxt:.3g} added: the budgets took {calib:.2f}x their planned time, so the box had room")
-    parent.log_text(json.dumps(replace(ladder, rungs=tuple(rungs)).to_dict(), indent=1), "ladder.json")
+    options = []     # (C, estimated seconds, the validation budget it implies, where)
+    if len(rungs) < ladder_lib.MAX_BUDGETS:
+        options.append((top.C * ladder.ratio, top.est_seconds * ladder.ratio, 2 * ladder.ratio * top.C, ""))
+    gap = ladder_lib.fill_gap(rungs, ladder.ratio) if len(rungs) < ladder_lib.MAX_FILLED else None
+    if gap:
+        a, b = gap
+        options.append((math.sqrt(a.C * b.C), math.sqrt(a.est_seconds * b.est_seconds), 2 * top.C,
+                        f" between C={a.C:.3g} and C={b.C:.3g}"))
+    for C, cost, Cv, where in options:
+        need = (cost + ladder.validation_seconds(Cv, 1.0)) * calib    # at the measured pace
+        guess = law_guess(done, C, ladder_lib.PRIORS.get(s.mode, 20.0))
+        below = ladder_lib.tokens_for(C, guess / 2)   # a size at half its N*: the bracket's lower side
+        why = (f"with its validation it needs ~{need:.0f}s, {spare:.0f}s left" if need > spare else
+               f"a size below its optimum (N≈{guess:,.0f}) needs about {below:.3g} tokens, more than "
+               f"{ladder_lib.MAX_EPOCHS:g} epochs of this corpus (Muennighoff et al. 2023)" if below > D_max else "")
+        if why:
+            if not any(n.startswith(f"budget C={C:.3g}") and "not added" in n for n in notes):
+                notes.append(f"budget C={C:.3g}{where} not added: {why}")
+            continue
+        rungs.append(ladder_lib.Rung(C, ladder_lib.batch_at(C, s.mode, base.batch_tokens, base.context), guess, cost))
+        notes.append(f"budget C={C:.3g} added{where}: the budgets took {calib:.2f}x their planned time, so the box had room")
+        parent.log_text(json.dumps(replace(ladder, rungs=tuple(rungs)).to_dict(), indent=1), "ladder.json")
+        return
 
 
 def _end_ladder(storage, names: list[str], procs: list) -> None:

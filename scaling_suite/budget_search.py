@@ -138,8 +138,9 @@ def next_step(rows: list[dict], space: Space, planned: set, training: int = 0) -
     TRAINING: how many of them are training now):
     ("pinned", None): bracketed, a convex vertex, >= 4 sizes and a run within PIN_DECADES of it;
     ("step_out", log10 N): the best run is at an edge, so the next size beyond it;
-    ("inside", log10 N): the best run is at an edge of the finished sizes, a run beyond it still
-    training: the free size between the best's planned neighbours nearest the best (else "wait");
+    ("inside", log10 N): the best run is at an edge of the finished sizes (or the only one), a run
+    beyond it still training (on both sides, for the only one): the free size between the best's
+    planned neighbours nearest the best (else "wait");
     ("vertex", log10 N): bracketed: the untried size between the best run's neighbours nearest the
     parabola's vertex (a Newton step kept inside the bracket);
     ("resolved", None): bracketed by >= 4 sizes and every size between the neighbours tried;
@@ -150,23 +151,25 @@ def next_step(rows: list[dict], space: Space, planned: set, training: int = 0) -
             min(abs(math.log10(r["N"] / fit["x_opt"])) for r in rows) <= PIN_DECADES:
         return "pinned", None
     free = [s for s in space.shapes if not near_twin(s.N, planned)]
-    if fit["status"] in ("unbracketed", "extrapolated", "too_few") and len(rows) >= 2:
+    if fit["status"] in ("unbracketed", "extrapolated", "too_few") and rows:
         best = min(rows, key=lambda r: r["final_val_loss"])["N"]
-        up = fit["x_opt"] > best if fit["status"] == "extrapolated" else best == max(r["N"] for r in rows)
-        side = 1 if up else -1
         done = {r["N"] for r in rows}
+        up = fit["x_opt"] > best if fit["status"] == "extrapolated" else best == max(done)
+        side = 1 if up else -1
         sizes = {n for n in planned if n} | done
-        if any((n - best) * side > 0 for n in sizes - done):
-            # A run beyond the best is still training: it is this side's step out. Another one beyond it
-            # is far off the minimum whenever the first comes back worse (quick, 2026-12-01: 48k at
-            # C=8e11, 2.03 against 1.64 at the best; 61.7k at C=1.6e12, 1.74 against 1.48), so the next
-            # run goes between the best's planned neighbours, nearest the best: on the profile either way.
+        # The sides where the minimum may lie: beyond the edge best; both, with one size finished.
+        if all(any((n - best) * d > 0 for n in sizes - done) for d in ((side,) if len(done) > 1 else (1, -1))):
+            # A run beyond the best is still training there: it is that side's step out. Another one
+            # beyond it is far off the minimum whenever the first comes back worse (quick, 2026-12-01:
+            # 48k at C=8e11, 2.03 against 1.64 at the best; 61.7k at C=1.6e12, 1.74 against 1.48; a GP
+            # proposal of 151k from one finished run, 2.28), so the next run goes between the best's
+            # planned neighbours, nearest the best: on the profile either way.
             below, above = neighbours(sizes, best)
             inside = [s for s in space.nearest(math.log10(best)) if s in free and below < s.N < above]
             return ("inside", math.log10(inside[0].N)) if inside else ("wait", None)
         x = math.log10(best) + side * STEP_OUT
         beyond = [s for s in free if (s.N - best) * side > 0]
-        if beyond and fit["status"] != "too_few":
+        if beyond and len(rows) >= 2 and fit["status"] != "too_few":
             return "step_out", math.log10(min(beyond, key=lambda s: abs(math.log10(s.N) - x)).N)
     if fit["status"] == "ok":
         # Bracketed: the minimum lies between the best run's planned neighbours, so the next run goes

@@ -15,7 +15,9 @@ The rules, and why:
   budget on.
 - **Budgets r_C apart** (r_C >= 2): approach 2's slope needs budgets spread in log C. The ladder
   grows upward while the box allows, up to MAX_BUDGETS; beyond that the spacing widens instead,
-  so a fast device gets a wider ladder, not a denser one.
+  so a fast device gets a wider ladder, not a denser one. During the study (adaptive.widen), where
+  the corpus or the box stops it growing, the time left goes to budgets between its budgets
+  (fill_gap), up to MAX_FILLED.
 - **Validation**: one run at >= 2x the largest budget, at the optimum the fitted law predicts, so
   the study tests its own law out of sample (as a lab does before a large run). It gets what the
   box leaves after the ladder, at least VALIDATION_MIN x the top budget.
@@ -47,6 +49,7 @@ C_REF = {"smoke": 3e9, "quick": 1.2e12, "dev": 1e14, "full": 1e16}   # where eac
 RUNS_PER_BUDGET = 5.0       # expected runs to bracket and pin one budget's minimum (seeds + search)
 MIN_BUDGETS = 4             # --target_width stops no ladder shorter: a's OLS interval from 3 minima (1 dof) is narrow by luck
 MAX_BUDGETS = 6
+MAX_FILLED = 9              # with budgets between those of the ladder (fill_gap): Hoffmann et al. 2022 §3.2 used 9
 RATIO = 2.0                 # least spacing of the budgets
 VALIDATION_MIN = 2.0        # the validation budget, at least this x the largest fitted budget
 VALIDATION_SHARE = 0.25     # at most this share of the training time goes to the validation run
@@ -108,7 +111,7 @@ class Ladder:
 
     @property
     def span_decades(self) -> float:
-        return math.log10(self.rungs[-1].C / self.rungs[0].C) if self.rungs else 0.0
+        return math.log10(max(r.C for r in self.rungs) / min(r.C for r in self.rungs)) if self.rungs else 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,6 +127,21 @@ class Ladder:
         return (f"{len(self.rungs)} budgets {cs} FLOPs ({self.span_decades:.2f} decades, {self.ratio:.2g}x apart), "
                 f"validation at {self.validation_C:.3g}; estimated {self.est_ladder_seconds:.0f}s + "
                 f"{self.est_validation_seconds:.0f}s of {self.train_seconds:.0f}s for training")
+
+
+def fill_gap(rungs, ratio: float) -> tuple[Rung, Rung] | None:
+    """Two of the ladder's budgets (RUNGS, in any order) RATIO apart with none between them, where
+    a budget at their geometric mean fills in; None when every such gap is filled. Used where the
+    ladder cannot grow upward (the corpus or the box stops it): more budgets over the same span
+    still narrow the slope's interval (the OLS standard error falls as 1/sqrt(Sxx), and the degrees
+    of freedom rise). The gap farthest from the ladder's centre in log C first (the most leverage
+    on the slope); of two equally far, the lower (the cheaper)."""
+    rs = sorted(rungs, key=lambda r: r.C)
+    gaps = [(a, b) for a, b in zip(rs, rs[1:]) if b.C / a.C >= ratio * 0.99]
+    if not gaps:
+        return None
+    centre = math.log(rs[0].C * rs[-1].C) / 2
+    return max(gaps, key=lambda g: (round(abs(math.log(g[0].C * g[1].C) / 2 - centre), 6), -g[0].C))
 
 
 def tokens_for(C: float, N: float) -> float:

@@ -320,7 +320,7 @@ def adaptive_summary(ladder, done: list, notes: list[str], validation: dict, wal
     """The adaptive study's own lines: its budgets, what the box allowed, the validation run."""
     lines = [f"\n=== adaptive study: {len(done)} of {len(ladder.rungs)} planned budgets, "
              f"{sum(len(b.rows) for b in done)} runs, {wall:.0f}s of a {box:.0f}s box ==="]
-    lines += [f"C={b.C:.3g}: {budget_line(b)}" for b in done]
+    lines += [f"C={b.C:.3g}: {budget_line(b)}" for b in sorted(done, key=lambda b: b.C)]   # fills come last
     ok = [b for b in done if b.fit.get("status") == "ok"]
     if ok:
         span = math.log10(max(b.C for b in ok) / min(b.C for b in ok)) if len(ok) > 1 else 0.0

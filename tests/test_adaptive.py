@@ -86,6 +86,10 @@ def test_search_steps_out_beyond_an_edge_and_stops_once_the_minimum_is_pinned():
     assert step == "inside" and round(10 ** x) == Ns[5]
     step, x = budget_search.next_step(rows_of([(Ns[4], 2.2), (Ns[6], 2.3)]), space, {Ns[1], Ns[4], Ns[6]}, 1)
     assert step == "inside" and round(10 ** x) == Ns[5]    # nearest the best, between its planned neighbours
+    # one run finished, the seeds on both sides still training: beside it too (not a GP proposal from
+    # one point: 151k at C=8e11, quick 2026-12-01)
+    step, x = budget_search.next_step(rows_of([(Ns[4], 2.2)]), space, {Ns[2], Ns[4], Ns[6]}, 2)
+    assert step == "inside" and Ns[2] < 10 ** x < Ns[6] and round(10 ** x) != Ns[4]
     inside = {Ns[2], Ns[3], Ns[4], Ns[5], Ns[8]}
     assert budget_search.next_step(rows_of([(Ns[2], 2.3), (Ns[4], 2.2)]), space, inside, 3)[0] == "wait"
     # bracketed by 4 sizes with a run at the vertex: pinned, no further run
@@ -238,18 +242,45 @@ def test_widen_adds_no_budget_whose_optimum_the_corpus_cannot_feed():
     would repeat the training split more than MAX_EPOCHS times (the second corpus, 4.4 MB, got one
     whose smallest placeable size was above its optimum: unbracketed after 6 runs, twice)."""
     base, lad = quick_plan(HERE.scaled(100))
+    lad = replace(lad, rungs=lad.rungs[:ladder_lib.MAX_BUDGETS - 1])   # room above it
     done = _budgets([r.C for r in lad.rungs])
     s = adaptive.Settings(mode="quick", box_seconds=1e6, workers=2, n_bootstrap=0)
     parent = SimpleNamespace(log_text=lambda *a: None)
     nxt = lad.rungs[-1].C * lad.ratio
     D_opt = nxt / (6 * budget_search.law_guess(done, nxt, ladder_lib.PRIORS["quick"]))
     # the bracket's lower side, half of N*, needs 2 D_opt
-    for D_max, added in ((2.1 * D_opt, True), (1.9 * D_opt, False)):
+    for D_max, above in ((2.1 * D_opt, True), (1.9 * D_opt, False)):
         rungs, notes = list(lad.rungs), []
         adaptive.widen(rungs, lad, done, base, s, time.perf_counter(), 1.0, notes, parent, D_max)
-        assert (len(rungs) == len(lad.rungs) + 1) == added, notes
-        assert ("added" in notes[-1]) if added else ("epochs of this corpus" in notes[-1]), notes
+        assert len(rungs) == len(lad.rungs) + 1 and "added" in notes[-1], notes
+        if above:
+            assert rungs[-1].C == pytest.approx(nxt), notes
+        else:   # the corpus stops the ladder's growth: a budget between two of its budgets instead
+            assert "epochs of this corpus" in notes[0] and "added between" in notes[-1], notes
+            assert rungs[-1].C == pytest.approx(math.sqrt(lad.rungs[0].C * lad.rungs[1].C)), notes
     # no room in the box: not added, and the summary says how much it needed
     rungs, notes = list(lad.rungs), []
     adaptive.widen(rungs, lad, done, base, replace(s, box_seconds=1.0), time.perf_counter(), 1.0, notes, parent, 2.1 * D_opt)
-    assert len(rungs) == len(lad.rungs) and "not added" in notes[-1] and "s left" in notes[-1], notes
+    assert len(rungs) == len(lad.rungs) and notes and all("not added" in n and "s left" in n for n in notes), notes
+
+
+def test_fill_gaps_go_outermost_first_and_stop_at_max_filled():
+    """Where the ladder cannot grow, budgets between its budgets: the gap farthest from the centre in
+    log C first (most leverage on the slope), the lower of two equally far; each gap once."""
+    rungs = [ladder_lib.Rung(1e11 * 2 ** k, 4096, 1e4, 10.0 * 2 ** k) for k in range(5)]
+    order = []
+    while (gap := ladder_lib.fill_gap(rungs, 2.0)) is not None:
+        a, b = gap
+        order.append(round(math.log2(a.C / 1e11)))
+        rungs.append(ladder_lib.Rung(math.sqrt(a.C * b.C), 4096, 1e4, 14.0))
+    assert order == [0, 3, 1, 2], order
+    base, lad = quick_plan(HERE.scaled(100))
+    done = _budgets([r.C for r in lad.rungs])
+    s = adaptive.Settings(mode="quick", box_seconds=1e6, workers=2, n_bootstrap=0)
+    nxt = lad.rungs[-1].C * lad.ratio
+    D_max = 1.9 * nxt / (6 * budget_search.law_guess(done, nxt, ladder_lib.PRIORS["quick"]))  # the top: no
+    rungs, notes = list(lad.rungs), []
+    for _ in range(2 * ladder_lib.MAX_FILLED):
+        adaptive.widen(rungs, lad, done, base, s, time.perf_counter(), 1.0, notes, SimpleNamespace(log_text=lambda *a: None),
+                       D_max)
+    assert len(rungs) == min(ladder_lib.MAX_FILLED, 2 * len(lad.rungs) - 1), notes
