@@ -117,7 +117,9 @@ def _run_claimed(client, cfg, parent_run_id, scope, code, tags, data, progress, 
                             reason=run.data.tags.get("failure_reason", "failed earlier"))
 
     resume_id = next((r.info.run_id for r in same if r.info.status in INTERRUPTED), None) if resume_running else None
-    child_tags = {"code_version": code, "study_key": study_key or "", **(tags or {})}
+    n_ref = len(reference) if reference is not None else 0     # the final-loss prediction it logs (earlystop.predict)
+    child_tags = {"code_version": code, "study_key": study_key or "", **(tags or {}),
+                  "predictor": f"study ({n_ref} runs)" if n_ref >= earlystop.MIN_REFERENCE else "own curve"}
     with store.scratch() as tmp:     # downloaded checkpoints: removed when the run ends
         ckpt = tracking.fetch_checkpoint(client, resume_id, tmp) if resume_id else None
         tracker = tracking.start_run(run_name=tracking.run_name(d.N, d.D), tags=child_tags,
@@ -313,14 +315,21 @@ def add_reference(ref, out: ChildOutcome, cfg: RunConfig):
     if out.status not in ("FINISHED", "SKIPPED"):
         return ref
     client = tracking.init_store()
-    run = client.get_run(out.run_id)
+    entry = reference_entry(client, client.get_run(out.run_id), cfg)
+    return ref.add(*entry) if entry else ref
+
+
+def reference_entry(client, run, cfg: RunConfig) -> tuple | None:
+    """earlystop.Reference.add's arguments for the finished MLflow RUN of configuration CFG: its
+    validation curve against progress, final loss, N, D, lr at every step and peak lr; None when
+    its final loss is itself a prediction (early stop) or it lacks them."""
     m = run.data.metrics
     if run.data.tags.get("predicted") == "true" or not all(k in m for k in ("final_val_loss", "N", "D")):
-        return ref
-    hist = sorted(client.get_metric_history(out.run_id, "val_loss"), key=lambda h: (h.step, h.timestamp))
+        return None
+    hist = sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda h: (h.step, h.timestamp))
     curve = {h.step: h.value for h in hist}      # MLflow step = tokens seen; a re-logged step: the later
-    return ref.add([t / m["D"] for t in curve], list(curve.values()), m["final_val_loss"], m["N"], m["D"],
-                   lr_per_step(cfg, cfg.derived()), cfg.lr)
+    return ([t / m["D"] for t in curve], list(curve.values()), m["final_val_loss"], m["N"], m["D"],
+            lr_per_step(cfg, cfg.derived()), cfg.lr)
 
 
 def describe_lr(plan: Plan) -> dict:

@@ -30,7 +30,8 @@ import optuna
 from optuna.trial import TrialState
 
 from . import data as data_lib
-from . import sweep, tracking
+from . import earlystop, sweep, tracking
+from .checkpoint import config_from_params
 from .config import RunConfig, make_config
 from .errors import SuiteError
 from .rdb import (DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_STORAGE, MAX_RETRY, STORAGE_ENV, StudySpec,  # noqa: F401
@@ -92,6 +93,7 @@ class Objective:
         self.exhausted = False
         self.failures: list[str] = []
         self._data = _CORPORA
+        self._entries: dict = {}     # study_reference's cache
 
     def data(self, cfg: RunConfig):
         k = (cfg.dataset, cfg.tokenizer, cfg.vocab_size)
@@ -171,7 +173,8 @@ class Objective:
                                         "search": self.spec.kind}.items()}
         try:
             out = sweep.run_child(cfg, parent, tags=tags, data=self.data(cfg), progress=self.progress,
-                            resume_running=True, study_key=self.spec.study_key)
+                                  resume_running=True, study_key=self.spec.study_key,
+                                  reference=study_reference(tracking.init_store(), parent, cfg, self._entries))
         except Exception as e:  # noqa: BLE001 — e.g. a store hiccup: the worker loop queues a retry
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:1000])
             self.failures.append(f"{type(e).__name__}: {e}")
@@ -189,6 +192,28 @@ class Objective:
             return math.nan  # Optuna records a FAIL trial; its configuration stays claimed
         self.failures.clear()
         return float(out.final_val_loss)
+
+
+def study_reference(client, parent: str, cfg: RunConfig, cache: dict) -> earlystop.Reference:
+    """The study's finished training runs (PARENT's children) with CFG's schedule, other configurations
+    than CFG: given to train, its final-loss prediction uses the study predictor once two have finished,
+    as sweep.run_study gives its runs. CACHE (run id -> (config, Reference.add's arguments)): each
+    finished run is read from MLflow once per worker."""
+    ref = earlystop.Reference()
+    for run in tracking.find_runs(client, parent, {"mlflow.parentRunId": parent}):
+        rid = run.info.run_id
+        if run.info.status != "FINISHED" or run.data.tags.get("role") != "train":
+            continue
+        if rid not in cache:
+            try:
+                other = config_from_params(run.data.params)
+            except SuiteError:      # params this code cannot read (another code version)
+                other = None
+            cache[rid] = (other, other and sweep.reference_entry(client, run, other))
+        other, entry = cache[rid]
+        if entry and other != cfg and sweep.schedule_key(other) == sweep.schedule_key(cfg):
+            ref = ref.add(*entry)
+    return ref
 
 
 # --- the loop ----------------------------------------------------------------------------------------

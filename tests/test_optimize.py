@@ -103,6 +103,33 @@ def test_two_workers_share_one_sqlite_study_which_then_resumes(mlflow_store, tok
     assert all("log10_N" in t.params for t in done)
 
 
+def test_workers_give_each_run_the_studys_finished_runs_of_its_schedule(mlflow_store):
+    """worker.study_reference: the parent's FINISHED training children of the run's schedule, its own
+    configuration left out, so train's final-loss prediction is the study predictor's."""
+    from scaling_suite import tracking
+    from scaling_suite.config import make_config
+
+    client = tracking.init_store()
+    exp = client.create_experiment("ref")
+    parent = client.create_run(exp).info.run_id
+    cfgs = [make_config(preset="tiny", D=D) for D in (1e5, 2e5, 4e5)] + [make_config(preset="tiny", D=3e5, schedule="wsd")]
+    for cfg in cfgs:
+        d = cfg.derived()
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "role": "train"}).info.run_id
+        for k, v in cfg.to_params().items():
+            client.log_param(run, k, v)
+        for j in range(1, 5):
+            client.log_metric(run, "val_loss", 3.0 - 0.2 * j, step=int(d.D * j / 4))
+        for k, v in {"final_val_loss": 2.2, "N": d.N, "D": d.D}.items():
+            client.log_metric(run, k, v)
+        client.set_terminated(run, "FINISHED")
+    cache = {}
+    assert len(worker.study_reference(client, parent, cfgs[0], cache)) == 2        # the other two cosine runs
+    assert len(worker.study_reference(client, parent, make_config(preset="tiny", D=8e5), cache)) == 3
+    assert len(worker.study_reference(client, parent, make_config(preset="tiny", D=8e5, schedule="wsd"), cache)) == 1
+    assert len(cache) == 4                                                          # each run read once
+
+
 def test_killed_worker_trial_is_retried_elsewhere_and_resumed(mlflow_store, token_cache, tmp_path):
     """A queued sweep split across two workers; the one training the long run is SIGKILLed."""
     from optuna.trial import TrialState
