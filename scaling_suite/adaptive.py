@@ -202,28 +202,23 @@ def _run(plan, ladder, base, data, s: Settings, rule, lr_info, parent, t0, say) 
     storage = worker.open_storage(s.storage_url, s.heartbeat, s.grace)
     D_max = ladder_lib.max_tokens(len(data.train))
     done: list[Budget] = []
-    notes: list[str] = []
-    procs: list = []
+    notes, procs, names = [], [], []
     calib = 1.0          # measured / planned seconds of the budgets done
     rungs = list(ladder.rungs)
-    names: list[str] = []
     prior = ladder_lib.PRIORS.get(s.mode, 20.0)
     try:
         i = 0
         while i < len(rungs):
             rung = rungs[i]
-            elapsed = time.perf_counter() - t0
             est = rung.est_seconds
-            left = s.box_seconds - ANALYSIS_S - elapsed - ladder.validation_seconds(2 * max(r.C for r in rungs), calib)
-            if i >= 1 and est * calib > left:
-                notes.append(f"budgets from C={rung.C:.3g} up were not trained: the box had {max(left, 0):.0f}s left "
-                             f"for them, they needed about {est * calib:.0f}s")
-                del rungs[i:]
+            stop = _dropped(rungs, i, ladder, done, base, s, t0, calib, notes, parent, D_max)
+            if stop == "box":
                 break
+            if stop:
+                continue
             center = law_guess(done, rung.C, prior) if done else rung.N_guess
             space = budget_space(base, rung, center, D_max, rule)
-            offsets = FIRST_SEEDS if not done else SEEDS
-            seeds = [math.log10(center) + o for o in offsets]
+            seeds = [math.log10(center) + o for o in (SEEDS if done else FIRST_SEEDS)]
             tags = {"design": DESIGN, "C_budget": f"{rung.C:g}", "mode": s.mode, "batch_rule": "C^0.3271 (DeepSeek LLM §3.1)"}
             names.append(budget_name(plan.key, rung.C))
             study, spec = open_budget(storage, names[i], space, seeds, plan.key, parent.run_id, tags,
@@ -310,19 +305,48 @@ def widen(rungs: list, ladder, done, base, s: Settings, t0: float, calib: float,
                         f" between C={a.C:.3g} and C={b.C:.3g}"))
     for C, cost, Cv, where in options:
         need = (cost + ladder.validation_seconds(Cv, 1.0)) * calib    # at the measured pace
-        guess = law_guess(done, C, ladder_lib.PRIORS.get(s.mode, 20.0))
-        below = ladder_lib.tokens_for(C, guess / 2)   # a size at half its N*: the bracket's lower side
         why = (f"with its validation it needs ~{need:.0f}s, {spare:.0f}s left" if need > spare else
-               f"a size below its optimum (N≈{guess:,.0f}) needs about {below:.3g} tokens, more than "
-               f"{ladder_lib.MAX_EPOCHS:g} epochs of this corpus (Muennighoff et al. 2023)" if below > D_max else "")
+               corpus_bars(C, done, s.mode, D_max))
         if why:
             if not any(n.startswith(f"budget C={C:.3g}") and "not added" in n for n in notes):
                 notes.append(f"budget C={C:.3g}{where} not added: {why}")
             continue
+        guess = law_guess(done, C, ladder_lib.PRIORS.get(s.mode, 20.0))
         rungs.append(ladder_lib.Rung(C, ladder_lib.batch_at(C, s.mode, base.batch_tokens, base.context), guess, cost))
         notes.append(f"budget C={C:.3g} added{where}: the budgets took {calib:.2f}x their planned time, so the box had room")
         parent.log_text(json.dumps(replace(ladder, rungs=tuple(rungs)).to_dict(), indent=1), "ladder.json")
         return
+
+
+def _dropped(rungs, i, ladder, done, base, s: Settings, t0, calib, notes, parent, D_max) -> str:
+    """Whether budget RUNGS[i] is dropped before it starts, with the budgets above it (said in NOTES):
+    "box" when the box has no room left for it; "corpus" when the corpus cannot feed it (the plan
+    knew the device's speed only), and then widen may put a budget between others instead; "" when
+    it is trained."""
+    rung = rungs[i]
+    left = (s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
+            - ladder.validation_seconds(2 * max(r.C for r in rungs), calib))
+    why = corpus_bars(rung.C, done, s.mode, D_max) if done else ""
+    if i >= 1 and rung.est_seconds * calib > left:
+        why, stop = f"the box had {max(left, 0):.0f}s left for them, they needed about {rung.est_seconds * calib:.0f}s", "box"
+    elif why:
+        stop = "corpus"
+    else:
+        return ""
+    notes.append(f"budgets from C={rung.C:.3g} up were not trained: {why}")
+    del rungs[i:]
+    if stop == "corpus":
+        widen(rungs, ladder, done, base, s, t0, calib, notes, parent, D_max)
+    return stop
+
+
+def corpus_bars(C: float, done, mode: str, D_max: float) -> str:
+    """Why the corpus cannot feed budget C ("" if it can): a size at half its predicted optimum (the
+    bracket's lower side) would repeat the training split more than MAX_EPOCHS times."""
+    guess = law_guess(done, C, ladder_lib.PRIORS.get(mode, 20.0))
+    below = ladder_lib.tokens_for(C, guess / 2)
+    return (f"a size below its optimum (N≈{guess:,.0f}) needs about {below:.3g} tokens, more than "
+            f"{ladder_lib.MAX_EPOCHS:g} epochs of this corpus (Muennighoff et al. 2023)" if below > D_max else "")
 
 
 def _end_ladder(storage, names: list[str], procs: list) -> None:

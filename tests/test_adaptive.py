@@ -262,6 +262,13 @@ def test_widen_adds_no_budget_whose_optimum_the_corpus_cannot_feed():
     rungs, notes = list(lad.rungs), []
     adaptive.widen(rungs, lad, done, base, replace(s, box_seconds=1.0), time.perf_counter(), 1.0, notes, parent, 2.1 * D_opt)
     assert len(rungs) == len(lad.rungs) and notes and all("not added" in n and "s left" in n for n in notes), notes
+    # a planned budget the corpus cannot feed (the plan knew only the device's speed) is dropped before
+    # it starts, and a budget between others goes in its place (Debian study of 2026-12-01: a planned
+    # sixth budget stayed unbracketed after 6 runs, 164 s)
+    rungs, notes = list(lad.rungs) + [ladder_lib.Rung(nxt, 8192, 1e4, 1.0)], []
+    stop = adaptive._dropped(rungs, len(lad.rungs), lad, done, base, s, time.perf_counter(), 1.0, notes, parent, 1.9 * D_opt)
+    assert stop == "corpus" and "epochs of this corpus" in notes[0] and "added between" in notes[-1], notes
+    assert len(rungs) == len(lad.rungs) + 1 and rungs[-1].C < nxt
 
 
 def test_fill_gaps_go_outermost_first_and_stop_at_max_filled():
