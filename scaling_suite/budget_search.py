@@ -151,12 +151,12 @@ def next_step(rows: list[dict], space: Space, planned: set, training: int = 0) -
             min(abs(math.log10(r["N"] / fit["x_opt"])) for r in rows) <= PIN_DECADES:
         return "pinned", None
     free = [s for s in space.shapes if not near_twin(s.N, planned)]
+    done = {r["N"] for r in rows}
+    sizes = {n for n in planned if n} | done      # finished, training or queued
+    best = min(rows, key=lambda r: r["final_val_loss"])["N"] if rows else None
     if fit["status"] in ("unbracketed", "extrapolated", "too_few") and rows:
-        best = min(rows, key=lambda r: r["final_val_loss"])["N"]
-        done = {r["N"] for r in rows}
         up = fit["x_opt"] > best if fit["status"] == "extrapolated" else best == max(done)
         side = 1 if up else -1
-        sizes = {n for n in planned if n} | done
         # The sides where the minimum may lie: beyond the edge best; both, with one size finished.
         if all(any((n - best) * d > 0 for n in sizes - done) for d in ((side,) if len(done) > 1 else (1, -1))):
             # A run beyond the best is still training there: it is that side's step out. Another one
@@ -176,8 +176,7 @@ def next_step(rows: list[dict], space: Space, planned: set, training: int = 0) -
         # there, nearest the vertex. Beyond them the search already knows the minimum is not: a GP
         # proposal there (a 95k run at C=4e11 whose minimum was bracketed by 7.5k and 27k, quick
         # study 2026-12-01) trains a far, warmup-bound run that only pulls approach 3 off.
-        best = min(rows, key=lambda r: r["final_val_loss"])["N"]
-        below, above = neighbours({n for n in planned if n} | {r["N"] for r in rows}, best)
+        below, above = neighbours(sizes, best)
         by_vertex = [s for s in space.nearest(math.log10(fit["x_opt"])) if s in free]
         inside = [s for s in by_vertex if below < s.N < above]
         if inside:
