@@ -308,7 +308,8 @@ def widen(rungs: list, ladder, done, base, s: Settings, t0: float, calib: float,
         why = (f"with its validation it needs ~{need:.0f}s, {spare:.0f}s left" if need > spare else
                corpus_bars(C, done, s.mode, D_max))
         if why:
-            if not any(n.startswith(f"budget C={C:.3g}") and "not added" in n for n in notes):
+            # Once: widen runs after every budget, and _dropped may have said it of a planned budget.
+            if not any(f"C={C:.3g}" in n.split(":")[0] for n in notes):
                 notes.append(f"budget C={C:.3g}{where} not added: {why}")
             continue
         guess = law_guess(done, C, ladder_lib.PRIORS.get(s.mode, 20.0))

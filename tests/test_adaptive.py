@@ -269,6 +269,7 @@ def test_widen_adds_no_budget_whose_optimum_the_corpus_cannot_feed():
     stop = adaptive._dropped(rungs, len(lad.rungs), lad, done, base, s, time.perf_counter(), 1.0, notes, parent, 1.9 * D_opt)
     assert stop == "corpus" and "epochs of this corpus" in notes[0] and "added between" in notes[-1], notes
     assert len(rungs) == len(lad.rungs) + 1 and rungs[-1].C < nxt
+    assert sum(f"C={nxt:.3g}" in n.split(":")[0] for n in notes) == 1, notes    # said once, not again by widen
 
 
 def test_fill_gaps_go_outermost_first_and_stop_at_max_filled():
