@@ -139,8 +139,14 @@ def is_stable(history: list[Prediction]) -> bool:
 # 1. The schedule (`ratio`): the drop still ahead of a run at schedule progress p (tokens / D) is
 #    much like the drop its finished siblings took from p to their end, so one estimate is the run's
 #    own validation loss at p times the finished runs' ratio final / loss(p), averaged in log space
-#    with Gaussian weights on the distance in (log N, log D) (bandwidth BANDWIDTH): how much a run
-#    still gains depends on its size and budget, and the nearest siblings count most.
+#    with Gaussian weights on the distance in (log N_nonembed, log D) (bandwidth BANDWIDTH): how much
+#    a run still gains depends on its size and budget, and the nearest siblings count most. Size is
+#    measured without the embedding and the head (Kaplan et al. 2020 §3.1, Fig. 6: with them, runs
+#    of equal N but other depths fall on other trends; without them on one): at this project's
+#    3k-60k parameters the head is most of N, so by N a one-layer model sits beside deeper ones it
+#    does not resemble. Leave-one-run-out from 25% on 25 stored studies (624 runs), median error
+#    2.36% by log N, 1.92% by log N_nonembed; lower in 16 of the 17 adaptive studies
+#    (docs/isoflop-and-prediction.md).
 # 2. The model (`same_model`): finished runs of the same size and peak lr are the same model under
 #    other schedule lengths. Tissue et al. 2024 fit ONE parameter set (L0, A, alpha, C) of their
 #    eq. 1 per model and predict its loss under other schedules from their areas S1, S2; so the
@@ -177,16 +183,18 @@ def lr_from_history(tokens, lr, D: float, batch_tokens: float) -> np.ndarray | N
 @dataclass(frozen=True)
 class Reference:
     """Validation curves of finished runs of one schedule: per run (progress = tokens / D, loss,
-    final loss, N, D, lr multipliers per step or None, peak lr). Immutable: `add` returns a new one."""
+    final loss, N, D, lr multipliers per step or None, peak lr, N_nonembed: the size the kernel
+    weighs by). Immutable: `add` returns a new one."""
     curves: tuple = ()
 
     def __len__(self) -> int:
         return len(self.curves)
 
-    def add(self, progress, loss, final: float, N: float, D: float, lrs=None, peak_lr: float = math.nan
-            ) -> "Reference":
+    def add(self, progress, loss, final: float, N: float, D: float, lrs=None, peak_lr: float = math.nan,
+            N_nonembed: float = math.nan) -> "Reference":
         """LRS: the run's learning rate at every optimizer step and PEAK_LR its peak (the lr setting);
-        without them the run serves the ratio estimate only."""
+        without them the run serves the ratio estimate only. N_nonembed: the kernel's size (N when
+        not given)."""
         p, y = np.asarray(progress, dtype=float), np.asarray(loss, dtype=float)
         keep = np.isfinite(p) & np.isfinite(y) & (p > 0) & (y > 0)
         if keep.sum() < 2 or not (math.isfinite(final) and final > 0 and N > 0 and D > 0):
@@ -194,15 +202,16 @@ class Reference:
         order = np.argsort(p[keep])
         mult, peak = _normalized(lrs, peak_lr)
         return Reference(self.curves + ((p[keep][order], y[keep][order], float(final), float(N), float(D),
-                                         mult, peak),))
+                                         mult, peak, _size(N, N_nonembed)),))
 
     def log_ratios(self, p: float) -> np.ndarray:
         """log(final / loss at progress p) of each reference run (interpolated in log loss)."""
         return np.array([math.log(c[2]) - float(np.interp(p, c[0], np.log(c[1]))) for c in self.curves])
 
-    def weights(self, N: float, D: float, bandwidth: float = BANDWIDTH) -> np.ndarray:
-        """Gaussian weights (summing to 1) on each reference run's distance to (N, D) in log space."""
-        d2 = np.array([math.log(c[3] / N) ** 2 + math.log(c[4] / D) ** 2 for c in self.curves])
+    def weights(self, N_nonembed: float, D: float, bandwidth: float = BANDWIDTH) -> np.ndarray:
+        """Gaussian weights (summing to 1) on each reference run's distance to (N_nonembed, D) in log
+        space (the note above the class says why N_nonembed)."""
+        d2 = np.array([math.log(c[7] / N_nonembed) ** 2 + math.log(c[4] / D) ** 2 for c in self.curves])
         w = np.exp(-(d2 - d2.min()) / (2 * bandwidth ** 2))    # shifted: far-only references do not underflow
         return w / w.sum()
 
@@ -210,6 +219,15 @@ class Reference:
         """The reference runs of size N trained at the same peak lr (with a known schedule): the same
         model under another schedule length."""
         return [c for c in self.curves if c[5] is not None and c[3] == N and math.isclose(c[6], peak, rel_tol=1e-9)]
+
+
+def _size(N: float, N_nonembed) -> float:
+    """The kernel's size coordinate: N_nonembed when known (> 0), else N."""
+    try:
+        ne = float(N_nonembed)
+    except (TypeError, ValueError):
+        return float(N)
+    return ne if math.isfinite(ne) and ne > 0 else float(N)
 
 
 def _normalized(lrs, peak_lr: float):
@@ -233,9 +251,10 @@ def _law_points(progress, loss, mult):
 
 
 def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: float, D: float,
-                     bandwidth: float = BANDWIDTH) -> Prediction | None:
+                     bandwidth: float = BANDWIDTH, N_nonembed: float = math.nan) -> Prediction | None:
     """Estimate 1 (above): the latest loss times the reference runs' final/partial ratio at that
-    progress, averaged in log space with weights on their distance to (N, D); the interval is
+    progress, averaged in log space with weights on their distance to (N_nonembed, D) (N when
+    N_nonembed is not given); the interval is
     +-1.96 weighted standard deviations of their log ratios. None with no reference run or no
     evaluation past the start."""
     if len(reference) == 0:
@@ -246,7 +265,7 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
         return None
     i = int(np.argmax(np.where(keep, p, -np.inf)))
     r = reference.log_ratios(float(p[i]))
-    w = reference.weights(N, D, bandwidth)
+    w = reference.weights(_size(N, N_nonembed), D, bandwidth)
     m = float(w @ r)
     sd = float(np.sqrt(w @ (r - m) ** 2))
     final = float(y[i] * math.exp(m))
@@ -303,7 +322,8 @@ def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, token
 
 
 def predict_from_study(reference: Reference, progress, loss, tokens_seen: int, N: float, D: float,
-                       bandwidth: float = BANDWIDTH, lrs=None, peak_lr: float = math.nan) -> Prediction | None:
+                       bandwidth: float = BANDWIDTH, lrs=None, peak_lr: float = math.nan,
+                       N_nonembed: float = math.nan) -> Prediction | None:
     """The final loss of a run (size N, budget D) whose validation curve so far is (progress, loss):
     the geometric mean of the ratio estimate and, where the reference holds runs of the same model
     (same N and peak lr; LRS, this run's learning rate at every step, and PEAK_LR given), the
@@ -312,7 +332,7 @@ def predict_from_study(reference: Reference, progress, loss, tokens_seen: int, N
     evaluation past the start."""
     if len(reference) < MIN_REFERENCE:
         return None
-    ratio = ratio_prediction(reference, progress, loss, tokens_seen, N, D, bandwidth)
+    ratio = ratio_prediction(reference, progress, loss, tokens_seen, N, D, bandwidth, N_nonembed)
     if ratio is None:
         return None
     mult, peak = _normalized(lrs, peak_lr)
@@ -325,20 +345,22 @@ def predict_from_study(reference: Reference, progress, loss, tokens_seen: int, N
 
 
 def predict(reference: Reference | None, curve, N: float, D: float, train_losses, lrs, val_gap: float,
-            tokens_seen: int, peak_lr: float = 1.0) -> Prediction | None:
+            tokens_seen: int, peak_lr: float = 1.0, N_nonembed: float = math.nan) -> Prediction | None:
     """What train.py calls: the study predictor when `reference` holds MIN_REFERENCE finished runs
     of this run's schedule, else the run's own curve (predict_final). curve: [(tokens, val_loss)];
     lrs: the run's lr multipliers per step (of its peak, PEAK_LR)."""
     if reference is not None and len(reference) >= MIN_REFERENCE:
         return predict_from_study(reference, [t / D for t, _ in curve], [v for _, v in curve], tokens_seen, N, D,
-                                  lrs=np.asarray(lrs, dtype=float) * peak_lr, peak_lr=peak_lr)
+                                  lrs=np.asarray(lrs, dtype=float) * peak_lr, peak_lr=peak_lr,
+                                  N_nonembed=N_nonembed)
     return predict_final(train_losses, lrs, val_gap, tokens_seen)
 
 
 def leave_one_out(runs: dict, at: float = 0.25, bandwidth: float = BANDWIDTH) -> dict:
     """run id -> (prediction from the run's evaluations up to progress `at` with every OTHER run as
     reference, its relative error against the run's final loss). runs: run id -> (progress, loss,
-    final, N, D) or (progress, loss, final, N, D, lrs, peak_lr) with lrs the run's lr at every step."""
+    final, N, D) or (progress, loss, final, N, D, lrs, peak_lr[, N_nonembed]) with lrs the run's lr
+    at every step."""
     out = {}
     for rid, (p, y, final, N, D, *rest) in runs.items():
         ref = Reference()

@@ -148,13 +148,13 @@ def early_stop_errors(runs) -> dict:
 
 def reference_curve(r, curves) -> tuple:
     """What earlystop.leave_one_out takes for one finished run (a row of RUNS) of CURVES (load.load_curves):
-    (progress, val_loss, final, N, D, lr at every step from the logged history, peak lr)."""
+    (progress, val_loss, final, N, D, lr at every step from the logged history, peak lr, N_nonembed)."""
     c = curves[curves["run_id"] == r["run_id"]].sort_values("tokens")
     v = c[c["val_loss"].notna()]
     lrs = lr_from_history(c["tokens"].to_numpy(float), c["lr"].to_numpy(float), float(r["D"]),
                           _param(r, "batch_tokens"))
     return ((v["tokens"] / r["D"]).to_numpy(float), v["val_loss"].to_numpy(float), float(r["final_val_loss"]),
-            float(r["N"]), float(r["D"]), lrs, _param(r, "lr"))
+            float(r["N"]), float(r["D"]), lrs, _param(r, "lr"), _param(r, "N_nonembed"))
 
 
 def _param(r, key) -> float:

@@ -321,15 +321,16 @@ def add_reference(ref, out: ChildOutcome, cfg: RunConfig):
 
 def reference_entry(client, run, cfg: RunConfig) -> tuple | None:
     """earlystop.Reference.add's arguments for the finished MLflow RUN of configuration CFG: its
-    validation curve against progress, final loss, N, D, lr at every step and peak lr; None when
+    validation curve against progress, final loss, N, D, lr at every step, peak lr and N_nonembed; None when
     its final loss is itself a prediction (early stop) or it lacks them."""
     m = run.data.metrics
     if run.data.tags.get("predicted") == "true" or not all(k in m for k in ("final_val_loss", "N", "D")):
         return None
     hist = sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda h: (h.step, h.timestamp))
     curve = {h.step: h.value for h in hist}      # MLflow step = tokens seen; a re-logged step: the later
+    d = cfg.derived()
     return ([t / m["D"] for t in curve], list(curve.values()), m["final_val_loss"], m["N"], m["D"],
-            lr_per_step(cfg, cfg.derived()), cfg.lr)
+            lr_per_step(cfg, d), cfg.lr, d.N_nonembed)
 
 
 def describe_lr(plan: Plan) -> dict:

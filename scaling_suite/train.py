@@ -237,7 +237,7 @@ class Evaluator:
         recent = seen[-max(5, self.d.steps // 50):]
         pred = earlystop.predict(self.reference, h.curve, self.d.N, self.d.D, seen, self.lrs,
                                  val_loss - sum(recent) / len(recent), step * self.cfg.batch_tokens,
-                                 peak_lr=self.cfg.lr)
+                                 peak_lr=self.cfg.lr, N_nonembed=self.d.N_nonembed)
         if pred is not None:
             h.predictions.append(pred)
             self.tracker.log_metrics({"predicted_final_loss": pred.final_loss, "predicted_final_loss_lo": pred.lo,

@@ -79,6 +79,23 @@ def test_study_predictor_uses_what_the_nearest_runs_share():
     assert np.median(e_near) < 0.7 * np.median(e_flat) and e_near.max() < 0.7 * e_flat.max(), msg
 
 
+def test_study_predictor_weighs_runs_by_size_without_the_embeddings():
+    # Kaplan et al. 2020 §3.1: runs fall on one trend by N_nonembed, not by N, which adds the head
+    # (vocab x width): a wide one-layer model has a large head. Planted: what a run still gains
+    # depends on N_nonembed; the heads do not grow with it, so N orders the sizes otherwise.
+    runs = study_curves()
+    heads = {1e4: 6e4, 2e4: 5e3, 4e4: 8e4, 8e4: 1e4}
+    by_ne = {k: (p, y, f, N + heads[N], D, None, float("nan"), N) for k, (p, y, f, N, D) in runs.items()}
+    by_N = {k: v[:7] for k, v in by_ne.items()}
+    e_ne = np.abs([v[1] for v in earlystop.leave_one_out(by_ne, at=0.25).values()])
+    e_N = np.abs([v[1] for v in earlystop.leave_one_out(by_N, at=0.25).values()])
+    msg = (f"by N_nonembed: median {np.median(e_ne):.2%} max {e_ne.max():.2%}; "
+           f"by N: median {np.median(e_N):.2%} max {e_N.max():.2%}")
+    assert len(e_ne) == len(e_N) == 16, msg
+    # Here median 1.7% vs 2.3%, max 4.1% vs 8.3%: by N the one-layer-like runs borrow the wrong gains.
+    assert np.median(e_ne) < np.median(e_N) and e_ne.max() < 0.6 * e_N.max(), msg
+
+
 def test_study_predictor_needs_finished_runs_and_falls_back():
     runs = study_curves(noise=0.003)
     (p, y, final, N, D), *others = runs.values()
@@ -196,5 +213,12 @@ def test_predict_hands_the_schedule_to_the_study_predictor():
     got = earlystop.predict(ref, curve, N, D, [], lrs / peak, 0.0, 100, peak_lr=peak)
     want = earlystop.predict_from_study(ref, p[:k], y[:k], 100, N, D, lrs=lrs, peak_lr=peak)
     assert got.final_loss == pytest.approx(want.final_loss, rel=1e-9)
+    # ... and the size the kernel weighs by (N_nonembed), which train.py passes too.
+    ref3 = ref.add(*planted_model(300)[:4], 1e5, *planted_model(300)[5:], 2e3)
+    got = earlystop.predict(ref3, curve, N, D, [], lrs / peak, 0.0, 100, peak_lr=peak, N_nonembed=2e3)
+    want = earlystop.predict_from_study(ref3, p[:k], y[:k], 100, N, D, lrs=lrs, peak_lr=peak, N_nonembed=2e3)
+    assert got.final_loss == pytest.approx(want.final_loss, rel=1e-9)
+    assert got.final_loss != pytest.approx(earlystop.predict_from_study(ref3, p[:k], y[:k], 100, N, D, lrs=lrs,
+                                                                        peak_lr=peak).final_loss, rel=1e-6)
     assert got.final_loss != pytest.approx(earlystop.ratio_prediction(ref, p[:k], y[:k], 100, N, D).final_loss,
                                            rel=1e-3)

@@ -124,7 +124,8 @@ def _third_run_predicted_from_the_first_two(client, outcomes):
     for o in outcomes[:2]:
         m = client.get_run(o.run_id).data.metrics
         t, v = curve(o.run_id)
-        ref = ref.add([x / m["D"] for x in t], v, m["final_val_loss"], m["N"], m["D"], *schedule(o.run_id))
+        ref = ref.add([x / m["D"] for x in t], v, m["final_val_loss"], m["N"], m["D"], *schedule(o.run_id),
+                      m["N_nonembed"])
     third = outcomes[2].run_id
     m = client.get_run(third).data.metrics
     logged = sorted(client.get_metric_history(third, "predicted_final_loss"), key=lambda x: x.step)
@@ -132,7 +133,7 @@ def _third_run_predicted_from_the_first_two(client, outcomes):
     seen = [i for i, x in enumerate(t) if x <= logged[0].step]
     lrs, peak = schedule(third)
     want = earlystop.predict_from_study(ref, [t[i] / m["D"] for i in seen], [v[i] for i in seen], logged[0].step,
-                                        m["N"], m["D"], lrs=lrs, peak_lr=peak)
+                                        m["N"], m["D"], lrs=lrs, peak_lr=peak, N_nonembed=m["N_nonembed"])
     assert logged[0].value == pytest.approx(want.final_loss, rel=1e-9)
 
 
