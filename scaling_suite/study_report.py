@@ -293,15 +293,30 @@ def allocation_lines(s: dict) -> list[str]:
             if key == "allocation_envelope":
                 lines.append(f"    the envelope visits {al.get('extras', {}).get('n_sizes_visited')} distinct size(s); "
                              f"intervals: {al.get('extras', {}).get('interval_method', '')}")
-            for row in al.get("table", [])[:8] if key == "allocation_isoflop" else []:
+            for row in al.get("table", []) if key == "allocation_isoflop" else []:
                 ratio = row["D_opt"] / row["N_opt"] if row["D_opt"] is not None and row["N_opt"] else None
-                lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])} "
-                             f"{format_interval([row.get('N_lo'), row.get('N_hi')])}, D*={fmt(row['D_opt'])}, "
-                             f"D/N={fmt(ratio, '.1f')}, from {len(row.get('used') or [])} of {row.get('n_runs')} runs")
+                lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])} {n_star_interval(row)}, "
+                             f"D*={fmt(row['D_opt'])}, D/N={fmt(ratio, '.1f')}, "
+                             f"from {len(row.get('used') or [])} of {row.get('n_runs')} runs")
             lines += [f"    budget {b} left out: {why}" for b, why in (al.get("skipped") or {}).items()]
     if "allocation_agreement" in s:
         lines.append(agreement_line(s["allocation_agreement"]))
     return lines
+
+
+def n_star_interval(row: dict) -> str:
+    """A budget's N* interval, or why it has none: with the 3-5 runs of an adaptive budget, many
+    resamples of its runs keep < 3 sizes (analysis.minimum.profile_minimum leaves the interval out
+    when more than 5% of them have no vertex)."""
+    iv = format_interval([row.get("N_lo"), row.get("N_hi")])
+    if iv:
+        return iv
+    und = row.get("boot_undefined")
+    if _finite(und) and und > 0.05:
+        return f"(no interval: {und:.0%} of the resamples of its runs have < 3 sizes or no minimum)"
+    if _finite(und):      # an interval was drawn and both its ends are infinite (None in the report)
+        return "(unbounded: resamples put the minimum beyond the sizes on both sides)"
+    return "(no interval)"
 
 
 def _finite(v) -> bool:

@@ -232,3 +232,20 @@ def test_allocation_agreement_names_each_point_outside_another_interval():
     # An unidentified approach is not a measurement: it takes no part.
     bad = Allocation("envelope", 0.1, 0.9, (0.0, 0.2), extras={"unidentified": {"a": "2 sizes"}})
     assert allocation_agreement([iso, bad]) is None
+
+
+def test_study_summary_lists_every_budget_and_says_why_a_minimum_has_no_interval():
+    """The adaptive study fits up to 9+ budgets: the summary listed the first 8 only (a fresh quick
+    study's ninth, C=1.7e12, was missing), and a budget whose 4 runs give no bootstrap interval
+    printed a blank where the interval goes."""
+    from scaling_suite.study_report import allocation_lines
+    rows = [{"C": 1e11 * 1.5 ** i, "N_opt": 1e4 * 1.2 ** i, "D_opt": 1e6, "n_runs": 4, "used": ["a", "b", "c"],
+             "N_lo": None, "N_hi": None, "boot_undefined": 0.37} for i in range(10)]
+    rows[0].update(N_lo=8e3, N_hi=1.2e4, boot_undefined=0.01)
+    rows[1].update(boot_undefined=0.02)         # drawn, both ends infinite
+    text = "\n".join(allocation_lines({"allocation_isoflop": {"a": 0.4, "b": 0.6, "a_interval": [0.3, 0.5],
+                                                               "b_interval": [0.5, 0.7], "table": rows}}))
+    assert all(f"C={r['C']:.3g}:" in text for r in rows), text
+    assert "N*=1e+04 [8e+03, 1.2e+04]," in text, text
+    assert "(unbounded: resamples put the minimum beyond the sizes on both sides)" in text, text
+    assert text.count("(no interval: 37% of the resamples of its runs have < 3 sizes or no minimum)") == 8, text
