@@ -349,17 +349,29 @@ def adaptive_summary(ladder, done: list, notes: list[str], validation: dict, wal
         lines.append(f"validation at C={v['C']:.3g} ({v['factor']:.2g}x the largest budget), N={v['N']:,} "
                      f"({v['N'] / v['N_opt_predicted']:.2f}x the predicted N_opt {v['N_opt_predicted']:,.0f}): "
                      f"predicted {v['predicted_loss']:.4f} [{v['predicted_lo']:.4f}, {v['predicted_hi']:.4f}], "
-                     f"measured {v['measured_loss']:.4f}: error {v['rel_error']:+.2%}")
+                     f"measured {v['measured_loss']:.4f}: error {v['rel_error']:+.2%}"
+                     f"{where_measured(v['measured_loss'], v['predicted_lo'], v['predicted_hi'])}")
         if v.get("epochs", 0) > ladder_lib.MAX_EPOCHS:
             lines.append(f"    the validation run repeats the training split {v['epochs']:.1f} times (over the "
                          f"{ladder_lib.MAX_EPOCHS:g} epochs of Muennighoff et al. 2023): the corpus is small for this budget")
         lines.append(f"    prediction made before the run started, from {v['law']}; Chinchilla's parametric fit to "
                      f"{v['n_runs_fitted']} runs predicted {v['chinchilla_loss']:.4f} [{v['chinchilla_lo']:.4f}, "
                      f"{v['chinchilla_hi']:.4f}]{'' if v['chinchilla_identified'] else ' (NOT IDENTIFIED)'}: "
-                     f"error {v['chinchilla_rel_error']:+.2%}")
+                     f"error {v['chinchilla_rel_error']:+.2%}"
+                     f"{where_measured(v['measured_loss'], v['chinchilla_lo'], v['chinchilla_hi'])}")
     else:
         lines.append(f"validation: the run ended {v.get('status')}")
     return "\n".join(lines)
+
+
+def where_measured(measured: float, lo: float, hi: float) -> str:
+    """Whether a validation run's measured loss lies in a prediction's interval: the test the study's
+    law passes or fails (a law whose interval excludes the measured loss is contradicted by it)."""
+    if not (_finite(lo) and _finite(hi)):
+        return ", no interval"
+    if lo <= measured <= hi:
+        return ", inside the interval"
+    return f", {'below' if measured < lo else 'above'} the interval: this law fails the test"
 
 
 def budget_line(b) -> str:

@@ -292,3 +292,20 @@ def test_fill_gaps_go_outermost_first_and_stop_at_max_filled():
         adaptive.widen(rungs, lad, done, base, s, time.perf_counter(), 1.0, notes, SimpleNamespace(log_text=lambda *a: None),
                        D_max)
     assert len(rungs) == min(ladder_lib.MAX_FILLED, 2 * len(lad.rungs) - 1), notes
+
+
+def test_the_summary_says_which_law_the_validation_run_contradicts():
+    """A fresh quick study: the budgets' power law predicted 1.3625 [1.3201, 1.4063] and the
+    parametric fit 1.5431 [1.4099, 1.6031] for a run that measured 1.3201. The second law is
+    contradicted by the run; the summary says so, not only the two errors."""
+    from scaling_suite.study_report import adaptive_summary
+    lad = ladder_lib.Ladder((), 6.8e12, 780.0, 700.0, 600.0, 70.0, 2.0, 3000)
+    v = {"C": 6.8e12, "factor": 4.0, "N": 34976, "N_opt_predicted": 38264.0, "predicted_loss": 1.3625,
+         "predicted_lo": 1.3200, "predicted_hi": 1.4063, "measured_loss": 1.3201, "rel_error": 1.3201 / 1.3625 - 1,
+         "law": "N_opt ∝ C^0.373", "n_runs_fitted": 36, "chinchilla_loss": 1.5431, "chinchilla_lo": 1.4099,
+         "chinchilla_hi": 1.6031, "chinchilla_identified": True, "chinchilla_rel_error": 1.3201 / 1.5431 - 1}
+    text = adaptive_summary(lad, [], [], v, 592.0, 780.0)
+    assert "measured 1.3201: error -3.11%, inside the interval" in text, text
+    assert "error -14.45%, below the interval: this law fails the test" in text, text
+    text = adaptive_summary(lad, [], [], {**v, "chinchilla_lo": float("nan")}, 592.0, 780.0)
+    assert "error -14.45%, no interval" in text, text
