@@ -313,7 +313,7 @@ def n_star_interval(row: dict) -> str:
         return iv
     und = row.get("boot_undefined")
     if _finite(und) and und > 0.05:
-        return f"(no interval: {und:.0%} of the resamples of its runs have < 3 sizes or no minimum)"
+        return f"(no interval: {und:.0%} of resamples lack a vertex)"
     if _finite(und):      # an interval was drawn and both its ends are infinite (None in the report)
         return "(unbounded: resamples put the minimum beyond the sizes on both sides)"
     return "(no interval)"
