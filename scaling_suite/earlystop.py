@@ -254,9 +254,19 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
                      bandwidth: float = BANDWIDTH, N_nonembed: float = math.nan) -> Prediction | None:
     """Estimate 1 (above): the latest loss times the reference runs' final/partial ratio at that
     progress, averaged in log space with weights on their distance to (N_nonembed, D) (N when
-    N_nonembed is not given); the interval is
-    +-1.96 weighted standard deviations of their log ratios. None with no reference run or no
-    evaluation past the start."""
+    N_nonembed is not given). None with no reference run or no evaluation past the start.
+
+    The interval is a prediction interval for one new run: with normalized weights w, the spread of
+    the log ratios s^2 = sum w (r - m)^2 / (1 - sum w^2) (the unbiased weighted variance with
+    reliability weights; 1 / sum w^2 is the effective number of references, Kish 1965), and
+    m +- 1.96 s sqrt(1 + sum w^2) (the new run's own spread plus the weighted mean's). When the
+    weights rest on one reference (sum w^2 -> 1) the spread is unknown: the interval is unbounded,
+    so early stop cannot stop on it. Until the ninth session it was m +- 1.96 sqrt(sum w (r - m)^2),
+    which shrinks to zero width there: a fresh n_sweep's 95.6k run, predicted from 2 finished runs
+    of which the kernel weighed one, had [1.632, 1.632] and counted as stable at +8.6%. Leave-one-run-
+    out from 25% on 25 stored studies (624 runs) the old interval held the final loss in 88.9% of the
+    runs (38-60% on three 13-run fixed grids and a 5-run n_sweep), this one in 96.3%; median half-width
+    6.3% -> 8.1%."""
     if len(reference) == 0:
         return None
     p, y = np.asarray(progress, dtype=float), np.asarray(loss, dtype=float)
@@ -267,9 +277,12 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
     r = reference.log_ratios(float(p[i]))
     w = reference.weights(_size(N, N_nonembed), D, bandwidth)
     m = float(w @ r)
-    sd = float(np.sqrt(w @ (r - m) ** 2))
+    sw2 = float(w @ w)
     final = float(y[i] * math.exp(m))
-    return Prediction(int(tokens_seen), final, final * math.exp(-1.96 * sd), final * math.exp(1.96 * sd))
+    if sw2 > 1 - 1e-9:
+        return Prediction(int(tokens_seen), final, 0.0, math.inf)
+    half = 1.96 * math.sqrt(float(w @ (r - m) ** 2) / (1 - sw2) * (1 + sw2))
+    return Prediction(int(tokens_seen), final, final * math.exp(-half), final * math.exp(half))
 
 
 def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, tokens_seen: int) -> Prediction | None:

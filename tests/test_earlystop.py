@@ -96,6 +96,28 @@ def test_study_predictor_weighs_runs_by_size_without_the_embeddings():
     assert np.median(e_ne) < np.median(e_N) and e_ne.max() < 0.6 * e_N.max(), msg
 
 
+def test_study_predictor_interval_does_not_vanish_when_one_reference_holds_the_weight():
+    # A fresh n_sweep: the 95.6k run predicted from 2 finished runs, the kernel weighing one, had the
+    # interval [1.632, 1.632] (m +- 1.96 weighted s.d.), counted as stable and was 8.6% off.
+    runs = study_curves()
+    p, y, final, N, D = runs["N0C0"]
+    ref = earlystop.Reference().add(*runs["N0C1"]).add(*runs["N3C3"])      # near; 8x N and 8x C away
+    k = p <= 0.25
+    w = ref.weights(N, D)
+    r = ref.log_ratios(float(p[k][-1]))
+    old = 1.96 * np.sqrt(w @ (r - w @ r) ** 2)
+    pred = earlystop.ratio_prediction(ref, p[k], y[k], 0, N, D)
+    half = np.log(pred.hi / pred.final_loss)
+    msg = f"weights {w}, log ratios {r}, old half-width {old:.2e}, new {half:.3f}"
+    assert w.max() > 0.999 and old < 0.05 * abs(r[0] - r[1]), msg
+    # The spread of the two references' log ratios, not the weight the far one happens to get.
+    assert half >= 0.9 * 1.96 * abs(r[0] - r[1]) / np.sqrt(2), msg
+    assert not earlystop.is_stable([pred] * 3)
+    # One reference run: no spread to measure, the interval is unbounded (train.py logs no upper end).
+    one = earlystop.ratio_prediction(earlystop.Reference().add(*runs["N0C1"]), p[k], y[k], 0, N, D)
+    assert one.lo == 0.0 and one.hi == np.inf
+
+
 def test_study_predictor_needs_finished_runs_and_falls_back():
     runs = study_curves(noise=0.003)
     (p, y, final, N, D), *others = runs.values()
