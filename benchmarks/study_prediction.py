@@ -27,6 +27,7 @@ import numpy as np
 
 from analysis import load
 from scaling_suite import earlystop
+from scaling_suite.schedule import lr_from_history
 from scaling_suite.study_report import reference_curve
 
 
@@ -35,7 +36,7 @@ def own_curve_error(r, curves) -> float:
     c = curves[curves["run_id"] == r["run_id"]].sort_values("tokens")
     bt, D = float(r["batch_tokens"]), float(r["D"])
     steps = int(round(D / bt))
-    lrs = earlystop.lr_from_history(c["tokens"].to_numpy(float), c["lr"].to_numpy(float), D, bt)
+    lrs = lr_from_history(c["tokens"].to_numpy(float), c["lr"].to_numpy(float), D, bt)
     if lrs is None:
         return math.nan
     lrs = lrs / float(r["lr"])

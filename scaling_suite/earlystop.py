@@ -15,8 +15,8 @@ the "annealing area" (the accumulated learning-rate decrease, with momentum lamb
 their §3). Both are known for every future step because the schedule is fixed in advance, so a
 fit on the observed part predicts the final loss.
 
-The fit uses the per-step training losses (many points, averaged in bins), then adds the
-current validation-minus-training gap, measured at the latest evaluations.
+The fit uses the per-step training losses (averaged in bins), plus the current validation-minus-
+training gap.
 
 "Stable": the last `STABLE_COUNT` predictions agree within `STABLE_TOL` (relative spread) and
 the 95% interval's half-width is under `STABLE_TOL` of the prediction.
@@ -32,6 +32,7 @@ import numpy as np
 LAMBDA = 0.999        # Tissue et al. 2024 §3: decay of the annealing momentum
 STABLE_COUNT = 3
 STABLE_TOL = 0.01
+ANNEAL_SEEN = 0.5     # predict_final fits the annealing term once this share of the lr decay is seen
 
 
 def schedule_areas(lrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,15 +94,25 @@ def predict_final(train_losses: list[float], lrs: np.ndarray, val_gap: float, to
     x2 = np.array([s2[i].mean() for i in idx])
     y = np.array([np.mean([train_losses[j] for j in i]) for i in idx])
 
-    def resid(p):
-        return law(x1, x2, p[0], math.exp(p[1]), p[2], p[3]) - y
+    # The annealing term C·S2 is fitted only once the steps seen hold at least half of the lr decay
+    # (or no decay is ahead). Earlier (25% of a cosine run; WSD before its cooldown) the curve does not
+    # identify C, and S2's growth to the end multiplies its error: a quick n_sweep's 7.47k run was
+    # predicted at -1.64 (it ended at 1.889). There C = 0, which errs high but boundedly
+    # (docs/isoflop-and-prediction.md: max error from 25% on 134 stored runs 2895% -> 27.6%).
+    lr = np.asarray(lrs, dtype=np.float64)
+    decay_left = lr[n - 1] - lr[-1]
+    anneal = int(bool(decay_left <= 1e-12 * lr.max() or lr.max() - lr[n - 1] >= ANNEAL_SEEN * (lr.max() - lr[-1])))
 
-    best = _multistart(resid, [[max(0.0, y.min() - 0.5), math.log(max(1e-3, y[0] - y.min() + 0.5)), a0, 0.1]
-                               for a0 in (0.3, 0.6, 1.0)], ([0, -10, 0.01, 0], [y.min(), 10, 3, 100]))
+    def resid(p):
+        return law(x1, x2, *_unpack(p)) - y
+
+    start0 = [max(0.0, y.min() - 0.5), math.log(max(1e-3, y[0] - y.min() + 0.5))]
+    bounds = ([0, -10, 0.01] + [0] * anneal, [y.min(), 10, 3] + [100] * anneal)
+    best = _multistart(resid, [start0 + [a0] + [0.1] * anneal for a0 in (0.3, 0.6, 1.0)], bounds)
     if best is None:
         return None
     p = best.x
-    final = float(law(s1[-1], s2[-1], p[0], math.exp(p[1]), p[2], p[3])) + val_gap
+    final = float(law(s1[-1], s2[-1], *_unpack(p))) + val_gap
     # Delta-method interval from the fit's covariance (residual variance × (JᵀJ)⁻¹).
     J = best.jac
     dof = max(1, len(y) - len(p))
@@ -118,7 +129,8 @@ def predict_final(train_losses: list[float], lrs: np.ndarray, val_gap: float, to
 
 
 def _unpack(p):
-    return p[0], math.exp(p[1]), p[2], p[3]
+    """(L0, A, alpha, C) of the fitted vector (log A; C = 0 when it is not fitted)."""
+    return p[0], math.exp(p[1]), p[2], (p[3] if len(p) > 3 else 0.0)
 
 
 def is_stable(history: list[Prediction]) -> bool:
@@ -131,10 +143,9 @@ def is_stable(history: list[Prediction]) -> bool:
 
 # --- prediction from the study: what finished runs of the same schedule share ----------------------
 #
-# One run's first quarter is a short, noisy curve, and an extrapolation of it (predict_final above)
-# missed the final loss by a median 7.8% (max 24%) from 25% of each run of a fresh quick study
-# (issue 14). Finished runs of the same study share two things with a running one, and the study
-# predictor combines both (docs/isoflop-and-prediction.md has the measurements and the choice):
+# One run's first quarter is a short, noisy curve (predict_final above missed by a median 7.8%, max
+# 24%, from 25% of a quick study's runs). Finished runs of the study share two things with a running
+# one, and the study predictor combines both (docs/isoflop-and-prediction.md: measurements, choice):
 #
 # 1. The schedule (`ratio`): the drop still ahead of a run at schedule progress p (tokens / D) is
 #    much like the drop its finished siblings took from p to their end, so one estimate is the run's
@@ -142,42 +153,22 @@ def is_stable(history: list[Prediction]) -> bool:
 #    with Gaussian weights on the distance in (log N_nonembed, log D) (bandwidth BANDWIDTH): how much
 #    a run still gains depends on its size and budget, and the nearest siblings count most. Size is
 #    measured without the embedding and the head (Kaplan et al. 2020 §3.1, Fig. 6: with them, runs
-#    of equal N but other depths fall on other trends; without them on one): at this project's
-#    3k-60k parameters the head is most of N, so by N a one-layer model sits beside deeper ones it
-#    does not resemble. Leave-one-run-out from 25% on 25 stored studies (624 runs), median error
-#    2.36% by log N, 1.92% by log N_nonembed; lower in 16 of the 17 adaptive studies
-#    (docs/isoflop-and-prediction.md).
+#    of other depths fall on other trends): at 3k-60k parameters the head is most of N
+#    (docs/isoflop-and-prediction.md: median error 2.36% -> 1.92% on 624 stored runs).
 # 2. The model (`same_model`): finished runs of the same size and peak lr are the same model under
 #    other schedule lengths. Tissue et al. 2024 fit ONE parameter set (L0, A, alpha, C) of their
 #    eq. 1 per model and predict its loss under other schedules from their areas S1, S2; so the
 #    second estimate is that law fitted jointly to those runs' whole validation curves and the
 #    running run's curve so far, evaluated at the running run's last step.
 #
-# The two err in different places (the ratio cannot follow a trend in D past the edge of the grid;
-# the law extrapolates a size's shorter runs to its longest), so the prediction is their geometric
-# mean (an equal-weight forecast combination, Bates & Granger 1969: no weight is fitted) and the
-# interval is the hull of both intervals: early stop stops only where the two agree. Without a
-# finished run of the same model at least as long (same_model_prediction says why) the ratio alone
-# is used: in an n_sweep, and for every run of an IsoFLOP study trained budget by budget (a size's
-# run in the next budget is longer); the law serves WSD cooldown branches, which follow their
-# longer trunk, and the leave-one-run-out measure. The combination and its settings were chosen
-# on one study (a quick cosine study, docs) and measured on the others as held out.
+# The two err in different places, so the prediction is their geometric mean (an equal-weight
+# forecast combination, Bates & Granger 1969) and the interval the hull of both: early stop stops
+# only where they agree. Without a finished run of the same model at least as long
+# (same_model_prediction says why) the ratio alone is used: in an n_sweep and in IsoFLOP studies
+# trained budget by budget; the law serves WSD cooldown branches, which follow their longer trunk.
 
 MIN_REFERENCE = 2      # finished runs needed before the study predictor is used
 BANDWIDTH = 0.5        # in natural-log units of N and D: a factor 2 away weighs exp(-0.96) ≈ 0.38
-
-
-def lr_from_history(tokens, lr, D: float, batch_tokens: float) -> np.ndarray | None:
-    """A run's learning rate at every optimizer step from its logged `lr` history (train.py logs
-    step s's lr at tokens (s + 1)·batch_tokens, every log_every steps; the steps between logged
-    points are interpolated, the schedule being smooth there). None without a usable history."""
-    t, v = np.asarray(tokens, dtype=float), np.asarray(lr, dtype=float)
-    keep = np.isfinite(t) & np.isfinite(v) & (v > 0)
-    steps = int(round(D / batch_tokens)) if batch_tokens > 0 else 0
-    if steps < 1 or not keep.any():
-        return None
-    order = np.argsort(t[keep])
-    return np.interp((np.arange(steps) + 1.0) * batch_tokens, t[keep][order], v[keep][order])
 
 
 @dataclass(frozen=True)
@@ -259,14 +250,10 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
     The interval is a prediction interval for one new run: with normalized weights w, the spread of
     the log ratios s^2 = sum w (r - m)^2 / (1 - sum w^2) (the unbiased weighted variance with
     reliability weights; 1 / sum w^2 is the effective number of references, Kish 1965), and
-    m +- 1.96 s sqrt(1 + sum w^2) (the new run's own spread plus the weighted mean's). When the
-    weights rest on one reference (sum w^2 -> 1) the spread is unknown: the interval is unbounded,
-    so early stop cannot stop on it. Until the ninth session it was m +- 1.96 sqrt(sum w (r - m)^2),
-    which shrinks to zero width there: a fresh n_sweep's 95.6k run, predicted from 2 finished runs
-    of which the kernel weighed one, had [1.632, 1.632] and counted as stable at +8.6%. Leave-one-run-
-    out from 25% on 25 stored studies (624 runs) the old interval held the final loss in 88.9% of the
-    runs (38-60% on three 13-run fixed grids and a 5-run n_sweep), this one in 96.3%; median half-width
-    6.3% -> 8.1%."""
+    m +- 1.96 s sqrt(1 + sum w^2) (the new run's own spread plus the weighted mean's). On one
+    effective reference the spread is unknown: the interval is unbounded, so early stop cannot stop
+    on it (the weighted s.d. used before vanished there: docs/isoflop-and-prediction.md, "The
+    interval"; coverage on 624 stored runs 88.9% -> 96.3%)."""
     if len(reference) == 0:
         return None
     p, y = np.asarray(progress, dtype=float), np.asarray(loss, dtype=float)
@@ -290,16 +277,14 @@ def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, token
     fitted to the reference runs of the same model (SAME, from Reference.same_model: their whole
     validation curves) and this run's evaluations so far (PROGRESS, LOSS; LRS its learning rate at
     every step, PEAK_LR its peak), in log loss (the error that matters is relative); the run's
-    final loss is the law at its last step. The schedule areas use lr multipliers of the common peak. C's sign is left
-    free: on runs of 50-6000 steps, far shorter than the paper's, the fitted C is near 0 and at
-    times slightly negative (docs). Interval: delta method on the fit (as predict_final).
+    final loss is the law at its last step (areas in multipliers of the common peak). C's sign is
+    free: on runs of 50-6000 steps the fitted C is near 0, at times slightly negative (docs).
+    Interval: delta method on the fit (as predict_final).
 
     None when nothing can be fitted, and for a run longer (in steps) than every finished run of its
-    model: with lambda = 0.999 and runs under ~1000 steps the annealing area S2 grows in proportion
-    to the step count, so C·S2 at a longer run's end multiplies an error in C by the length ratio
-    (on a quick study, reading the shorter runs' warm-up lr from their thinned lr log instead of
-    the schedule moved the fitted C by 0.0016 and the 4x longer 35k/10.2M run's prediction from
-    +2.7% to -21.5%). The law is used inside the lengths it was fitted on only."""
+    model: S2 grows with the step count, so C·S2 at a longer run's end multiplies an error in C by
+    the length ratio (a 0.0016 change in C moved a 4x longer run's prediction from +2.7% to -21.5%,
+    docs). The law is used inside the lengths it was fitted on only."""
     mult, _ = _normalized(lrs, peak_lr)
     if mult is None or not same:
         return None

@@ -1,4 +1,5 @@
-"""The learning-rate schedule as a pure function of the step, and when two runs share it.
+"""The learning-rate schedule as a pure function of the step, when two runs share it, and how to
+read it back from a run's logged lr (lr_from_history).
 
 Below the training loop (train.py) and the study planner (plan.py), which both ask it: the planner
 groups WSD runs into trunks and branches, the loop sets each step's lr and refuses a checkpoint
@@ -8,6 +9,8 @@ that cannot start a branch.
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 from .config import Derived, RunConfig
 
@@ -68,3 +71,16 @@ def branch_problem(trunk: RunConfig, cfg: RunConfig, s: int) -> str | None:
         return (f"the trunk's learning rate before step {s} differs from this run's "
                 f"(warmup {td.warmup_steps} vs {d.warmup_steps} steps)")
     return None
+
+
+def lr_from_history(tokens, lr, D: float, batch_tokens: float) -> np.ndarray | None:
+    """A run's learning rate at every optimizer step from its logged `lr` history (train.py logs
+    step s's lr at tokens (s + 1)·batch_tokens, every log_every steps; the steps between logged
+    points are interpolated, the schedule being smooth there). None without a usable history."""
+    t, v = np.asarray(tokens, dtype=float), np.asarray(lr, dtype=float)
+    keep = np.isfinite(t) & np.isfinite(v) & (v > 0)
+    steps = int(round(D / batch_tokens)) if batch_tokens > 0 else 0
+    if steps < 1 or not keep.any():
+        return None
+    order = np.argsort(t[keep])
+    return np.interp((np.arange(steps) + 1.0) * batch_tokens, t[keep][order], v[keep][order])

@@ -23,7 +23,8 @@ from analysis.report import agreement_line, allocation_line, unidentified_warnin
 from . import ladder as ladder_lib
 from . import store, tracking
 from .config import RunConfig
-from .earlystop import MIN_REFERENCE, leave_one_out, lr_from_history
+from .earlystop import MIN_REFERENCE, leave_one_out
+from .schedule import lr_from_history
 
 
 def analyze_study(study, plan, parent, planned_seconds: float | None, n_bootstrap: int = 200) -> dict:

@@ -240,11 +240,9 @@ class Evaluator:
                                  peak_lr=self.cfg.lr, N_nonembed=self.d.N_nonembed)
         if pred is not None:
             h.predictions.append(pred)
-            # An unbounded end (one effective reference run: earlystop.ratio_prediction) is not logged.
-            self.tracker.log_metrics({k: v for k, v in {"predicted_final_loss": pred.final_loss,
-                                                        "predicted_final_loss_lo": pred.lo,
-                                                        "predicted_final_loss_hi": pred.hi}.items()
-                                      if math.isfinite(v)}, step=pred.tokens_seen)
+            ends = {"predicted_final_loss_lo": pred.lo, "predicted_final_loss_hi": pred.hi}   # unbounded: not logged
+            self.tracker.log_metrics({"predicted_final_loss": pred.final_loss,
+                                      **{k: v for k, v in ends.items() if math.isfinite(v)}}, step=pred.tokens_seen)
 
     def redo_predictions(self) -> None:
         """A branch: the trunk's predictions aimed at the trunk's end. Redo them for this run's

@@ -5,7 +5,7 @@ import pytest
 
 from scaling_suite import earlystop
 from scaling_suite.config import make_config
-from scaling_suite.schedule import lr_at, lr_per_step
+from scaling_suite.schedule import lr_at, lr_from_history, lr_per_step
 
 
 def planted(schedule="cosine", steps=400, noise=0.0, seed=0):
@@ -18,12 +18,40 @@ def planted(schedule="cosine", steps=400, noise=0.0, seed=0):
     return lrs, truth + noise * rng.standard_normal(truth.shape), truth[-1]
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
-def test_noise_free_curve_predicted_exactly(schedule):
+@pytest.mark.parametrize("schedule,seen", [("cosine", 340), ("wsd", 380), ("constant", 340)])
+def test_noise_free_curve_predicted_exactly(schedule, seen):
     lrs, losses, final = planted(schedule)
-    # Observing 85% of the run sees part of the cosine decay: the annealing term is identifiable.
-    p = earlystop.predict_final(list(losses[:340]), lrs, 0.0, 340)
+    # Past half of the lr decay (85% of the cosine run; 95% of the WSD run, 3/4 into its cooldown; a
+    # constant schedule has no decay ahead) the annealing term is fitted, and identified.
+    p = earlystop.predict_final(list(losses[:seen]), lrs, 0.0, seen)
     assert p.final_loss == pytest.approx(final, rel=2e-3)
+
+
+def test_own_curve_prediction_does_not_run_away_before_the_decay():
+    """A real run: the 7.47k run of a fresh quick n_sweep (tests/data, logged curves). From 25% of
+    its cosine schedule the fitted annealing term ran away: predicted -1.64 for a run that ended at
+    1.889. Before half of the lr decay is seen the annealing term is not fitted."""
+    import json
+    from pathlib import Path
+
+    from scaling_suite.checkpoint import config_from_params
+    run = json.loads((Path(__file__).parent / "data" / "nsweep_7k_run.json").read_text())
+    cfg = config_from_params(run["params"])
+    d = cfg.derived()
+    lrs = np.array(lr_per_step(cfg, d)) / cfg.lr
+    every = max(1, -(-d.steps // 500))          # train.py logs a mean of every `every` steps
+    per_step = np.full(d.steps, np.nan)
+    for t, v in run["train_loss"]:
+        s = int(round(t / cfg.batch_tokens))
+        per_step[max(0, s - every):s] = v
+    t, v = next((t, v) for t, v in run["val_loss"] if t >= cfg.predict_from * d.D)
+    s = int(round(t / cfg.batch_tokens))
+    seen = [x for x in per_step[:s] if np.isfinite(x)]
+    gap = v - float(np.mean(seen[-max(5, d.steps // 50):]))
+    p = earlystop.predict_final(seen, lrs, gap, int(t))
+    final = run["final_val_loss"]
+    assert 0 < p.lo <= p.final_loss <= p.hi, p
+    assert abs(p.final_loss / final - 1) < 0.15, (p, final)
 
 
 def test_noisy_curve_interval_and_gap():
@@ -191,12 +219,12 @@ def test_lr_from_a_thinned_history():
     exact = np.array(lr_per_step(cfg, d))
     # train.py logs step s's lr at tokens (s + 1) * batch_tokens, here every 3rd step.
     logged = np.arange(2, d.steps, 3)
-    got = earlystop.lr_from_history((logged + 1) * 1024, exact[logged], d.D, 1024)
+    got = lr_from_history((logged + 1) * 1024, exact[logged], d.D, 1024)
     assert got.shape == exact.shape
     np.testing.assert_allclose(got[logged], exact[logged])
     after_warmup = np.arange(d.warmup_steps + 3, d.steps - 3)
     np.testing.assert_allclose(got[after_warmup], exact[after_warmup], rtol=2e-3)
-    assert earlystop.lr_from_history([], [], d.D, 1024) is None
+    assert lr_from_history([], [], d.D, 1024) is None
 
 
 def test_study_report_measures_the_study_predictor_with_the_logged_schedules():
