@@ -97,11 +97,11 @@ def predict_final(train_losses: list[float], lrs: np.ndarray, val_gap: float, to
     # The annealing term C·S2 is fitted only once the steps seen hold at least half of the lr decay
     # (or no decay is ahead). Earlier (25% of a cosine run; WSD before its cooldown) the curve does not
     # identify C, and S2's growth to the end multiplies its error: a quick n_sweep's 7.47k run was
-    # predicted at -1.64 (it ended at 1.889). There C = 0, which errs high but boundedly
-    # (docs/isoflop-and-prediction.md: max error from 25% on 134 stored runs 2895% -> 27.6%).
+    # predicted at -1.64 (it ended at 1.889). There C = 0, which errs high but boundedly (docs: max
+    # error from 25% on 134 stored runs 2895% -> 27.6%), and with no lower end: early stop waits.
     lr = np.asarray(lrs, dtype=np.float64)
-    decay_left = lr[n - 1] - lr[-1]
-    anneal = int(bool(decay_left <= 1e-12 * lr.max() or lr.max() - lr[n - 1] >= ANNEAL_SEEN * (lr.max() - lr[-1])))
+    total, seen = lr.max() - lr[-1], lr[:n].max() - lr[n - 1]     # the decay in all, and seen so far
+    anneal = int(bool(total <= 1e-12 * lr.max() or seen >= ANNEAL_SEEN * total))
 
     def resid(p):
         return law(x1, x2, *_unpack(p)) - y
@@ -125,7 +125,7 @@ def predict_final(train_losses: list[float], lrs: np.ndarray, val_gap: float, to
     grad = np.array([(law(s1[-1], s2[-1], *_unpack(p + eps * e)) - law(s1[-1], s2[-1], *_unpack(p - eps * e)))
                      / (2 * eps) for e in np.eye(len(p))])
     se = float(math.sqrt(max(0.0, grad @ cov @ grad)))
-    return Prediction(tokens_seen, final, final - 1.96 * se, final + 1.96 * se)
+    return Prediction(tokens_seen, final, final - 1.96 * se if anneal else 0.0, final + 1.96 * se)
 
 
 def _unpack(p):
@@ -168,14 +168,14 @@ def is_stable(history: list[Prediction]) -> bool:
 # trained budget by budget; the law serves WSD cooldown branches, which follow their longer trunk.
 
 MIN_REFERENCE = 2      # finished runs needed before the study predictor is used
-BANDWIDTH = 0.5        # in natural-log units of N and D: a factor 2 away weighs exp(-0.96) ≈ 0.38
+BANDWIDTH = 0.5        # in natural-log units of size and D: a factor 2 away weighs exp(-0.96) ≈ 0.38
 
 
 @dataclass(frozen=True)
 class Reference:
     """Validation curves of finished runs of one schedule: per run (progress = tokens / D, loss,
-    final loss, N, D, lr multipliers per step or None, peak lr, N_nonembed: the size the kernel
-    weighs by). Immutable: `add` returns a new one."""
+    final loss, N, D, lr multipliers per step or None, peak lr, N_nonembed or NaN: the size the
+    kernel weighs by). Immutable: `add` returns a new one."""
     curves: tuple = ()
 
     def __len__(self) -> int:
@@ -184,8 +184,8 @@ class Reference:
     def add(self, progress, loss, final: float, N: float, D: float, lrs=None, peak_lr: float = math.nan,
             N_nonembed: float = math.nan) -> "Reference":
         """LRS: the run's learning rate at every optimizer step and PEAK_LR its peak (the lr setting);
-        without them the run serves the ratio estimate only. N_nonembed: the kernel's size (N when
-        not given)."""
+        without them the run serves the ratio estimate only. N_nonembed: the kernel's size (see
+        `weights`)."""
         p, y = np.asarray(progress, dtype=float), np.asarray(loss, dtype=float)
         keep = np.isfinite(p) & np.isfinite(y) & (p > 0) & (y > 0)
         if keep.sum() < 2 or not (math.isfinite(final) and final > 0 and N > 0 and D > 0):
@@ -193,16 +193,21 @@ class Reference:
         order = np.argsort(p[keep])
         mult, peak = _normalized(lrs, peak_lr)
         return Reference(self.curves + ((p[keep][order], y[keep][order], float(final), float(N), float(D),
-                                         mult, peak, _size(N, N_nonembed)),))
+                                         mult, peak, _known(N_nonembed)),))
 
     def log_ratios(self, p: float) -> np.ndarray:
         """log(final / loss at progress p) of each reference run (interpolated in log loss)."""
         return np.array([math.log(c[2]) - float(np.interp(p, c[0], np.log(c[1]))) for c in self.curves])
 
-    def weights(self, N_nonembed: float, D: float, bandwidth: float = BANDWIDTH) -> np.ndarray:
-        """Gaussian weights (summing to 1) on each reference run's distance to (N_nonembed, D) in log
-        space (the note above the class says why N_nonembed)."""
-        d2 = np.array([math.log(c[7] / N_nonembed) ** 2 + math.log(c[4] / D) ** 2 for c in self.curves])
+    def weights(self, N: float, D: float, bandwidth: float = BANDWIDTH,
+                N_nonembed: float = math.nan) -> np.ndarray:
+        """Gaussian weights (summing to 1) on each reference run's distance to (size, D) in log space,
+        size = N_nonembed (the note above the class says why) where this run and every reference
+        run have it, else N for all: one convention in one distance."""
+        ne = _known(N_nonembed)
+        by_ne = math.isfinite(ne) and all(math.isfinite(c[7]) for c in self.curves)
+        size = [(c[7], ne) if by_ne else (c[3], N) for c in self.curves]
+        d2 = np.array([math.log(a / b) ** 2 + math.log(c[4] / D) ** 2 for (a, b), c in zip(size, self.curves)])
         w = np.exp(-(d2 - d2.min()) / (2 * bandwidth ** 2))    # shifted: far-only references do not underflow
         return w / w.sum()
 
@@ -212,13 +217,10 @@ class Reference:
         return [c for c in self.curves if c[5] is not None and c[3] == N and math.isclose(c[6], peak, rel_tol=1e-9)]
 
 
-def _size(N: float, N_nonembed) -> float:
-    """The kernel's size coordinate: N_nonembed when known (> 0), else N."""
-    try:
-        ne = float(N_nonembed)
-    except (TypeError, ValueError):
-        return float(N)
-    return ne if math.isfinite(ne) and ne > 0 else float(N)
+def _known(N_nonembed) -> float:
+    """N_nonembed as a float when known (> 0), else NaN."""
+    ne = float(N_nonembed) if isinstance(N_nonembed, (int, float, np.number)) else math.nan
+    return ne if math.isfinite(ne) and ne > 0 else math.nan
 
 
 def _normalized(lrs, peak_lr: float):
@@ -244,16 +246,17 @@ def _law_points(progress, loss, mult):
 def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: float, D: float,
                      bandwidth: float = BANDWIDTH, N_nonembed: float = math.nan) -> Prediction | None:
     """Estimate 1 (above): the latest loss times the reference runs' final/partial ratio at that
-    progress, averaged in log space with weights on their distance to (N_nonembed, D) (N when
-    N_nonembed is not given). None with no reference run or no evaluation past the start.
+    progress, averaged in log space with weights on their distance to (size, D) (Reference.weights).
+    None with no reference run or no evaluation past the start.
 
     The interval is a prediction interval for one new run: with normalized weights w, the spread of
     the log ratios s^2 = sum w (r - m)^2 / (1 - sum w^2) (the unbiased weighted variance with
     reliability weights; 1 / sum w^2 is the effective number of references, Kish 1965), and
-    m +- 1.96 s sqrt(1 + sum w^2) (the new run's own spread plus the weighted mean's). On one
-    effective reference the spread is unknown: the interval is unbounded, so early stop cannot stop
-    on it (the weighted s.d. used before vanished there: docs/isoflop-and-prediction.md, "The
-    interval"; coverage on 624 stored runs 88.9% -> 96.3%)."""
+    m +- 1.96 s sqrt(1 + sum w^2) (the new run's own spread plus the weighted mean's): as the kernel
+    puts its weight on one reference, s tends to the references' spread, not to 0 as the weighted
+    s.d. used before did (docs/isoflop-and-prediction.md, "The interval"; coverage on 624 stored runs
+    88.9% -> 96.3%). With a single reference (every other weight underflows) there is no spread to
+    measure: no upper end, so early stop cannot stop on it."""
     if len(reference) == 0:
         return None
     p, y = np.asarray(progress, dtype=float), np.asarray(loss, dtype=float)
@@ -262,7 +265,7 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
         return None
     i = int(np.argmax(np.where(keep, p, -np.inf)))
     r = reference.log_ratios(float(p[i]))
-    w = reference.weights(_size(N, N_nonembed), D, bandwidth)
+    w = reference.weights(N, D, bandwidth, N_nonembed)
     m = float(w @ r)
     sw2 = float(w @ w)
     final = float(y[i] * math.exp(m))

@@ -296,7 +296,7 @@ def allocation_lines(s: dict) -> list[str]:
                              f"intervals: {al.get('extras', {}).get('interval_method', '')}")
             for row in al.get("table", []) if key == "allocation_isoflop" else []:
                 ratio = row["D_opt"] / row["N_opt"] if row["D_opt"] is not None and row["N_opt"] else None
-                lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])} {n_star_interval(row)}, "
+                lines.append(f"    C={fmt(row['C'])}: N*={fmt(row['N_opt'])} {n_star_interval(row, al.get('level') or 0.95)}, "
                              f"D*={fmt(row['D_opt'])}, D/N={fmt(ratio, '.1f')}, "
                              f"from {len(row.get('used') or [])} of {row.get('n_runs')} runs")
             lines += [f"    budget {b} left out: {why}" for b, why in (al.get("skipped") or {}).items()]
@@ -305,15 +305,15 @@ def allocation_lines(s: dict) -> list[str]:
     return lines
 
 
-def n_star_interval(row: dict) -> str:
+def n_star_interval(row: dict, level: float = 0.95) -> str:
     """A budget's N* interval, or why it has none: with the 3-5 runs of an adaptive budget, many
     resamples of its runs keep < 3 sizes (analysis.minimum.profile_minimum leaves the interval out
-    when more than 5% of them have no vertex)."""
+    when more than 1 - level of them have no vertex)."""
     iv = format_interval([row.get("N_lo"), row.get("N_hi")])
     if iv:
         return iv
     und = row.get("boot_undefined")
-    if _finite(und) and und > 0.05:
+    if _finite(und) and und > 1 - level:
         return f"(no interval: {und:.0%} of resamples lack a vertex)"
     if _finite(und):      # an interval was drawn and both its ends are infinite (None in the report)
         return "(unbounded: resamples put the minimum beyond the sizes on both sides)"
@@ -368,6 +368,8 @@ def adaptive_summary(ladder, done: list, notes: list[str], validation: dict, wal
 def where_measured(measured: float, lo: float, hi: float) -> str:
     """Whether a validation run's measured loss lies in a prediction's interval: the test the study's
     law passes or fails (a law whose interval excludes the measured loss is contradicted by it)."""
+    if not _finite(measured):
+        return ""
     if not (_finite(lo) and _finite(hi)):
         return ", no interval"
     if lo <= measured <= hi:

@@ -240,9 +240,9 @@ class Evaluator:
                                  peak_lr=self.cfg.lr, N_nonembed=self.d.N_nonembed)
         if pred is not None:
             h.predictions.append(pred)
-            ends = {"predicted_final_loss_lo": pred.lo, "predicted_final_loss_hi": pred.hi}   # unbounded: not logged
-            self.tracker.log_metrics({"predicted_final_loss": pred.final_loss,
-                                      **{k: v for k, v in ends.items() if math.isfinite(v)}}, step=pred.tokens_seen)
+            bounded = 0 < pred.lo and math.isfinite(pred.hi)     # an interval without an end: none logged
+            ends = {"predicted_final_loss_lo": pred.lo, "predicted_final_loss_hi": pred.hi} if bounded else {}
+            self.tracker.log_metrics({"predicted_final_loss": pred.final_loss, **ends}, step=pred.tokens_seen)
 
     def redo_predictions(self) -> None:
         """A branch: the trunk's predictions aimed at the trunk's end. Redo them for this run's

@@ -50,8 +50,22 @@ def test_own_curve_prediction_does_not_run_away_before_the_decay():
     gap = v - float(np.mean(seen[-max(5, d.steps // 50):]))
     p = earlystop.predict_final(seen, lrs, gap, int(t))
     final = run["final_val_loss"]
-    assert 0 < p.lo <= p.final_loss <= p.hi, p
     assert abs(p.final_loss / final - 1) < 0.15, (p, final)
+    # The drop the decay still brings is unknown: no lower end, so early stop cannot stop here.
+    assert p.lo == 0.0 and p.final_loss <= p.hi and not earlystop.is_stable([p] * 3), p
+
+
+def test_early_stop_waits_for_half_the_decay_on_the_own_curve():
+    # Review of the C = 0 rule: with the annealing term left out, the fit's interval alone was narrow
+    # enough to be "stable" at 32-35% of a planted WSD run, 10% off. Before half the decay, no stop.
+    lrs, losses, final = planted("wsd", noise=0.01)
+    decay = lrs.max() - lrs[-1]
+    for n in range(40, 400, 20):
+        p = earlystop.predict_final(list(losses[:n]), lrs, 0.0, n)
+        half_seen = lrs[:n].max() - lrs[n - 1] >= earlystop.ANNEAL_SEEN * decay
+        assert (p.lo > 0) == half_seen, (n, p)
+        if not half_seen:
+            assert not earlystop.is_stable([p] * 3), (n, p)
 
 
 def test_noisy_curve_interval_and_gap():
@@ -263,12 +277,20 @@ def test_predict_hands_the_schedule_to_the_study_predictor():
     got = earlystop.predict(ref, curve, N, D, [], lrs / peak, 0.0, 100, peak_lr=peak)
     want = earlystop.predict_from_study(ref, p[:k], y[:k], 100, N, D, lrs=lrs, peak_lr=peak)
     assert got.final_loss == pytest.approx(want.final_loss, rel=1e-9)
-    # ... and the size the kernel weighs by (N_nonembed), which train.py passes too.
-    ref3 = ref.add(*planted_model(300)[:4], 1e5, *planted_model(300)[5:], 2e3)
+    # ... and the size the kernel weighs by (N_nonembed), which train.py passes too: by N the first two
+    # references are this run's neighbours, by N_nonembed the third (its N is 5x, its N_nonembed 1x).
+    m300 = planted_model(300)
+    ref3 = (earlystop.Reference().add(*planted_model(200), 1e4).add(*planted_model(800), 1e4)
+            .add(*m300[:3], 1e5, *m300[4:], 2e3))
     got = earlystop.predict(ref3, curve, N, D, [], lrs / peak, 0.0, 100, peak_lr=peak, N_nonembed=2e3)
     want = earlystop.predict_from_study(ref3, p[:k], y[:k], 100, N, D, lrs=lrs, peak_lr=peak, N_nonembed=2e3)
+    by_N = earlystop.predict_from_study(ref3, p[:k], y[:k], 100, N, D, lrs=lrs, peak_lr=peak)
     assert got.final_loss == pytest.approx(want.final_loss, rel=1e-9)
-    assert got.final_loss != pytest.approx(earlystop.predict_from_study(ref3, p[:k], y[:k], 100, N, D, lrs=lrs,
-                                                                        peak_lr=peak).final_loss, rel=1e-6)
+    assert got.final_loss != pytest.approx(by_N.final_loss, rel=1e-6)
+    # One reference without N_nonembed: N for all, never the two conventions in one distance.
+    mixed = ref3.add(*planted_model(600))
+    assert earlystop.predict_from_study(mixed, p[:k], y[:k], 100, N, D, lrs=lrs, peak_lr=peak, N_nonembed=2e3
+                                        ).final_loss == pytest.approx(
+        earlystop.predict_from_study(mixed, p[:k], y[:k], 100, N, D, lrs=lrs, peak_lr=peak).final_loss, rel=1e-12)
     assert got.final_loss != pytest.approx(earlystop.ratio_prediction(ref, p[:k], y[:k], 100, N, D).final_loss,
                                            rel=1e-3)
