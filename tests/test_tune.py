@@ -93,10 +93,11 @@ def test_pruned_child_is_visible_and_not_retrained(mlflow_store, token_cache):
     assert again.status == "PRUNED" and again.run_id == out.run_id and seen == [0, 5, 10]   # no retraining
 
 
-def _fake_law(parts_cfg, digest, c, k, lr_base=None):
+def _fake_law(parts_cfg, digest, c, k, lr_base=None, k_interval=None):
     key, _ = lr_auto.law_key(parts_cfg, digest)
     run = tracking.start_run(run_name="lr tuning", tags={"role": tune.ROLE, "lr_law_key": key}, system_metrics=False)
-    run.log_metrics({"lr_law_c": c, "lr_law_k": k, **({"lr_base": lr_base} if lr_base else {})}, step=0)
+    extra = {"lr_law_k_lo": k_interval[0], "lr_law_k_hi": k_interval[1]} if k_interval else {}
+    run.log_metrics({"lr_law_c": c, "lr_law_k": k, **({"lr_base": lr_base} if lr_base else {}), **extra}, step=0)
     run.finish("FINISHED")
     return run.run_id
 
@@ -118,6 +119,10 @@ def test_lr_auto_uses_the_matching_law_else_the_rule(mlflow_store, token_cache):
     lawed, info = lr_auto.resolve_lr(plan, data)
     assert info["lr_source"] == "law" and info["lr_law_run_id"] == law_id
     assert [p.config.lr for p in lawed.points] == pytest.approx([0.2 * p.config.derived().N ** -0.25 for p in plan.points])
+    # A law from a few sizes can be poorly determined: its interval on k is said where the lrs are.
+    _fake_law(first, data.digest, 0.2, 0.25, k_interval=(-0.41, 1.71))
+    assert "lr = 0.2 N^-0.2500 (k: 95% interval [-0.41, 1.71])" in lr_auto.resolve_lr(plan, data)[1]["lr_rule"]
+    assert "(k: 95% interval [-0.41, 1.71])" in lr_auto.rule_for(first, data, None)[1]["lr_rule"]
     # A number is a fixed value everywhere.
     fixed, info = lr_auto.resolve_lr(plan, data, 1e-3)
     assert info["lr_source"] == "fixed" and {p.config.lr for p in fixed.points} == {1e-3}
