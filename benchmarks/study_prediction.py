@@ -73,10 +73,10 @@ def main() -> None:
     curves = load.load_curves(runs["run_id"])
     data = {r["run_id"]: reference_curve(r, curves) for _, r in runs.iterrows()}
     print(f"{len(data)} finished runs; schedules: {sorted(set(runs['schedule']))}")
+    ratio_only = {k: (*v[:5], None, math.nan, v[7]) for k, v in data.items()}    # no schedule: no same-model law
     variants = (("study predictor (ratio + same-model law)", data, earlystop.BANDWIDTH),
-                ("ratio estimate alone", {k: (*v[:5], None, math.nan, v[7]) for k, v in data.items()},
-                 earlystop.BANDWIDTH),
-                ("ratio, equal weights", {k: (*v[:5], None, math.nan, v[7]) for k, v in data.items()}, np.inf))
+                ("ratio estimate alone", ratio_only, earlystop.BANDWIDTH),
+                ("ratio, equal weights", ratio_only, np.inf))
     new = {}
     for label, d, bw in variants:
         for at in (0.25, 0.5):

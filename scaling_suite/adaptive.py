@@ -327,10 +327,9 @@ def _dropped(rungs, i, ladder, done, base, s: Settings, t0, calib, notes, parent
     rung = rungs[i]
     left = (s.box_seconds - ANALYSIS_S - (time.perf_counter() - t0)
             - ladder.validation_seconds(2 * max(r.C for r in rungs), calib))
-    why = corpus_bars(rung.C, done, s.mode, D_max) if done else ""
     if i >= 1 and rung.est_seconds * calib > left:
         why, stop = f"the box had {max(left, 0):.0f}s left for them, they needed about {rung.est_seconds * calib:.0f}s", "box"
-    elif why:
+    elif done and (why := corpus_bars(rung.C, done, s.mode, D_max)):
         stop = "corpus"
     else:
         return ""

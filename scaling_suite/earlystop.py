@@ -85,7 +85,8 @@ def predict_final(train_losses: list[float], lrs: np.ndarray, val_gap: float, to
     n = len(train_losses)
     if n < 20:
         return None
-    s1, s2 = schedule_areas(np.asarray(lrs, dtype=np.float64))
+    lr = np.asarray(lrs, dtype=np.float64)
+    s1, s2 = schedule_areas(lr)
     # Skip the first 10% of observed steps (warmup transients), then average into bins: the
     # per-step loss is noisy and nearly independent step to step, so bin means have honest errors.
     start = max(1, n // 10)
@@ -99,7 +100,6 @@ def predict_final(train_losses: list[float], lrs: np.ndarray, val_gap: float, to
     # identify C, and S2's growth to the end multiplies its error: a quick n_sweep's 7.47k run was
     # predicted at -1.64 (it ended at 1.889). There C = 0, which errs high but boundedly (docs: max
     # error from 25% on 134 stored runs 2895% -> 27.6%), and with no lower end: early stop waits.
-    lr = np.asarray(lrs, dtype=np.float64)
     total, seen = lr.max() - lr[-1], lr[:n].max() - lr[n - 1]     # the decay in all, and seen so far
     anneal = int(bool(total <= 1e-12 * lr.max() or seen >= ANNEAL_SEEN * total))
 
@@ -205,9 +205,8 @@ class Reference:
         size = N_nonembed (the note above the class says why) where this run and every reference
         run have it, else N for all: one convention in one distance."""
         ne = _known(N_nonembed)
-        by_ne = math.isfinite(ne) and all(math.isfinite(c[7]) for c in self.curves)
-        size = [(c[7], ne) if by_ne else (c[3], N) for c in self.curves]
-        d2 = np.array([math.log(a / b) ** 2 + math.log(c[4] / D) ** 2 for (a, b), c in zip(size, self.curves)])
+        col, size = (7, ne) if math.isfinite(ne) and all(math.isfinite(c[7]) for c in self.curves) else (3, N)
+        d2 = np.array([math.log(c[col] / size) ** 2 + math.log(c[4] / D) ** 2 for c in self.curves])
         w = np.exp(-(d2 - d2.min()) / (2 * bandwidth ** 2))    # shifted: far-only references do not underflow
         return w / w.sum()
 
