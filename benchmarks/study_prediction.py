@@ -4,7 +4,7 @@
 
 Each finished run (not itself early-stopped) is predicted from its validation evaluations up to 25%
 (and 50%) of its schedule with every OTHER finished run of the selection as reference
-(scaling_suite.earlystop.leave_one_out, the lr schedules from the logged `lr` histories), against its
+(scaling_suite.replay.leave_one_out, the lr schedules from the logged `lr` histories), against its
 real final loss: the study predictor (ratio and same-model law combined), its ratio estimate alone
 (no schedules given, so no same-model law), and the ratio with equal weights.
 
@@ -26,7 +26,8 @@ import math
 import numpy as np
 
 from analysis import load
-from scaling_suite import earlystop
+from scaling_suite import earlystop, replay
+from scaling_suite.config import log_every
 from scaling_suite.schedule import lr_from_history
 from scaling_suite.study_report import reference_curve
 
@@ -35,25 +36,14 @@ def own_curve_error(r, curves) -> float:
     """The relative error of predict_final's first prediction, made as train.py makes it."""
     c = curves[curves["run_id"] == r["run_id"]].sort_values("tokens")
     bt, D = float(r["batch_tokens"]), float(r["D"])
-    steps = int(round(D / bt))
     lrs = lr_from_history(c["tokens"].to_numpy(float), c["lr"].to_numpy(float), D, bt)
     if lrs is None:
         return math.nan
-    lrs = lrs / float(r["lr"])
-    log_every = max(1, math.ceil(steps / 500))
-    per_step = np.full(steps, np.nan)
-    for t, v in c[c["train_loss"].notna()][["tokens", "train_loss"]].to_numpy(float):
-        s = int(round(t / bt))
-        per_step[max(0, s - log_every):s] = v
-    for t, v in c[c["val_loss"].notna()][["tokens", "val_loss"]].to_numpy(float):
-        s = int(round(t / bt))
-        if float(r.get("predict_from", 0.25)) * steps <= s < steps:
-            seen = [x for x in per_step[:s] if np.isfinite(x)]
-            recent = seen[-max(5, steps // 50):]
-            p = earlystop.predict_final(seen, lrs, v - float(np.mean(recent)), int(t)) if recent else None
-            if p is not None:
-                return (p.final_loss - float(r["final_val_loss"])) / float(r["final_val_loss"])
-    return math.nan
+    train = c[c["train_loss"].notna()][["tokens", "train_loss"]].to_numpy(float)
+    val = c[c["val_loss"].notna()][["tokens", "val_loss"]].to_numpy(float)
+    p = replay.first_own_curve(train, [tuple(x) for x in val], lrs / float(r["lr"]), bt, log_every(len(lrs)),
+                               float(r.get("predict_from", 0.25)))
+    return math.nan if p is None else (p.final_loss - float(r["final_val_loss"])) / float(r["final_val_loss"])
 
 
 def summary(errors) -> str:
@@ -80,7 +70,7 @@ def main() -> None:
     new = {}
     for label, d, bw in variants:
         for at in (0.25, 0.5):
-            res = earlystop.leave_one_out(d, at=at, bandwidth=bw)
+            res = replay.leave_one_out(d, at=at, bandwidth=bw)
             new.setdefault(label, {})[at] = res
             print(f"  {label} from {at:.0%}: {summary([v[1] for v in res.values()])}")
     own = {r["run_id"]: own_curve_error(r, curves) for _, r in runs.iterrows()}

@@ -227,12 +227,16 @@ def derive(c: RunConfig) -> Derived:
         warmup_steps=min(steps, round(warm / c.batch_tokens)),
         eval_every=c.eval_every or max(1, steps // 20),
         checkpoint_every=c.checkpoint_every or max(1, steps // 5),
-        # A point per step would cost 5 metric rows per step in the store: at ~150 µs a row in a
-        # SQLite log_batch that is several % of the 16-25 ms steps of the smallest models; at most
-        # 500 points a curve keeps it under 2% (benchmarks/throughput.py). Every step's loss is still
-        # kept in the checkpoint's train_losses.
-        log_every=max(1, math.ceil(steps / 500)),
+        log_every=log_every(steps),
     )
+
+
+def log_every(steps: int) -> int:
+    """Steps per logged train_loss point. A point per step would cost 5 metric rows per step in the
+    store: at ~150 µs a row in a SQLite log_batch that is several % of the 16-25 ms steps of the
+    smallest models; at most 500 points a curve keeps it under 2% (benchmarks/throughput.py). Every
+    step's loss is still kept in the checkpoint's train_losses."""
+    return max(1, math.ceil(steps / 500))
 
 
 # ------------------------------------------------------------------------ command-line flags

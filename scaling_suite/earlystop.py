@@ -141,6 +141,14 @@ def is_stable(history: list[Prediction]) -> bool:
     return spread < STABLE_TOL and history[-1].half_width / abs(history[-1].final_loss) < STABLE_TOL
 
 
+
+def val_gap(train_losses, val_loss: float, steps: int) -> float:
+    """The validation-minus-training gap at an evaluation: VAL_LOSS minus the mean training loss of
+    the last max(5, steps/50) steps seen (TRAIN_LOSSES) of a run of STEPS steps. predict_final fits
+    the training loss; the gap carries its prediction to the validation loss."""
+    recent = list(train_losses)[-max(5, steps // 50):]
+    return val_loss - float(np.mean(recent))
+
 # --- prediction from the study: what finished runs of the same schedule share ----------------------
 #
 # One run's first quarter is a short, noisy curve (predict_final above missed by a median 7.8%, max
@@ -354,25 +362,6 @@ def predict(reference: Reference | None, curve, N: float, D: float, train_losses
                                   lrs=np.asarray(lrs, dtype=float) * peak_lr, peak_lr=peak_lr,
                                   N_nonembed=N_nonembed)
     return predict_final(train_losses, lrs, val_gap, tokens_seen)
-
-
-def leave_one_out(runs: dict, at: float = 0.25, bandwidth: float = BANDWIDTH) -> dict:
-    """run id -> (prediction from the run's evaluations up to progress `at` with every OTHER run as
-    reference, its relative error against the run's final loss). runs: run id -> (progress, loss,
-    final, N, D) or (progress, loss, final, N, D, lrs, peak_lr[, N_nonembed]) with lrs the run's lr
-    at every step."""
-    out = {}
-    for rid, (p, y, final, N, D, *rest) in runs.items():
-        ref = Reference()
-        for other, c in runs.items():
-            if other != rid:
-                ref = ref.add(*c)
-        p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
-        seen = p <= at + 1e-9
-        pred = predict_from_study(ref, p[seen], y[seen], 0, N, D, bandwidth, *rest)
-        if pred is not None:
-            out[rid] = (pred.final_loss, (pred.final_loss - final) / final)
-    return out
 
 
 def prediction_errors(predictions: list, actual: float, D: int) -> dict[str, float]:

@@ -23,7 +23,8 @@ from analysis.report import agreement_line, allocation_line, unidentified_warnin
 from . import ladder as ladder_lib
 from . import store, tracking
 from .config import RunConfig
-from .earlystop import MIN_REFERENCE, leave_one_out
+from .earlystop import MIN_REFERENCE
+from .replay import leave_one_out
 from .schedule import lr_from_history
 
 
@@ -148,7 +149,7 @@ def early_stop_errors(runs) -> dict:
 
 
 def reference_curve(r, curves) -> tuple:
-    """What earlystop.leave_one_out takes for one finished run (a row of RUNS) of CURVES (load.load_curves):
+    """What replay.leave_one_out takes for one finished run (a row of RUNS) of CURVES (load.load_curves):
     (progress, val_loss, final, N, D, lr at every step from the logged history, peak lr, N_nonembed)."""
     c = curves[curves["run_id"] == r["run_id"]].sort_values("tokens")
     v = c[c["val_loss"].notna()]

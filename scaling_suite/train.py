@@ -231,12 +231,10 @@ class Evaluator:
         return loss
 
     def predict(self, step: int, val_loss: float) -> None:
-        # The val-train gap at this point: val now minus the mean of the last few train losses.
         h = self.history
         seen = h.train_losses[:step]
-        recent = seen[-max(5, self.d.steps // 50):]
         pred = earlystop.predict(self.reference, h.curve, self.d.N, self.d.D, seen, self.lrs,
-                                 val_loss - sum(recent) / len(recent), step * self.cfg.batch_tokens,
+                                 earlystop.val_gap(seen, val_loss, self.d.steps), step * self.cfg.batch_tokens,
                                  peak_lr=self.cfg.lr, N_nonembed=self.d.N_nonembed)
         if pred is not None:
             h.predictions.append(pred)

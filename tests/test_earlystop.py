@@ -1,9 +1,13 @@
 """Final-loss prediction from a partial learning curve: known answers on planted curves."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from scaling_suite import earlystop
+from scaling_suite import earlystop, replay
+from scaling_suite.checkpoint import config_from_params
 from scaling_suite.config import make_config
 from scaling_suite.schedule import lr_at, lr_from_history, lr_per_step
 
@@ -31,24 +35,12 @@ def test_own_curve_prediction_does_not_run_away_before_the_decay():
     """A real run: the 7.47k run of a fresh quick n_sweep (tests/data, logged curves). From 25% of
     its cosine schedule the fitted annealing term ran away: predicted -1.64 for a run that ended at
     1.889. Before half of the lr decay is seen the annealing term is not fitted."""
-    import json
-    from pathlib import Path
-
-    from scaling_suite.checkpoint import config_from_params
     run = json.loads((Path(__file__).parent / "data" / "nsweep_7k_run.json").read_text())
     cfg = config_from_params(run["params"])
     d = cfg.derived()
     lrs = np.array(lr_per_step(cfg, d)) / cfg.lr
-    every = max(1, -(-d.steps // 500))          # train.py logs a mean of every `every` steps
-    per_step = np.full(d.steps, np.nan)
-    for t, v in run["train_loss"]:
-        s = int(round(t / cfg.batch_tokens))
-        per_step[max(0, s - every):s] = v
-    t, v = next((t, v) for t, v in run["val_loss"] if t >= cfg.predict_from * d.D)
-    s = int(round(t / cfg.batch_tokens))
-    seen = [x for x in per_step[:s] if np.isfinite(x)]
-    gap = v - float(np.mean(seen[-max(5, d.steps // 50):]))
-    p = earlystop.predict_final(seen, lrs, gap, int(t))
+    p = replay.first_own_curve(run["train_loss"], run["val_loss"], lrs, cfg.batch_tokens, d.log_every,
+                               cfg.predict_from)
     final = run["final_val_loss"]
     assert abs(p.final_loss / final - 1) < 0.15, (p, final)
     # The drop the decay still brings is unknown: no lower end, so early stop cannot stop here.
@@ -109,8 +101,8 @@ def study_curves(noise=0.0, seed=0):
 
 def test_study_predictor_uses_what_the_nearest_runs_share():
     runs = study_curves()
-    near = earlystop.leave_one_out(runs, at=0.25)
-    flat = earlystop.leave_one_out(runs, at=0.25, bandwidth=np.inf)      # every finished run alike
+    near = replay.leave_one_out(runs, at=0.25)
+    flat = replay.leave_one_out(runs, at=0.25, bandwidth=np.inf)      # every finished run alike
     e_near = np.abs([v[1] for v in near.values()])
     e_flat = np.abs([v[1] for v in flat.values()])
     msg = f"weighted by distance: median {np.median(e_near):.2%} max {e_near.max():.2%}; " \
@@ -129,8 +121,8 @@ def test_study_predictor_weighs_runs_by_size_without_the_embeddings():
     heads = {1e4: 6e4, 2e4: 5e3, 4e4: 8e4, 8e4: 1e4}
     by_ne = {k: (p, y, f, N + heads[N], D, None, float("nan"), N) for k, (p, y, f, N, D) in runs.items()}
     by_N = {k: v[:7] for k, v in by_ne.items()}
-    e_ne = np.abs([v[1] for v in earlystop.leave_one_out(by_ne, at=0.25).values()])
-    e_N = np.abs([v[1] for v in earlystop.leave_one_out(by_N, at=0.25).values()])
+    e_ne = np.abs([v[1] for v in replay.leave_one_out(by_ne, at=0.25).values()])
+    e_N = np.abs([v[1] for v in replay.leave_one_out(by_N, at=0.25).values()])
     msg = (f"by N_nonembed: median {np.median(e_ne):.2%} max {e_ne.max():.2%}; "
            f"by N: median {np.median(e_N):.2%} max {e_N.max():.2%}")
     assert len(e_ne) == len(e_N) == 16, msg
@@ -257,8 +249,8 @@ def test_study_report_measures_the_study_predictor_with_the_logged_schedules():
         # train.py logs step s's lr at tokens (s + 1) * batch_tokens; here every other step.
         rows += [dict(run_id=rid, tokens=(s + 1) * 1024.0, val_loss=np.nan, lr=lrs[s]) for s in range(1, steps, 2)]
     got = study_prediction(pd.DataFrame(runs), pd.DataFrame(rows))
-    with_law = np.abs([v[1] for v in earlystop.leave_one_out(data).values()])
-    ratio_only = np.abs([v[1] for v in earlystop.leave_one_out({k: v[:5] for k, v in data.items()}).values()])
+    with_law = np.abs([v[1] for v in replay.leave_one_out(data).values()])
+    ratio_only = np.abs([v[1] for v in replay.leave_one_out({k: v[:5] for k, v in data.items()}).values()])
     msg = f"report {got}; with the law {with_law}; ratio alone {ratio_only}"
     assert got["n_runs"] == 3, msg
     # The thinned lr log differs from the schedule in the warm-up only: the same predictions within 10%.
