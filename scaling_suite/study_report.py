@@ -16,6 +16,7 @@ import numpy as np
 
 from analysis import load, report
 from analysis.common import fmt, format_interval
+from analysis.extrapolate import WARN_FACTOR
 from analysis.fit import fit_kaplan
 from analysis.laws import KAPLAN_ALPHA_N
 from analysis.report import agreement_line, allocation_line, unidentified_warnings
@@ -205,6 +206,22 @@ def monotone_in_N(runs) -> dict:
     return checks
 
 
+def extrapolation_lines(extrapolations: list) -> list[str]:
+    """The report's predicted losses within WARN_FACTOR of the data; those beyond are named, not printed:
+    there the interval holds the fit's spread, not the error of the law's form (Besiroglu et al. 2024 §4)."""
+    far = [e for e in extrapolations if e.get("warning")]
+    lines = [f"predicted loss at {e['target']}={fmt(e['value'])}: {fmt(e['loss'], '.3f')}"
+             + f" {format_interval(e.get('interval'))}".rstrip()
+             + f" via {e['via']}, {fmt(e['extrapolation_factor'])}× beyond the data"
+             for e in extrapolations if not e.get("warning")]
+    if far:
+        lines.append("not printed: the loss at " + ", ".join(sorted({f"{e['target']}={fmt(e['value'])}" for e in far}))
+                     + f" ({', '.join(fmt(e['extrapolation_factor']) + '×' for e in far)} beyond the data): past "
+                     f"{WARN_FACTOR:g}× a law's interval holds its parameters' spread, not the error of its form "
+                     "(report.md lists them)")
+    return lines
+
+
 def summary(result: dict, facts: dict, plan) -> str:
     s = result.get("sections", {})
     lines = [f"\n=== {plan.mode} study: {result['data']['n_runs']} runs ==="]
@@ -236,11 +253,7 @@ def summary(result: dict, facts: dict, plan) -> str:
                        ("chinchilla_holdout_C", "held-out largest C"), ("L_N_holdout", "L(N) held-out largest N")):
         if key in s and _finite(s[key].get("mean_abs_rel_error")):
             lines.append(f"{label}: mean |relative error| {s[key]['mean_abs_rel_error']:.2%}")
-    for e in result.get("extrapolations", []):
-        iv = e.get("interval")
-        lines.append(f"predicted loss at {e['target']}={fmt(e['value'])}: {fmt(e['loss'], '.3f')}"
-                     + f" {format_interval(iv)}".rstrip() + f" via {e['via']}, "
-                     f"{fmt(e['extrapolation_factor'])}× beyond the data" + (" (!)" if e.get("warning") else ""))
+    lines += extrapolation_lines(result.get("extrapolations", []))
     c = facts["compute"]
     lines.append(f"compute: {c['C_spent']:.3g} FLOPs spent; the same runs trained independently: "
                  f"{c['C_independent']:.3g} FLOPs; ratio {c['C_spent_ratio']:.2f}"

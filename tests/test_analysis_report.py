@@ -249,3 +249,20 @@ def test_study_summary_lists_every_budget_and_says_why_a_minimum_has_no_interval
     assert "N*=1e+04 [8e+03, 1.2e+04]," in text, text
     assert "(unbounded: resamples put the minimum beyond the sizes on both sides)" in text, text
     assert text.count("(no interval: 37% of resamples lack a vertex)") == 8, text
+
+
+def test_study_summary_names_extrapolations_far_beyond_the_data_without_printing_them():
+    """A fresh quick study printed 'predicted loss at C=5.76e+23: 0.135 [0.109, 0.158] via L(C) power
+    law, 3.72e+11x beyond the data': an interval that narrow 11 decades out holds the fit's spread only."""
+    from scaling_suite.study_report import extrapolation_lines
+    near = {"target": "C", "value": 2e13, "loss": 1.25, "interval": [1.2, 1.3], "via": "L(C) power law",
+            "extrapolation_factor": 12.4, "warning": None}
+    far = [{"target": "C", "value": 5.76e23, "loss": 0.135, "interval": [0.109, 0.158], "via": "L(C) power law",
+            "extrapolation_factor": 3.72e11, "warning": "12 decades"},
+           {"target": "N", "value": 1.5e9, "loss": 1.387, "interval": [0.68, 1.56], "via": "Chinchilla L(N, D)",
+            "extrapolation_factor": 3.1e4, "warning": "4.5 decades"}]
+    lines = extrapolation_lines([near] + far)
+    assert lines[0].startswith("predicted loss at C=2e+13: 1.250 [1.2, 1.3] via L(C) power law, 12.4× beyond"), lines
+    assert len(lines) == 2 and "0.135" not in lines[1] and "1.387" not in lines[1], lines
+    assert lines[1].startswith("not printed: the loss at C=5.76e+23, N=1.5e+09 (3.72e+11×, 3.1e+04× beyond the data)"), lines
+    assert extrapolation_lines([]) == []
