@@ -50,8 +50,8 @@ class Allocation:
         return self._closed_form(C)[1] if self.approach == "parametric" else self.D_fit.predict(C)
 
     def _closed_form(self, C):
-        return laws.chinchilla_optimal(C, **self.extras["params"],
-                                       flops_per_token_factor=self.extras["flops_per_token_factor"])
+        optimal = laws.PARAMETRIC[self.extras.get("form", "chinchilla")][1]
+        return optimal(C, **self.extras["params"], flops_per_token_factor=self.extras["flops_per_token_factor"])
 
     def report(self) -> str:
         pct = f"{100 * self.level:g}%"
@@ -75,8 +75,7 @@ class Allocation:
                 lines.append("  beside it, a bootstrap over runs within budgets: " + (
                     f"a in [{_fmt(boot['a'][0])}, {_fmt(boot['a'][1])}] ({boot['resamples_used']} of "
                     f"{boot['n_bootstrap']} resamples locate >= 2 minima)" if "a" in boot else f"undefined: {boot['note']}"))
-        if "interval_note" in self.extras:
-            lines.append(self.extras["interval_note"])
+        lines += [self.extras[k] for k in ("interval_note", "form_note") if k in self.extras]
         lines += [f"WARNING: {msg}" for msg in self.extras.get("unidentified", {}).values()]
         items = list(self.skipped.items())
         for k, why in items[:6]:
@@ -366,35 +365,33 @@ def _bootstrap_slopes(table, draws, level):
 
 def from_parametric(fit: FitResult, C=None, level: float | None = None,
                     flops_per_token_factor: float = 6.0) -> Allocation:
-    """Hoffmann et al. 2022 §3.3 eq. (4): a = beta/(alpha+beta), b = alpha/(alpha+beta) and the
-    closed-form N_opt(C), D_opt(C) from a Chinchilla fit. Intervals are percentiles over the fit's
-    bootstrap draws (each draw's own closed form), when it carries them."""
-    if fit.model != "chinchilla":
-        raise SuiteError(f"from_parametric needs a chinchilla fit, got {fit.model}")
+    """The closed-form N_opt(C), D_opt(C) and exponents of a parametric L(N, D) fit: Chinchilla's
+    (Hoffmann et al. 2022 §3.3 eq. 4: a = beta/(alpha+beta)) or Kaplan's (laws.kaplan_optimal:
+    a = alpha_D/(alpha_N+alpha_D)). Intervals are percentiles over the fit's bootstrap draws (each
+    draw's own closed form), when it carries them."""
+    if fit.model not in laws.PARAMETRIC:
+        raise SuiteError(f"from_parametric needs a {' or '.join(laws.PARAMETRIC)} fit, got {fit.model}")
+    law, optimal, exponents, (e1, e2) = laws.PARAMETRIC[fit.model]
     level = fit.level if level is None else level
     p = fit.params
     if C is None:
         lo, hi = (fit.data_range or {}).get("C", (1e18, 1e22))
         C = np.logspace(np.log10(lo), np.log10(hi), 9)
     C = np.atleast_1d(np.asarray(C, dtype=float))
-    a, b = (float(v) for v in laws.chinchilla_optimal_exponents(p["alpha"], p["beta"]))
-    N_opt, D_opt = laws.chinchilla_optimal(C, **p, flops_per_token_factor=flops_per_token_factor)
-    table = pd.DataFrame({"C": C, "N_opt": N_opt, "D_opt": D_opt,
-                          "loss_opt": laws.chinchilla(N_opt, D_opt, **p)})
-    nan2 = (float("nan"), float("nan"))
-    a_iv = b_iv = nan2
+    a, b = (float(v) for v in exponents(p[e1], p[e2]))
+    N_opt, D_opt = optimal(C, **p, flops_per_token_factor=flops_per_token_factor)
+    table = pd.DataFrame({"C": C, "N_opt": N_opt, "D_opt": D_opt, "loss_opt": law(N_opt, D_opt, **p)})
+    a_iv = b_iv = (float("nan"), float("nan"))
     if fit.samples:
         s = fit.samples
-        sa, sb = laws.chinchilla_optimal_exponents(s["alpha"], s["beta"])
-        a_iv = tuple(float(v) for v in percentile_interval(sa, level))
-        b_iv = tuple(float(v) for v in percentile_interval(sb, level))
+        sa, sb = exponents(np.asarray(s[e1]), np.asarray(s[e2]))
+        a_iv, b_iv = (tuple(float(v) for v in percentile_interval(x, level)) for x in (sa, sb))
         draws = {k: np.asarray(v)[:, None] for k, v in s.items()}
-        Nd, Dd = laws.chinchilla_optimal(C[None, :], **draws, flops_per_token_factor=flops_per_token_factor)
+        Nd, Dd = optimal(C[None, :], **draws, flops_per_token_factor=flops_per_token_factor)
         table["N_lo"], table["N_hi"] = percentile_interval(Nd, level)
         table["D_lo"], table["D_hi"] = percentile_interval(Dd, level)
     table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
-    G = laws.chinchilla_G(p["A"], p["B"], p["alpha"], p["beta"])
     return Allocation(approach="parametric", a=a, b=b, a_interval=a_iv, b_interval=b_iv, table=table,
-                      level=level, extras={"params": dict(p), "G": float(G),
+                      level=level, extras={"form": fit.model, "params": dict(p),
                                            "flops_per_token_factor": flops_per_token_factor,
                                            "interval_method": "bootstrap draws" if fit.samples else "none"})

@@ -15,7 +15,7 @@ import numpy as np
 from scaling_suite.errors import SuiteError
 
 from . import laws
-from .common import jsonable, percentile_interval
+from .common import fmt, format_interval, jsonable, percentile_interval
 from .fit import fit_power_law
 from .result import FitResult
 
@@ -156,3 +156,20 @@ def predict_final_loss(tokens, loss, target_tokens: float, min_fraction: float =
                          factor, warning, level,
                          {"E": fit.params["E"], "A": fit.params["A"], "alpha": fit.params["alpha"],
                           "n_points": float(keep.sum())})
+
+
+def extrapolation_lines(extrapolations: list) -> list[str]:
+    """A study summary's lines for a report's EXTRAPOLATIONS (Extrapolation.to_dict()): those within
+    WARN_FACTOR of the data; those beyond are named, not printed: there the interval holds the fit's
+    spread, not the error of the law's form (Besiroglu et al. 2024 §4). report.md keeps them all."""
+    far = [e for e in extrapolations if e.get("warning")]
+    lines = [f"predicted loss at {e['target']}={fmt(e['value'])}: {fmt(e['loss'], '.3f')}"
+             + f" {format_interval(e.get('interval'))}".rstrip()
+             + f" via {e['via']}, {fmt(e['extrapolation_factor'])}× beyond the data"
+             for e in extrapolations if not e.get("warning")]
+    if far:
+        lines.append("not printed: the loss at " + ", ".join(sorted({f"{e['target']}={fmt(e['value'])}" for e in far}))
+                     + f" ({', '.join(fmt(e['extrapolation_factor']) + '×' for e in far)} beyond the data): past "
+                     f"{WARN_FACTOR:g}× a law's interval holds its parameters' spread, not the error of its form "
+                     "(report.md lists them)")
+    return lines

@@ -107,3 +107,29 @@ def chinchilla_optimal_exponents(alpha, beta):
     """(a, b) with N_opt ∝ C^a, D_opt ∝ C^b (Hoffmann et al. 2022 §3.3 eq. 4); a + b = 1."""
     s = np.asarray(alpha, dtype=float) + np.asarray(beta, dtype=float)
     return beta / s, alpha / s
+
+
+def kaplan_optimal_exponents(alpha_N, alpha_D):
+    """(a, b) with N_opt ∝ C^a, D_opt ∝ C^b for Kaplan's L(N, D) under C = k N D; a + b = 1.
+
+    L = [(N_c/N)^x + D_c/D]^alpha_D with x = alpha_N/alpha_D (Kaplan et al. 2020 eq. 1.5) is
+    smallest where the bracket is: with D = C/(k N), d/dN [N_c^x N^-x + k D_c N / C] = 0 gives
+    N^(x+1) = x N_c^x C / (k D_c), so a = 1/(1+x) = alpha_D/(alpha_N+alpha_D)."""
+    s = np.asarray(alpha_N, dtype=float) + np.asarray(alpha_D, dtype=float)
+    return alpha_D / s, alpha_N / s
+
+
+def kaplan_optimal(C, N_c, D_c, alpha_N, alpha_D, flops_per_token_factor=6.0):
+    """Compute-optimal (N_opt, D_opt) for Kaplan's L(N, D) under C = k N D (kaplan_optimal_exponents
+    derives it): N_opt = (x N_c^x C / (k D_c))^(1/(1+x)), x = alpha_N/alpha_D, D_opt = C/(k N_opt)."""
+    C = np.asarray(C, dtype=float)
+    x = np.asarray(alpha_N, dtype=float) / np.asarray(alpha_D, dtype=float)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):   # degenerate bootstrap draws: NaN
+        N = np.exp((np.log(x) + x * np.log(N_c) + np.log(C / flops_per_token_factor) - np.log(D_c)) / (1 + x))
+    return N, C / (flops_per_token_factor * N)
+
+
+# The parametric forms approach 3 may use (analysis.allocation.from_parametric): the law, its
+# compute-optimal (N, D) and exponents, and the parameters the exponents take.
+PARAMETRIC = {"chinchilla": (chinchilla, chinchilla_optimal, chinchilla_optimal_exponents, ("alpha", "beta")),
+              "kaplan": (kaplan, kaplan_optimal, kaplan_optimal_exponents, ("alpha_N", "alpha_D"))}

@@ -225,7 +225,8 @@ def optimal_allocation(allocations, path=None):
             ax.errorbar(t["C"], t[col], yerr=yerr, fmt="o", ms=3, color=c, alpha=0.8)
             grid = np.logspace(np.log10(t["C"].min()), np.log10(t["C"].max()), 50)
             fitted = al.N_opt(grid) if col == "N_opt" else al.D_opt(grid)
-            ax.plot(grid, fitted, color=c, label=f"{al.approach}: {exp_name} = {getattr(al, exp_name):.3f}")
+            name = al.approach + (f" ({al.extras['form']} form)" if "form" in al.extras else "")
+            ax.plot(grid, fitted, color=c, label=f"{name}: {exp_name} = {getattr(al, exp_name):.3f}")
     if allocations:
         t = allocations[0].table
         _reference_slope(axN, t["C"], t["N_opt"], laws.KAPLAN_N_OPT_EXPONENT, "Kaplan C^0.73", ":")

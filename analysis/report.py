@@ -16,7 +16,8 @@ import pandas as pd
 
 from scaling_suite.errors import SuiteError
 
-from . import allocation, extrapolate, laws, plots
+from . import allocation, extrapolate, plots
+from .agreement import agreement_line, allocation_agreement, allocation_line
 from .common import fmt, format_interval, jsonable, n_distinct
 from .crossval import holdout_largest, loo_errors
 from .fit import fit_chinchilla, fit_kaplan, fit_power_law
@@ -188,17 +189,11 @@ def _parametric(R: _Report, df, N, D, C, y, grid, boot: dict, target_N: float, t
                       f"trained on {by} <= {_num(h['max_train'], '.3g')}): mean |rel. error| "
                       f"{_num(h['mean_abs_rel_error'], '.4f')}")
                 R.metrics[f"chinchilla_holdout_{by}_mean_abs_rel_error"] = h["mean_abs_rel_error"]
-        kap = R.run("kaplan", fit_kaplan, N, D, y)
+        kap = R.run("kaplan", fit_kaplan, N, D, y, **boot)
         if kap is not None:
             R.add("kaplan", kap)
             R.fit_metrics("kaplan", kap, only=("alpha_N", "alpha_D"))
-        # Allocation and extrapolation need both terms of the law; from a law that the data do not
-        # identify they would be numbers without meaning (e.g. a = 0.013 from alpha = 47).
-        if R.needs_identified("allocation parametric", chin, "Chinchilla"):
-            par = R.run("allocation parametric", allocation.from_parametric, chin)
-        if par is not None:
-            R.add("allocation_parametric", par)
-            R.metrics["alloc_a_parametric"] = par.a
+        par = _approach_3(R, {"chinchilla": (chin, loo), "kaplan": (kap, None)}, N, D, y)
         if R.needs_identified("extrapolation with the Chinchilla law", chin, "Chinchilla"):
             R.extrapolation("N_chinchilla", extrapolate.at_N, chin, target_N)
             R.extrapolation("C_chinchilla", extrapolate.at_C, chin, target_C)
@@ -206,46 +201,43 @@ def _parametric(R: _Report, df, N, D, C, y, grid, boot: dict, target_N: float, t
     return chin, par
 
 
-APPROACH_NUMBER = {"envelope": 1, "isoflop": 2, "parametric": 3}    # Hoffmann et al. 2022 §3.1-3.3
-APPROACHES = {a: f"{'IsoFLOP' if a == 'isoflop' else a} (approach {n})" for a, n in APPROACH_NUMBER.items()}
+FORMS = {"chinchilla": "Chinchilla's E + A/N^alpha + B/D^beta", "kaplan": "Kaplan's [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D"}
 
 
-def allocation_line(key: str, d: dict) -> str:
-    """Report section KEY (allocation_<approach>: Allocation.to_dict()) on one line: exponents,
-    intervals, identification. The one wording of it, for `analyze`'s summary and the study's."""
-    approach = key.removeprefix("allocation_")
-    line = (f"{APPROACHES.get(approach, approach)}: N_opt ∝ C^{fmt(d['a'], '.3f')} "
-            f"{format_interval(d.get('a_interval')) or '(no interval)'}, D_opt ∝ C^{fmt(d['b'], '.3f')} "
-            f"{format_interval(d.get('b_interval'))}  (Chinchilla ≈ {laws.CHINCHILLA_N_OPT_EXPONENT})")
-    return line + ("  NOT IDENTIFIED (see the warning)" if d.get("extras", {}).get("unidentified") else "")
-
-
-def allocation_agreement(allocs) -> dict | None:
-    """Do the approaches agree on a? Hoffmann et al. 2022 (Table 2) set their three side by side; the
-    rule here: each identified approach's a lies inside every other one's interval. None with fewer
-    than two identified approaches. An approach without an interval (2 budgets) is checked against
-    the others, but cannot check them (listed in no_interval)."""
-    al = [a for a in allocs if not a.extras.get("unidentified")]
-    if len(al) < 2:
-        return None
-    outside, no_interval = [], []
-    for y in al:
-        lo, hi = y.a_interval
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            no_interval.append(y.approach)
+def _approach_3(R: _Report, fits: dict, N, D, y):
+    """Approach 3's allocation from the parametric form that predicts left-out runs best: FITS maps a
+    form (analysis.laws.PARAMETRIC) to (its fit, its leave-one-out errors or None). Hoffmann et al.
+    2022 §3.3 fit their additive form; Kaplan et al. 2020's eq. 1.5 lets N and D interact (a larger
+    model gains more from more data). On this suite's small models the interacting form predicts
+    held-out runs better in every stored study, and the additive one at large scale (docs/analysis.md),
+    so the data choose, by one rule for every study: the lower mean |leave-one-run-out error| among the
+    forms whose fit identifies every term (from a law the data do not identify, an allocation would be
+    a number without meaning, e.g. a = 0.013 from alpha = 47). Every candidate's a is logged."""
+    cands = {}
+    for form, (fit, loo) in fits.items():
+        if fit is None or not fit.identified:
             continue
-        outside += [f"{APPROACHES[x.approach]}'s a = {x.a:.3f} lies {'below' if x.a < lo else 'above'} "
-                    f"{APPROACHES[y.approach]}'s interval [{lo:.3f}, {hi:.3f}]"
-                    for x in al if x is not y and not lo <= x.a <= hi]
-    return {"approaches": [a.approach for a in al], "agree": not outside, "outside": outside,
-            "no_interval": no_interval, "rule": "each approach's a inside every other approach's interval"}
-
-
-def agreement_line(g: dict) -> str:
-    names = ", ".join(f"approach {APPROACH_NUMBER[a]}" for a in g["approaches"])
-    head = (f"the approaches ({names}) agree on a: each point inside the others' intervals" if g["agree"]
-            else f"the approaches ({names}) DISAGREE on a: " + "; ".join(g["outside"]))
-    return head + (f" (no interval to check against: {', '.join(g['no_interval'])})" if g["no_interval"] else "")
+        loo = loo if loo is not None else R.run(f"{form} LOO", loo_errors, fit, N, D, loss=y)
+        al = R.run(f"allocation parametric {form}", allocation.from_parametric, fit) if loo is not None else None
+        if al is not None:
+            cands[form] = (float(np.mean(np.abs(loo))), al)
+            R.metrics[f"alloc_a_parametric_{form}"] = al.a
+    if not cands:
+        chin = fits["chinchilla"][0]
+        if chin is not None:
+            R.needs_identified("allocation parametric", chin, "Chinchilla")
+        return None
+    form = min(cands, key=lambda f: cands[f][0])
+    par = cands[form][1]
+    others = "; ".join(f"{f}: {e:.2%}, a = {al.a:.3f}" + (f" {format_interval(al.a_interval)}"
+                                                          if np.all(np.isfinite(al.a_interval)) else "")
+                       for f, (e, al) in cands.items() if f != form)
+    par.extras["form_note"] = (f"form: {FORMS[form]}, leave-one-run-out mean |error| {cands[form][0]:.2%}"
+                               + (f" (beside it {others})" if others else ""))
+    par.extras["loo_by_form"] = {f: e for f, (e, _) in cands.items()}
+    R.add("allocation_parametric", par)
+    R.metrics["alloc_a_parametric"] = par.a
+    return par
 
 
 def _one_variable_laws(R: _Report, df, loss_col: str, boot: dict, target_N: float):
@@ -353,8 +345,10 @@ def summary(result: dict) -> str:
             f"{k} {fmt(v, '.4g')} {format_interval(iv.get(k), '.4g')}".rstrip()
             for k, v in p.items()) + f"; objective {s['chinchilla']['objective']:.5e}")
     lines += [f"WARNING {w}" for w in unidentified_warnings(s)]
-    lines += [allocation_line(k, s[k]) for k in ("allocation_isoflop", "allocation_envelope", "allocation_parametric")
-              if k in s]
+    for k in ("allocation_isoflop", "allocation_envelope", "allocation_parametric"):
+        if k in s:
+            note = s[k].get("extras", {}).get("form_note")
+            lines += [allocation_line(k, s[k])] + ([f"    {note}"] if note else [])
     if "allocation_agreement" in s:
         lines.append(agreement_line(s["allocation_agreement"]))
     for e in result["extrapolations"]:

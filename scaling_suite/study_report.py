@@ -16,10 +16,11 @@ import numpy as np
 
 from analysis import load, report
 from analysis.common import fmt, format_interval
-from analysis.extrapolate import WARN_FACTOR
+from analysis.extrapolate import extrapolation_lines
 from analysis.fit import fit_kaplan
 from analysis.laws import KAPLAN_ALPHA_N
-from analysis.report import agreement_line, allocation_line, unidentified_warnings
+from analysis.agreement import agreement_line, allocation_line
+from analysis.report import unidentified_warnings
 
 from . import ladder as ladder_lib
 from . import store, tracking
@@ -206,22 +207,6 @@ def monotone_in_N(runs) -> dict:
     return checks
 
 
-def extrapolation_lines(extrapolations: list) -> list[str]:
-    """The report's predicted losses within WARN_FACTOR of the data; those beyond are named, not printed:
-    there the interval holds the fit's spread, not the error of the law's form (Besiroglu et al. 2024 §4)."""
-    far = [e for e in extrapolations if e.get("warning")]
-    lines = [f"predicted loss at {e['target']}={fmt(e['value'])}: {fmt(e['loss'], '.3f')}"
-             + f" {format_interval(e.get('interval'))}".rstrip()
-             + f" via {e['via']}, {fmt(e['extrapolation_factor'])}× beyond the data"
-             for e in extrapolations if not e.get("warning")]
-    if far:
-        lines.append("not printed: the loss at " + ", ".join(sorted({f"{e['target']}={fmt(e['value'])}" for e in far}))
-                     + f" ({', '.join(fmt(e['extrapolation_factor']) + '×' for e in far)} beyond the data): past "
-                     f"{WARN_FACTOR:g}× a law's interval holds its parameters' spread, not the error of its form "
-                     "(report.md lists them)")
-    return lines
-
-
 def summary(result: dict, facts: dict, plan) -> str:
     s = result.get("sections", {})
     lines = [f"\n=== {plan.mode} study: {result['data']['n_runs']} runs ==="]
@@ -295,8 +280,7 @@ def allocation_lines(s: dict) -> list[str]:
         if key in s:
             al = s[key]
             lines.append(allocation_line(key, al))
-            if al.get("extras", {}).get("interval_note"):
-                lines.append(f"    {al['extras']['interval_note']}")
+            lines += [f"    {al['extras'][k]}" for k in ("interval_note", "form_note") if al.get("extras", {}).get(k)]
             if key == "allocation_isoflop":
                 ex = al.get("extras", {})
                 lines.append(f"    parabola through {ex.get('window', '')}; intervals: {ex.get('interval_method', '')}")
@@ -369,11 +353,11 @@ def adaptive_summary(ladder, done: list, notes: list[str], validation: dict, wal
         if v.get("epochs", 0) > ladder_lib.MAX_EPOCHS:
             lines.append(f"    the validation run repeats the training split {v['epochs']:.1f} times (over the "
                          f"{ladder_lib.MAX_EPOCHS:g} epochs of Muennighoff et al. 2023): the corpus is small for this budget")
-        lines.append(f"    prediction made before the run started, from {v['law']}; Chinchilla's parametric fit to "
-                     f"{v['n_runs_fitted']} runs predicted {v['chinchilla_loss']:.4f} [{v['chinchilla_lo']:.4f}, "
-                     f"{v['chinchilla_hi']:.4f}]{'' if v['chinchilla_identified'] else ' (NOT IDENTIFIED)'}: "
-                     f"error {v['chinchilla_rel_error']:+.2%}"
-                     f"{where_measured(v['measured_loss'], v['chinchilla_lo'], v['chinchilla_hi'])}")
+        lines.append(f"    prediction made before the run started, from {v['law']}; the parametric fits to "
+                     f"{v['n_runs_fitted']} runs (approach 3's two forms) predicted:")
+        lines += [f"    {form.capitalize()}'s form {x['loss']:.4f} [{x['lo']:.4f}, {x['hi']:.4f}]"
+                  f"{'' if x['identified'] else ' (NOT IDENTIFIED)'}: error {x['rel_error']:+.2%}"
+                  f"{where_measured(v['measured_loss'], x['lo'], x['hi'])}" for form, x in v.get("parametric", {}).items()]
     else:
         lines.append(f"validation: the run ended {v.get('status')}")
     return "\n".join(lines)

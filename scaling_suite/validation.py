@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from analysis.fit import fit_chinchilla, fit_loglinear, lr_law_band
+from analysis.fit import fit_chinchilla, fit_kaplan, fit_loglinear, lr_law_band
 
 from . import ladder as ladder_lib
 from . import sweep
@@ -61,22 +61,26 @@ def validate_law(study_key: str, ladder: ladder_lib.Ladder, base: RunConfig, don
     band = lr_law_band(lc, Cv)   # the log-linear fit's band (named for its first use, the lr law)
     pred = float(lc.predict(Cv))
     lo, hi = (float(band[0]), float(band[1])) if band else (math.nan, math.nan)
+    # Beside it, both parametric forms approach 3 chooses between (analysis/report.py), each fitted to
+    # every run of the ladder, at the run's (N, D): the run tests them too.
     rows = [r for b in done for r in b.rows]
     N, D, L = (np.array([r[k] for r in rows], float) for k in ("N", "D", "final_val_loss"))
-    fit = fit_chinchilla(N, D, L, n_bootstrap=n_bootstrap)
-    chin = float(fit.predict(d.N, d.D))
-    iv = fit.predict_interval(np.array(d.N, float), np.array(d.D, float))
+    parametric = {}
+    for form, fit in (("chinchilla", fit_chinchilla(N, D, L, n_bootstrap=n_bootstrap)),
+                      ("kaplan", fit_kaplan(N, D, L, n_bootstrap=n_bootstrap))):
+        iv = fit.predict_interval(np.array(d.N, float), np.array(d.D, float))
+        parametric[form] = {"loss": float(fit.predict(d.N, d.D)), "lo": float(iv[0]) if iv is not None else math.nan,
+                            "hi": float(iv[1]) if iv is not None else math.nan, "identified": bool(fit.identified)}
     out = {"C": Cv, "factor": Cv / top, "N_opt_predicted": N_pred, "N": d.N, "D": d.D, "batch_tokens": cfg.batch_tokens,
            "predicted_loss": pred, "predicted_lo": lo, "predicted_hi": hi,
            "law": f"N_opt ∝ C^{al.a:.3f} (approach 2, {len(al.table)} budgets); loss: the {len(ok)} budgets' minima as "
                   f"L_opt ∝ C^{lc.params['s']:.3f}",
-           "chinchilla_loss": chin, "chinchilla_lo": float(iv[0]) if iv is not None else math.nan,
-           "chinchilla_hi": float(iv[1]) if iv is not None else math.nan,
-           "chinchilla_identified": bool(fit.identified), "n_runs_fitted": len(rows), "epochs": d.D / len(data.train)}
+           "parametric": parametric, "n_runs_fitted": len(rows), "epochs": d.D / len(data.train)}
     parent.log_metrics({k: v for k, v in {"validation_C": Cv, "validation_N_opt_predicted": N_pred,
                                          "validation_predicted_loss": pred, "validation_predicted_lo": lo,
                                          "validation_predicted_hi": hi,
-                                         "validation_chinchilla_loss": chin}.items() if math.isfinite(v)}, step=0)
+                                         **{f"validation_{f}_loss": x["loss"] for f, x in parametric.items()}}.items()
+                        if math.isfinite(v)}, step=0)
     say(f"[validation] C={Cv:.3g} ({Cv / top:.2g}x the largest budget): N={d.N:,} (law: N_opt={N_pred:,.0f}), "
         f"predicted final_val_loss {pred:.4f} [{lo:.4f}, {hi:.4f}]; training it")
     tags = {"design": design, "mode": mode, "role": "validation", "C_budget": f"{Cv:g}",
@@ -85,8 +89,9 @@ def validate_law(study_key: str, ladder: ladder_lib.Ladder, base: RunConfig, don
     out.update(run_id=child.run_id, status=child.status, measured_loss=child.final_val_loss)
     if child.status in ("FINISHED", "SKIPPED"):
         out["rel_error"] = child.final_val_loss / pred - 1
-        out["chinchilla_rel_error"] = child.final_val_loss / chin - 1
+        for x in parametric.values():
+            x["rel_error"] = child.final_val_loss / x["loss"] - 1
         parent.log_metrics({"validation_loss": child.final_val_loss, "validation_rel_error": out["rel_error"],
-                            "validation_chinchilla_rel_error": out["chinchilla_rel_error"]}, step=0)
+                            **{f"validation_{f}_rel_error": x["rel_error"] for f, x in parametric.items()}}, step=0)
     return out
 

@@ -302,10 +302,15 @@ def test_the_summary_says_which_law_the_validation_run_contradicts():
     lad = ladder_lib.Ladder((), 6.8e12, 780.0, 700.0, 600.0, 70.0, 2.0, 3000)
     v = {"C": 6.8e12, "factor": 4.0, "N": 34976, "N_opt_predicted": 38264.0, "predicted_loss": 1.3625,
          "predicted_lo": 1.3200, "predicted_hi": 1.4063, "measured_loss": 1.3201, "rel_error": 1.3201 / 1.3625 - 1,
-         "law": "N_opt ∝ C^0.373", "n_runs_fitted": 36, "chinchilla_loss": 1.5431, "chinchilla_lo": 1.4099,
-         "chinchilla_hi": 1.6031, "chinchilla_identified": True, "chinchilla_rel_error": 1.3201 / 1.5431 - 1}
+         "law": "N_opt ∝ C^0.373", "n_runs_fitted": 36,
+         "parametric": {"chinchilla": {"loss": 1.5431, "lo": 1.4099, "hi": 1.6031, "identified": True,
+                                       "rel_error": 1.3201 / 1.5431 - 1},
+                        "kaplan": {"loss": 1.3533, "lo": 1.3102, "hi": 1.3950, "identified": True,
+                                   "rel_error": 1.3201 / 1.3533 - 1}}}
     text = adaptive_summary(lad, [], [], v, 592.0, 780.0)
     assert "measured 1.3201: error -3.11%, inside the interval" in text, text
-    assert "error -14.45%, below the interval: this law fails the test" in text, text
-    text = adaptive_summary(lad, [], [], {**v, "chinchilla_lo": float("nan")}, 592.0, 780.0)
+    assert "Chinchilla's form 1.5431 [1.4099, 1.6031]: error -14.45%, below the interval: this law fails the test" in text, text
+    assert "Kaplan's form 1.3533 [1.3102, 1.3950]: error -2.45%, inside the interval" in text, text
+    v["parametric"]["chinchilla"]["lo"] = float("nan")
+    text = adaptive_summary(lad, [], [], v, 592.0, 780.0)
     assert "error -14.45%, no interval" in text, text
