@@ -4,7 +4,8 @@
    at each FLOP value gives N_opt(C) (§3.1).
 2. `isoflop`: at each fixed budget, a parabola in log N through the final losses of the runs near
    the best one (minimum.py); its minimum is N*(C) (§3.2).
-3. `from_parametric`: closed form from the fitted L(N, D) = E + A/N^alpha + B/D^beta (§3.3 eq. 4).
+3. `from_parametric`: closed form from a fitted L(N, D): E + A/N^alpha + B/D^beta (§3.3 eq. 4), or
+   Kaplan et al. 2020's eq. 1.5 (laws.kaplan_optimal); analysis/report.py says which form is used.
 Each fits N_opt ∝ C^a and D_opt ∝ C^b (Table 2: a ≈ 0.50, b ≈ 0.50; Kaplan et al. 2020 §6: 0.73).
 """
 

@@ -168,8 +168,11 @@ def extrapolation_lines(extrapolations: list) -> list[str]:
              + f" via {e['via']}, {fmt(e['extrapolation_factor'])}× beyond the data"
              for e in extrapolations if not e.get("warning")]
     if far:
-        lines.append("not printed: the loss at " + ", ".join(sorted({f"{e['target']}={fmt(e['value'])}" for e in far}))
-                     + f" ({', '.join(fmt(e['extrapolation_factor']) + '×' for e in far)} beyond the data): past "
-                     f"{WARN_FACTOR:g}× a law's interval holds its parameters' spread, not the error of its form "
-                     "(report.md lists them)")
+        factors: dict[str, list] = {}     # each target with the factors of its extrapolations (laws differ in their data)
+        for e in far:
+            factors.setdefault(f"{e['target']}={fmt(e['value'])}", []).append(e["extrapolation_factor"])
+        lines.append("not printed: the loss at " + ", ".join(
+            f"{t} ({fmt(min(f))}×)" if fmt(min(f)) == fmt(max(f)) else f"{t} ({fmt(min(f))}-{fmt(max(f))}×)"
+            for t, f in factors.items()) + f" beyond the data: past {WARN_FACTOR:g}× a law's interval holds its "
+            "parameters' spread, not the error of its form (report.md lists them)")
     return lines

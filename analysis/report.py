@@ -176,12 +176,7 @@ def _parametric(R: _Report, df, N, D, C, y, grid, boot: dict, target_N: float, t
     if chin is not None:
         R.add("chinchilla", chin)
         R.fit_metrics("chinchilla", chin)
-        loo = R.run("chinchilla LOO", loo_errors, chin, N, D, loss=y)
-        if loo is not None:
-            summary = {"mean_abs_rel_error": float(np.mean(np.abs(loo))), "max_abs_rel_error": float(np.max(np.abs(loo)))}
-            R.add("chinchilla_loo", summary, "leave-one-out: mean |rel. error| {mean_abs_rel_error:.4f}, "
-                  "max {max_abs_rel_error:.4f}".format(**summary))
-            R.metrics["chinchilla_loo_mean_abs_rel_error"] = summary["mean_abs_rel_error"]
+        loo = _loo(R, "chinchilla", chin, N, D, y)
         for by in ("N", "C"):
             h = R.run(f"chinchilla holdout {by}", holdout_largest, chin, N, D, loss=y, by=by, C=C)
             if h is not None:
@@ -193,7 +188,9 @@ def _parametric(R: _Report, df, N, D, C, y, grid, boot: dict, target_N: float, t
         if kap is not None:
             R.add("kaplan", kap)
             R.fit_metrics("kaplan", kap, only=("alpha_N", "alpha_D"))
-        par = _approach_3(R, {"chinchilla": (chin, loo), "kaplan": (kap, None)}, N, D, y)
+        par = _approach_3(R, {"chinchilla": (chin, loo), "kaplan": (kap, _loo(R, "kaplan", kap, N, D, y) if kap is not None else None)})
+        # Extrapolations stay with the Chinchilla form whichever form approach 3 takes: Kaplan's has no
+        # irreducible loss E, so far out it falls towards 0 (Hoffmann et al. 2022 §3.3 on why E is there).
         if R.needs_identified("extrapolation with the Chinchilla law", chin, "Chinchilla"):
             R.extrapolation("N_chinchilla", extrapolate.at_N, chin, target_N)
             R.extrapolation("C_chinchilla", extrapolate.at_C, chin, target_C)
@@ -204,39 +201,55 @@ def _parametric(R: _Report, df, N, D, C, y, grid, boot: dict, target_N: float, t
 FORMS = {"chinchilla": "Chinchilla's E + A/N^alpha + B/D^beta", "kaplan": "Kaplan's [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D"}
 
 
-def _approach_3(R: _Report, fits: dict, N, D, y):
+def _loo(R: _Report, form: str, fit, N, D, y):
+    """The fit's leave-one-run-out errors, with their section <form>_loo and metric (or None)."""
+    loo = R.run(f"{form} LOO", loo_errors, fit, N, D, loss=y)
+    if loo is not None:
+        summary = {"mean_abs_rel_error": float(np.mean(np.abs(loo))), "max_abs_rel_error": float(np.max(np.abs(loo)))}
+        R.add(f"{form}_loo", summary, "leave-one-out: mean |rel. error| {mean_abs_rel_error:.4f}, "
+              "max {max_abs_rel_error:.4f}".format(**summary))
+        R.metrics[f"{form}_loo_mean_abs_rel_error"] = summary["mean_abs_rel_error"]
+    return loo
+
+
+def _approach_3(R: _Report, fits: dict):
     """Approach 3's allocation from the parametric form that predicts left-out runs best: FITS maps a
-    form (analysis.laws.PARAMETRIC) to (its fit, its leave-one-out errors or None). Hoffmann et al.
-    2022 §3.3 fit their additive form; Kaplan et al. 2020's eq. 1.5 lets N and D interact (a larger
-    model gains more from more data). On this suite's small models the interacting form predicts
-    held-out runs better in every stored study, and the additive one at large scale (docs/analysis.md),
-    so the data choose, by one rule for every study: the lower mean |leave-one-run-out error| among the
-    forms whose fit identifies every term (from a law the data do not identify, an allocation would be
-    a number without meaning, e.g. a = 0.013 from alpha = 47). Every candidate's a is logged."""
-    cands = {}
+    form (analysis.laws.PARAMETRIC) to (its fit, its leave-one-out errors), None where not made.
+    Hoffmann et al. 2022 §3.3 fit their additive form; Kaplan et al. 2020's eq. 1.5 lets N and D
+    interact (a larger model gains more from more data). On this suite's small models the interacting
+    form predicts held-out runs better in every stored study, the additive one on Hoffmann et al.'s
+    own runs (docs/analysis.md), so the data choose, by one rule for every study: the lower mean
+    |leave-one-run-out error| among the forms whose fit identifies every term (from a law the data do
+    not identify, an allocation would be a number without meaning, e.g. a = 0.013 from alpha = 47)
+    and whose error is finite. Every candidate's a is logged; the note names every form left out."""
+    cands, out = {}, []
     for form, (fit, loo) in fits.items():
-        if fit is None or not fit.identified:
+        err = float(np.mean(np.abs(loo))) if loo is not None else float("nan")
+        why = ("not fitted" if fit is None else "not identified" if not fit.identified
+               else "no leave-one-out error" if not np.isfinite(err) else "")
+        al = None if why else R.run(f"allocation parametric {form}", allocation.from_parametric, fit)
+        if al is None:
+            out.append(f"{form}: {why or 'no allocation'}")
             continue
-        loo = loo if loo is not None else R.run(f"{form} LOO", loo_errors, fit, N, D, loss=y)
-        al = R.run(f"allocation parametric {form}", allocation.from_parametric, fit) if loo is not None else None
-        if al is not None:
-            cands[form] = (float(np.mean(np.abs(loo))), al)
-            R.metrics[f"alloc_a_parametric_{form}"] = al.a
+        cands[form] = (err, al)
+        R.metrics[f"alloc_a_parametric_{form}"] = al.a
     if not cands:
         chin = fits["chinchilla"][0]
-        if chin is not None:
+        if chin is not None and not chin.identified:
             R.needs_identified("allocation parametric", chin, "Chinchilla")
+        else:
+            R.skipped["allocation parametric"] = "; ".join(out)
         return None
     form = min(cands, key=lambda f: cands[f][0])
     par = cands[form][1]
-    others = "; ".join(f"{f}: {e:.2%}, a = {al.a:.3f}" + (f" {format_interval(al.a_interval)}"
-                                                          if np.all(np.isfinite(al.a_interval)) else "")
-                       for f, (e, al) in cands.items() if f != form)
+    others = [f"{f}: {e:.2%}, a = {al.a:.3f}" + (f" {format_interval(al.a_interval)}" if np.all(np.isfinite(al.a_interval))
+                                                 else "") for f, (e, al) in cands.items() if f != form] + out
     par.extras["form_note"] = (f"form: {FORMS[form]}, leave-one-run-out mean |error| {cands[form][0]:.2%}"
-                               + (f" (beside it {others})" if others else ""))
+                               + (f" (beside it {'; '.join(others)})" if others else ""))
     par.extras["loo_by_form"] = {f: e for f, (e, _) in cands.items()}
     R.add("allocation_parametric", par)
     R.metrics["alloc_a_parametric"] = par.a
+    R.metrics["alloc_parametric_kaplan"] = float(form == "kaplan")     # which form the a above is from
     return par
 
 

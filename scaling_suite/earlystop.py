@@ -141,13 +141,13 @@ def is_stable(history: list[Prediction]) -> bool:
     return spread < STABLE_TOL and history[-1].half_width / abs(history[-1].final_loss) < STABLE_TOL
 
 
-
 def val_gap(train_losses, val_loss: float, steps: int) -> float:
     """The validation-minus-training gap at an evaluation: VAL_LOSS minus the mean training loss of
     the last max(5, steps/50) steps seen (TRAIN_LOSSES) of a run of STEPS steps. predict_final fits
     the training loss; the gap carries its prediction to the validation loss."""
     recent = list(train_losses)[-max(5, steps // 50):]
     return val_loss - float(np.mean(recent))
+
 
 # --- prediction from the study: what finished runs of the same schedule share ----------------------
 #

@@ -1,8 +1,8 @@
 """The final-loss predictors re-run on finished runs, from what the runs logged: how good early stop
 would have been, and is. `leave_one_out` measures the study predictor (each run against every other
 finished run); `first_own_curve` re-makes the own-curve predictor's first prediction as train.py
-made it. The study summary, benchmarks/study_prediction.py and the tests use these, so what they
-measure is what a run does."""
+made it. The study summary (leave_one_out), benchmarks/study_prediction.py and the tests use them,
+so what they measure is what a run does."""
 
 from __future__ import annotations
 

@@ -54,9 +54,9 @@ def validate_law(study_key: str, ladder: ladder_lib.Ladder, base: RunConfig, don
     d = cfg.derived()
     # The prediction (made and logged before the run starts): the budgets' minimum losses as a power
     # law in C, L_opt = k C^s (Kaplan et al. 2020 eq. 1.4's form, L(C_min), without an offset), OLS in
-    # log-log with its 95% band, at the validation budget. Chosen over Chinchilla's parametric fit at
-    # the run's (N, D), also logged: in the first three studies (docs/adaptive.md, measured/predicted
-    # - 1) the power law missed by +7.0%, -4.8%, +0.5%, the parametric fit by -8.1%, -11.6%, -9.5%.
+    # log-log with its 95% band, at the validation budget. Chosen over the parametric fits at the run's
+    # (N, D), also logged: in the first three studies (docs/adaptive.md, measured/predicted - 1) the
+    # power law missed by +7.0%, -4.8%, +0.5%, Chinchilla's parametric fit by -8.1%, -11.6%, -9.5%.
     lc = fit_loglinear([b.C for b in ok], [b.fit["loss_opt"] for b in ok], x_name="C", y_name="loss_opt")
     band = lr_law_band(lc, Cv)   # the log-linear fit's band (named for its first use, the lr law)
     pred = float(lc.predict(Cv))
