@@ -114,9 +114,9 @@ def kaplan_optimal_exponents(alpha_N, alpha_D):
 
     L = [(N_c/N)^x + D_c/D]^alpha_D with x = alpha_N/alpha_D (Kaplan et al. 2020 eq. 1.5) is
     smallest where the bracket is: with D = C/(k N), d/dN [N_c^x N^-x + k D_c N / C] = 0 gives
-    N^(x+1) = x N_c^x C / (k D_c), so a = 1/(1+x) = alpha_D/(alpha_N+alpha_D)."""
-    s = np.asarray(alpha_N, dtype=float) + np.asarray(alpha_D, dtype=float)
-    return alpha_D / s, alpha_N / s
+    N^(x+1) = x N_c^x C / (k D_c), so a = 1/(1+x) = alpha_D/(alpha_N+alpha_D): Hoffmann et al.'s
+    exponents with the N term's exponent for alpha and the D term's for beta."""
+    return chinchilla_optimal_exponents(alpha_N, alpha_D)
 
 
 def kaplan_optimal(C, N_c, D_c, alpha_N, alpha_D, flops_per_token_factor=6.0):

@@ -188,7 +188,8 @@ def _parametric(R: _Report, df, N, D, C, y, grid, boot: dict, target_N: float, t
         if kap is not None:
             R.add("kaplan", kap)
             R.fit_metrics("kaplan", kap, only=("alpha_N", "alpha_D"))
-        par = _approach_3(R, {"chinchilla": (chin, loo), "kaplan": (kap, _loo(R, "kaplan", kap, N, D, y) if kap is not None else None)})
+        kap_loo = _loo(R, "kaplan", kap, N, D, y) if kap is not None else None
+        par = _approach_3(R, {"chinchilla": (chin, loo), "kaplan": (kap, kap_loo)})
         # Extrapolations stay with the Chinchilla form whichever form approach 3 takes: Kaplan's has no
         # irreducible loss E, so far out it falls towards 0 (Hoffmann et al. 2022 §3.3 on why E is there).
         if R.needs_identified("extrapolation with the Chinchilla law", chin, "Chinchilla"):
