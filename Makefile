@@ -17,13 +17,16 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: test quick ui doctor clean
 
-# torch through pip (it finds the local CPU wheel); the rest through uv, which installs it in
-# about 10 s where pip takes minutes; pip again if uv is unavailable. --compile-bytecode writes the
-# .pyc files pip would: without them, where PYTHONDONTWRITEBYTECODE is set, every process compiles
-# mlflow, pandas and scipy from source (`import mlflow` 4.7 s instead of 2.5 s on 2 cores).
+# torch through pip (it finds the local CPU wheel; --no-cache-dir keeps no second copy of the wheel on
+# disk; its log is printed only when it fails, and a failed install stops here instead of importing a
+# half-written torch); the rest through uv, which installs it in about 10 s where pip takes minutes;
+# pip again if uv is unavailable. --compile-bytecode writes the .pyc files pip would: without them,
+# where PYTHONDONTWRITEBYTECODE is set, every process compiles mlflow, pandas and scipy from source
+# (`import mlflow` 4.7 s instead of 2.5 s on 2 cores).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH) 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q --no-cache-dir $(TORCH) > $(VENV)/torch-install.log 2>&1 \
+	  || { cat $(VENV)/torch-install.log; echo "make: installing $(TORCH) failed (above)"; exit 1; }
 	$(PY) -W ignore -c "import torch"    # installed, before uv could pull a CUDA build (-W: it warns without numpy)
 	( $(PY) -m pip install -q uv 2>/dev/null && VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/uv pip install -q --compile-bytecode -e '.[test]' ) \
 	  || $(PY) -m pip install -q -e '.[test]'
