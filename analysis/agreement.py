@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import laws
+from .allocation import NOTE_KEYS
 from .common import fmt, format_interval
 
 
@@ -22,6 +23,12 @@ def allocation_line(key: str, d: dict) -> str:
             f"{format_interval(d.get('a_interval')) or '(no interval)'}, D_opt ∝ C^{fmt(d['b'], '.3f')} "
             f"{format_interval(d.get('b_interval'))}  (Chinchilla ≈ {laws.CHINCHILLA_N_OPT_EXPONENT})")
     return line + ("  NOT IDENTIFIED (see the warning)" if d.get("extras", {}).get("unidentified") else "")
+
+
+def allocation_block(key: str, d: dict) -> list[str]:
+    """allocation_line and, indented under it, the section's notes (allocation.NOTE_KEYS)."""
+    ex = d.get("extras", {})
+    return [allocation_line(key, d)] + [f"    {ex[k]}" for k in NOTE_KEYS if ex.get(k)]
 
 
 def allocation_agreement(allocs) -> dict | None:

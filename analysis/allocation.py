@@ -23,6 +23,8 @@ from .fit import MIN_SUPPORT as MIN_SIZES
 from .fit import fit_loglinear
 from .result import FitResult
 
+NOTE_KEYS = ("interval_note", "form_note")    # extras a reader needs beside a: why no interval; approach 3's form
+
 
 @dataclass(frozen=True)
 class Allocation:
@@ -76,7 +78,7 @@ class Allocation:
                 lines.append("  beside it, a bootstrap over runs within budgets: " + (
                     f"a in [{_fmt(boot['a'][0])}, {_fmt(boot['a'][1])}] ({boot['resamples_used']} of "
                     f"{boot['n_bootstrap']} resamples locate >= 2 minima)" if "a" in boot else f"undefined: {boot['note']}"))
-        lines += [self.extras[k] for k in ("interval_note", "form_note") if k in self.extras]
+        lines += [self.extras[k] for k in NOTE_KEYS if k in self.extras]
         lines += [f"WARNING: {msg}" for msg in self.extras.get("unidentified", {}).values()]
         items = list(self.skipped.items())
         for k, why in items[:6]:

@@ -17,7 +17,7 @@ import pandas as pd
 from scaling_suite.errors import SuiteError
 
 from . import allocation, extrapolate, plots
-from .agreement import agreement_line, allocation_agreement, allocation_line
+from .agreement import agreement_line, allocation_agreement, allocation_block
 from .common import fmt, format_interval, jsonable, n_distinct
 from .crossval import holdout_largest, loo_errors
 from .fit import fit_chinchilla, fit_kaplan, fit_power_law
@@ -361,8 +361,7 @@ def summary(result: dict) -> str:
     lines += [f"WARNING {w}" for w in unidentified_warnings(s)]
     for k in ("allocation_isoflop", "allocation_envelope", "allocation_parametric"):
         if k in s:
-            note = s[k].get("extras", {}).get("form_note")
-            lines += [allocation_line(k, s[k])] + ([f"    {note}"] if note else [])
+            lines += allocation_block(k, s[k])
     if "allocation_agreement" in s:
         lines.append(agreement_line(s["allocation_agreement"]))
     for e in result["extrapolations"]:

@@ -19,7 +19,7 @@ from analysis.common import fmt, format_interval
 from analysis.extrapolate import extrapolation_lines
 from analysis.fit import fit_kaplan
 from analysis.laws import KAPLAN_ALPHA_N
-from analysis.agreement import agreement_line, allocation_line
+from analysis.agreement import agreement_line, allocation_block
 from analysis.report import unidentified_warnings
 
 from . import ladder as ladder_lib
@@ -279,8 +279,7 @@ def allocation_lines(s: dict) -> list[str]:
     for key in ("allocation_isoflop", "allocation_envelope", "allocation_parametric"):
         if key in s:
             al = s[key]
-            lines.append(allocation_line(key, al))
-            lines += [f"    {al['extras'][k]}" for k in ("interval_note", "form_note") if al.get("extras", {}).get(k)]
+            lines += allocation_block(key, al)
             if key == "allocation_isoflop":
                 ex = al.get("extras", {})
                 lines.append(f"    parabola through {ex.get('window', '')}; intervals: {ex.get('interval_method', '')}")

@@ -213,6 +213,12 @@ def test_unidentified_law_is_reported_not_used(tmp_path):
     text = study_report.summary({"data": {"n_runs": 13}, "sections": {"allocation_isoflop": iso}}, facts,
                                 SimpleNamespace(mode="quick"))
     assert "    budget C=6e+11 left out: minimum at N=5.49e+03" in text
+    # Why an approach has no interval is said under its line in both summaries (analyze's left it out).
+    iso["extras"] = {"interval_note": "2 budgets: no 95% interval on a and b"}
+    res = {"data": {"n_runs": 13, "source": "test"}, "sections": {"allocation_isoflop": iso}, "extrapolations": [],
+           "skipped": {}, "files": []}
+    for text in (study_report.summary(res, facts, SimpleNamespace(mode="quick")), report_summary(res)):
+        assert "(no interval)" in text and "\n    2 budgets: no 95% interval on a and b" in text, text
 
 
 def test_allocation_agreement_names_each_point_outside_another_interval():
