@@ -178,7 +178,8 @@ def log_start(tracker, cfg: RunConfig, d, pl, data, bpt: float, tags: dict | Non
     tracker.log_params(cfg.to_params())
     tracker.set_tags({"role": "train", **pl.tags(), "micro_batch": pl.micro_batch,
                       "accumulation": pl.accumulation, "flops_convention": "6N+6*depth*context*d_model",
-                      "N_convention": "N = non-embedding + output head (Porian et al. 2024)", **(tags or {})})
+                      "N_convention": "N = non-embedding + output head (Porian et al. 2024)",
+                      "val_set": "eval_tokens in windows spread evenly over the val split", **(tags or {})})
     tracker.log_dataset(data_lib.describe(data))
     # Once per run: a resumed run logged these when it started, and a branch has its trunk's
     # tokens and flops points (sweep.TRUNK_HISTORY); a second copy would be a duplicate point.

@@ -197,14 +197,30 @@ def small(tmp_path):
 
 
 def test_validation_set(small):
+    """Windows of whole (context+1) tokens spread evenly over the val split, first and last included,
+    so a small eval set samples many documents instead of the first one or two (data.validation_set
+    says what the first tokens cost on stdlib)."""
     v = validation_set(small, eval_tokens=100, context=16)
     assert v.shape == (100 // 17, 17) and v.dtype == torch.int64
     assert torch.equal(v, validation_set(small, 100, 16))
-    assert torch.equal(v.flatten(), torch.from_numpy(small.val[:v.numel()].astype(np.int64)))
-    assert validation_set(small, 3, 16).shape == (1, 17)  # at least one sequence
-    assert bytes_per_token(small, v) == 1.0
-    with pytest.raises(SuiteError, match="lower eval_tokens"):
-        validation_set(small, len(small.val) + 100, 16)
+    val = small.val.astype(np.int64)
+    n_windows = len(val) // 17
+    starts = [next(j for j in range(n_windows) if np.array_equal(val[17 * j:17 * j + 17], w)) for w in v.numpy()]
+    assert starts[0] == 0 and starts[-1] == n_windows - 1 and np.all(np.diff(starts) >= 1), starts
+    assert np.ptp(np.diff(starts)) <= 1, starts     # evenly spaced
+
+
+
+def test_validation_set_samples_many_documents(tmp_path):
+    big = load_data(str(corpus_dir(tmp_path, n=2000)))
+    val = big.val.astype(np.int64)
+    marker = np.frombuffer(b"document ", dtype=np.uint8).astype(np.int64)
+    doc_starts = [i for i in range(len(val) - len(marker)) if np.array_equal(val[i:i + len(marker)], marker)]
+    spread = validation_set(big, 40 * 17, 16)
+    starts = [next(j for j in range(0, len(val), 17) if np.array_equal(val[j:j + 17], w)) for w in spread.numpy()]
+    docs_spread = set(np.searchsorted(doc_starts, starts, side="right"))
+    docs_head = set(np.searchsorted(doc_starts, np.arange(0, spread.numel(), 17), side="right"))
+    assert len(docs_spread) > 3 * len(docs_head), (len(docs_spread), len(docs_head), big.n_docs_val)
 
 
 def test_train_batch(small):
