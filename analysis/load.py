@@ -25,7 +25,7 @@ RUN_METRICS = ("N", "N_nonembed", "N_total", "D", "C", "flops_per_token", "final
 # What the study report reads of each run (compute spent, early-stop error), NaN where not logged.
 STUDY_METRICS = ("C_spent", "predict_error", "predict_error_stable", "early_stop_saving")
 RUN_TAGS = ("mode", "design", "role", "branch_of")
-BASE_COLUMNS = ("run_id", "run_name", "status", "experiment_id", "parent_run_id", "start_time", "N",
+BASE_COLUMNS = ("run_id", "run_name", "status", "experiment_id", "parent_run_id", "start_time", "end_time", "N",
                 "N_nonembed", "N_total", "D", "C", "C_budget", "flops_per_token", "final_val_loss",
                 "final_train_loss", "val_bpb", "mode", "design", "role", "branch_of", "predicted",
                 *STUDY_METRICS)
@@ -89,7 +89,7 @@ def _row(run) -> dict:
     tags, params, metrics = data.tags, data.params, data.metrics
     row = {"run_id": info.run_id, "run_name": info.run_name, "status": info.status,
            "experiment_id": info.experiment_id, "parent_run_id": tags.get("mlflow.parentRunId"),
-           "start_time": info.start_time}
+           "start_time": info.start_time, "end_time": info.end_time}
     row.update({k: _float(metrics.get(k)) for k in RUN_METRICS + STUDY_METRICS})
     budget = _float(params.get("C"))
     row["C_budget"] = budget if budget > 0 else math.nan   # "None"/"0" mean "no budget given"

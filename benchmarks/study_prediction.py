@@ -6,7 +6,9 @@ Each finished run (not itself early-stopped) is predicted from its validation ev
 (and 50%) of its schedule with every OTHER finished run of the selection as reference
 (scaling_suite.replay.leave_one_out, the lr schedules from the logged `lr` histories), against its
 real final loss: the study predictor (ratio and same-model law combined), its ratio estimate alone
-(no schedules given, so no same-model law), and the ratio with equal weights.
+(no schedules given, so no same-model law), and the ratio with equal weights; with the share of
+runs whose 95% interval holds the final loss. Live: the study predictor with, as references, only
+the runs that had finished (MLflow end time) when the run reached 25% of its wall time.
 
 The own-curve predictor (earlystop.predict_final, what a run uses before MIN_REFERENCE runs of its
 schedule have finished) is recomputed as train.py makes its first prediction, at predict_from of the
@@ -46,9 +48,10 @@ def own_curve_error(r, curves) -> float:
     return math.nan if p is None else (p.final_loss - float(r["final_val_loss"])) / float(r["final_val_loss"])
 
 
-def summary(errors) -> str:
+def summary(errors, covered=None) -> str:
     e = np.abs(np.asarray([x for x in errors if np.isfinite(x)], dtype=float))
-    return f"n={e.size} median {np.median(e):.2%} max {np.max(e):.2%}" if e.size else "n=0"
+    cov = f", interval coverage {np.mean(list(covered)):.1%}" if covered is not None else ""
+    return f"n={e.size} median {np.median(e):.2%} max {np.max(e):.2%}{cov}" if e.size else "n=0"
 
 
 def main() -> None:
@@ -72,7 +75,13 @@ def main() -> None:
         for at in (0.25, 0.5):
             res = replay.leave_one_out(d, at=at, bandwidth=bw)
             new.setdefault(label, {})[at] = res
-            print(f"  {label} from {at:.0%}: {summary([v[1] for v in res.values()])}")
+            print(f"  {label} from {at:.0%}: {summary([v[1] for v in res.values()], [v[2] for v in res.values()])}")
+    # Live: each run with the references a study had given it, the runs finished when it reached 25%.
+    times = {r["run_id"]: (r["start_time"], r["end_time"]) for _, r in runs.iterrows()}
+    live = replay.leave_one_out(data, at=0.25, references=replay.live_references(times, 0.25))
+    signed = np.mean([v[1] for v in live.values()]) if live else math.nan
+    print(f"  study predictor live (references finished at 25%) from 25%: "
+          f"{summary([v[1] for v in live.values()], [v[2] for v in live.values()])}, mean signed {signed:+.2%}")
     own = {r["run_id"]: own_curve_error(r, curves) for _, r in runs.iterrows()}
     print(f"  own-curve predictor (recomputed, from 25%): {summary(own.values())}")
     print(f"  logged predict_error: {summary(runs['predict_error'].astype(float))}")

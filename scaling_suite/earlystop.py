@@ -16,9 +16,7 @@ their §3). Both are known for every future step because the schedule is fixed i
 fit on the observed part predicts the final loss.
 
 The fit uses the per-step training losses (averaged in bins), plus the current validation-minus-
-training gap.
-
-"Stable": the last `STABLE_COUNT` predictions agree within `STABLE_TOL` (relative spread) and
+training gap. "Stable": the last `STABLE_COUNT` predictions agree within `STABLE_TOL` (relative spread) and
 the 95% interval's half-width is under `STABLE_TOL` of the prediction.
 """
 
@@ -157,9 +155,10 @@ def val_gap(train_losses, val_loss: float, steps: int) -> float:
 #
 # 1. The schedule (`ratio`): the drop still ahead of a run at schedule progress p (tokens / D) is
 #    much like the drop its finished siblings took from p to their end, so one estimate is the run's
-#    own validation loss at p times the finished runs' ratio final / loss(p), averaged in log space
-#    with Gaussian weights on the distance in (log N_nonembed, log D) (bandwidth BANDWIDTH): how much
-#    a run still gains depends on its size and budget, and the nearest siblings count most. Size is
+#    own validation loss at p times the finished runs' ratio final / loss(p), read in log space off a
+#    line in (log N_nonembed, log D) through them with Gaussian weights on the distance (bandwidth
+#    BANDWIDTH; _local_linear): how much a run still gains depends on its size and budget, and the
+#    nearest siblings count most. Size is
 #    measured without the embedding and the head (Kaplan et al. 2020 §3.1, Fig. 6: with them, runs
 #    of other depths fall on other trends): at 3k-60k parameters the head is most of N
 #    (docs/isoflop-and-prediction.md: median error 2.36% -> 1.92% on 624 stored runs).
@@ -177,6 +176,7 @@ def val_gap(train_losses, val_loss: float, steps: int) -> float:
 
 MIN_REFERENCE = 2      # finished runs needed before the study predictor is used
 BANDWIDTH = 0.5        # in natural-log units of size and D: a factor 2 away weighs exp(-0.96) ≈ 0.38
+RIDGE = 0.1            # on the local line's slopes in log size and log D (_local_linear)
 
 
 @dataclass(frozen=True)
@@ -207,14 +207,18 @@ class Reference:
         """log(final / loss at progress p) of each reference run (interpolated in log loss)."""
         return np.array([math.log(c[2]) - float(np.interp(p, c[0], np.log(c[1]))) for c in self.curves])
 
-    def weights(self, N: float, D: float, bandwidth: float = BANDWIDTH,
-                N_nonembed: float = math.nan) -> np.ndarray:
-        """Gaussian weights (summing to 1) on each reference run's distance to (size, D) in log space,
-        size = N_nonembed (the note above the class says why) where this run and every reference
-        run have it, else N for all: one convention in one distance."""
+    def offsets(self, N: float, D: float, N_nonembed: float = math.nan) -> np.ndarray:
+        """Each reference run's (log(size / this size), log(D / this D)), size = N_nonembed (the note
+        above the class says why) where this run and every reference run have it, else N for all:
+        one convention in one distance."""
         ne = _known(N_nonembed)
         col, size = (7, ne) if math.isfinite(ne) and all(math.isfinite(c[7]) for c in self.curves) else (3, N)
-        d2 = np.array([math.log(c[col] / size) ** 2 + math.log(c[4] / D) ** 2 for c in self.curves])
+        return np.array([(math.log(c[col] / size), math.log(c[4] / D)) for c in self.curves]).reshape(-1, 2)
+
+    def weights(self, N: float, D: float, bandwidth: float = BANDWIDTH,
+                N_nonembed: float = math.nan) -> np.ndarray:
+        """Gaussian weights (summing to 1) on each reference run's distance to (size, D) in log space."""
+        d2 = (self.offsets(N, D, N_nonembed) ** 2).sum(axis=1)
         w = np.exp(-(d2 - d2.min()) / (2 * bandwidth ** 2))    # shifted: far-only references do not underflow
         return w / w.sum()
 
@@ -253,13 +257,13 @@ def _law_points(progress, loss, mult):
 def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: float, D: float,
                      bandwidth: float = BANDWIDTH, N_nonembed: float = math.nan) -> Prediction | None:
     """Estimate 1 (above): the latest loss times the reference runs' final/partial ratio at that
-    progress, averaged in log space with weights on their distance to (size, D) (Reference.weights).
-    None with no reference run or no evaluation past the start.
+    progress, read off a weighted local line at this run's (size, D) (_local_linear, weights
+    Reference.weights). None with no reference run or no evaluation past the start.
 
-    The interval is a prediction interval for one new run: with normalized weights w, the spread of
-    the log ratios s^2 = sum w (r - m)^2 / (1 - sum w^2) (the unbiased weighted variance with
+    The interval is a prediction interval for one new run: with normalized weights w and the log
+    ratios' residuals e from the line, s^2 = sum w e^2 / (1 - sum w^2) (the unbiased weighted variance with
     reliability weights; 1 / sum w^2 is the effective number of references, Kish 1965), and
-    m +- 1.96 s sqrt(1 + sum w^2) (the new run's own spread plus the weighted mean's): as the kernel
+    m +- 1.96 s sqrt(1 + sum w^2) (the new run's own spread plus the estimate's): as the kernel
     puts its weight on one reference, s tends to the references' spread, not to 0 as the weighted
     s.d. used before did (docs/isoflop-and-prediction.md, "The interval"; coverage on 624 stored runs
     88.9% -> 96.3%). With a single reference (every other weight underflows) there is no spread to
@@ -273,13 +277,23 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
     i = int(np.argmax(np.where(keep, p, -np.inf)))
     r = reference.log_ratios(float(p[i]))
     w = reference.weights(N, D, bandwidth, N_nonembed)
-    m = float(w @ r)
+    m, resid = _local_linear(r, w, reference.offsets(N, D, N_nonembed))
     sw2 = float(w @ w)
     final = float(y[i] * math.exp(m))
     if sw2 > 1 - 1e-9:
         return Prediction(int(tokens_seen), final, 0.0, math.inf)
-    half = 1.96 * math.sqrt(float(w @ (r - m) ** 2) / (1 - sw2) * (1 + sw2))
+    half = 1.96 * math.sqrt(float(w @ resid ** 2) / (1 - sw2) * (1 + sw2))
     return Prediction(int(tokens_seen), final, final * math.exp(-half), final * math.exp(half))
+
+
+def _local_linear(r: np.ndarray, w: np.ndarray, offsets: np.ndarray) -> tuple[float, np.ndarray]:
+    """The log ratio at this run's (size, D) off a line in (log size, log D) through the references'
+    log ratios R, weights W (local-linear regression, Fan & Gijbels 1996 §3.2.5), and the residuals:
+    the drop after p grows with D at a fixed size, so for a size's shortest or longest run a mean of
+    one-sided neighbours is biased. RIDGE on the slopes: docs/isoflop-and-prediction.md, "Local-linear"."""
+    X = np.column_stack([np.ones_like(r), offsets])
+    beta = np.linalg.solve(X.T @ (w[:, None] * X) + np.diag([0.0, RIDGE, RIDGE]), X.T @ (w * r))
+    return float(beta[0]), r - X @ beta
 
 
 def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, tokens_seen: int) -> Prediction | None:

@@ -11,23 +11,31 @@ import numpy as np
 from .earlystop import BANDWIDTH, Prediction, Reference, predict_final, predict_from_study, val_gap
 
 
-def leave_one_out(runs: dict, at: float = 0.25, bandwidth: float = BANDWIDTH) -> dict:
+def leave_one_out(runs: dict, at: float = 0.25, bandwidth: float = BANDWIDTH, references: dict | None = None) -> dict:
     """run id -> (prediction from the run's evaluations up to progress `at` with every OTHER run as
-    reference, its relative error against the run's final loss). runs: run id -> (progress, loss,
-    final, N, D) or (progress, loss, final, N, D, lrs, peak_lr[, N_nonembed]) with lrs the run's lr
-    at every step."""
+    reference, its relative error against the run's final loss, whether its interval holds the final
+    loss). runs: run id -> (progress, loss, final, N, D) or (progress, loss, final, N, D, lrs, peak_lr[,
+    N_nonembed]) with lrs the run's lr at every step. references: run id -> the run ids it may use
+    (`live_references`: those finished when it reached `at`); None: every other run."""
     out = {}
     for rid, (p, y, final, N, D, *rest) in runs.items():
         ref = Reference()
         for other, c in runs.items():
-            if other != rid:
+            if other != rid and (references is None or other in references[rid]):
                 ref = ref.add(*c)
         p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
         seen = p <= at + 1e-9
         pred = predict_from_study(ref, p[seen], y[seen], 0, N, D, bandwidth, *rest)
         if pred is not None:
-            out[rid] = (pred.final_loss, (pred.final_loss - final) / final)
+            out[rid] = (pred.final_loss, (pred.final_loss - final) / final, bool(pred.lo <= final <= pred.hi))
     return out
+
+
+def live_references(times: dict, at: float = 0.25) -> dict:
+    """run id -> the runs that had finished when it reached `at` of its wall time, from
+    times: run id -> (start, end), MLflow's milliseconds: what a live study gave it."""
+    return {rid: {o for o, (_, e2) in times.items() if o != rid and e2 < s + at * (e - s)}
+            for rid, (s, e) in times.items()}
 
 
 def first_own_curve(train_loss, val_loss, lrs, batch_tokens: int, log_every: int,

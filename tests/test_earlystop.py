@@ -99,18 +99,28 @@ def study_curves(noise=0.0, seed=0):
     return runs
 
 
-def test_study_predictor_uses_what_the_nearest_runs_share():
+def test_study_predictor_uses_what_the_nearest_runs_share(monkeypatch):
+    """The ratio estimate reads the references' log ratios off a weighted local line in (log size,
+    log D) (earlystop._local_linear). Against the kernel-weighted mean it replaced (an infinite ridge
+    flattens the line to that mean) and against equal weights, on a grid whose drop depends smoothly
+    on where a run sits."""
     runs = study_curves()
-    near = replay.leave_one_out(runs, at=0.25)
-    flat = replay.leave_one_out(runs, at=0.25, bandwidth=np.inf)      # every finished run alike
-    e_near = np.abs([v[1] for v in near.values()])
-    e_flat = np.abs([v[1] for v in flat.values()])
-    msg = f"weighted by distance: median {np.median(e_near):.2%} max {e_near.max():.2%}; " \
-          f"equal weights: median {np.median(e_flat):.2%} max {e_flat.max():.2%}"
-    assert len(near) == 16, msg
-    # Nearest siblings carry the dependence; a kernel cannot extrapolate past the grid's corners, so
-    # the gain is partial (here median 1.7% vs 2.9%, max 4.1% vs 6.6%).
-    assert np.median(e_near) < 0.7 * np.median(e_flat) and e_near.max() < 0.7 * e_flat.max(), msg
+
+    def errors(**kw):
+        res = replay.leave_one_out(runs, at=0.25, **kw)
+        assert len(res) == 16
+        e = np.abs([v[1] for v in res.values()])
+        return np.median(e), e.max()
+
+    line = errors()
+    monkeypatch.setattr(earlystop, "RIDGE", 1e12)
+    mean, flat = errors(), errors(bandwidth=np.inf)      # kernel mean; every finished run alike
+    msg = (f"local line: median {line[0]:.2%} max {line[1]:.2%}; kernel mean: median {mean[0]:.2%} max "
+           f"{mean[1]:.2%}; equal weights: median {flat[0]:.2%} max {flat[1]:.2%}")
+    # Nearest siblings carry the dependence (kernel mean 1.7% / 4.1% against 2.9% / 6.6%), but a mean
+    # of one-sided neighbours is biased at the grid's edges; the line is not (1.0% / 2.5%).
+    assert mean[0] < 0.7 * flat[0] and mean[1] < 0.7 * flat[1], msg
+    assert line[0] < 0.7 * mean[0] and line[1] < 0.7 * mean[1], msg
 
 
 def test_study_predictor_weighs_runs_by_size_without_the_embeddings():
@@ -286,3 +296,17 @@ def test_predict_hands_the_schedule_to_the_study_predictor():
         earlystop.predict_from_study(mixed, p[:k], y[:k], 100, N, D, lrs=lrs, peak_lr=peak).final_loss, rel=1e-12)
     assert got.final_loss != pytest.approx(earlystop.ratio_prediction(ref, p[:k], y[:k], 100, N, D).final_loss,
                                            rel=1e-3)
+
+
+def test_live_replay_uses_only_the_runs_finished_before_a_quarter_of_the_run():
+    """replay.live_references: what a live study gave each run (benchmarks/study_prediction.py)."""
+    times = {"a": (0, 100), "b": (0, 400), "c": (50, 250), "d": (120, 200)}
+    refs = replay.live_references(times, at=0.25)
+    # a reaches 25% at 25 (nothing finished), b at 100 (a has: 100 < 100 is not "before"), c at 100,
+    # d at 140 (a only).
+    assert refs == {"a": set(), "b": set(), "c": set(), "d": {"a"}}, refs
+    runs = study_curves()
+    ids = list(runs)
+    live = replay.leave_one_out(runs, at=0.25, references={k: set(ids[:i]) for i, k in enumerate(ids)})
+    assert ids[0] not in live and ids[1] not in live     # fewer than MIN_REFERENCE finished runs
+    assert set(live) == set(ids[2:]) and all(isinstance(v[2], bool) for v in live.values())
