@@ -13,10 +13,10 @@ schedule-aware form of Tissue et al. 2024 ("Scaling Law with Learning Rate Annea
 where S1 is the "forward area" (the sum of learning rates so far, in units of the peak) and S2
 the "annealing area" (the accumulated learning-rate decrease, with momentum lambda = 0.999,
 their §3). Both are known for every future step because the schedule is fixed in advance, so a
-fit on the observed part predicts the final loss.
+fit on the observed part (the per-step training losses averaged in bins, plus the current
+validation-minus-training gap) predicts the final loss.
 
-The fit uses the per-step training losses (averaged in bins), plus the current validation-minus-
-training gap. "Stable": the last `STABLE_COUNT` predictions agree within `STABLE_TOL` (relative spread) and
+"Stable": the last `STABLE_COUNT` predictions agree within `STABLE_TOL` (relative spread) and
 the 95% interval's half-width is under `STABLE_TOL` of the prediction.
 """
 
@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import t as student_t
 
 LAMBDA = 0.999        # Tissue et al. 2024 §3: decay of the annealing momentum
 STABLE_COUNT = 3
@@ -65,12 +66,8 @@ def _multistart(resid, starts, bounds):
 class Prediction:
     tokens_seen: int
     final_loss: float
-    lo: float
+    lo: float                # the 95% interval; lo = 0, hi = inf: nothing to bound it by
     hi: float
-
-    @property
-    def half_width(self) -> float:
-        return (self.hi - self.lo) / 2
 
 
 def predict_final(train_losses: list[float], lrs: np.ndarray, val_gap: float, tokens_seen: int,
@@ -136,7 +133,7 @@ def is_stable(history: list[Prediction]) -> bool:
         return False
     last = [h.final_loss for h in history[-STABLE_COUNT:]]
     spread = (max(last) - min(last)) / abs(last[-1])
-    return spread < STABLE_TOL and history[-1].half_width / abs(history[-1].final_loss) < STABLE_TOL
+    return spread < STABLE_TOL and (history[-1].hi - history[-1].lo) / 2 / abs(history[-1].final_loss) < STABLE_TOL
 
 
 def val_gap(train_losses, val_loss: float, steps: int) -> float:
@@ -158,10 +155,9 @@ def val_gap(train_losses, val_loss: float, steps: int) -> float:
 #    own validation loss at p times the finished runs' ratio final / loss(p), read in log space off a
 #    line in (log N_nonembed, log D) through them with Gaussian weights on the distance (bandwidth
 #    BANDWIDTH; _local_linear): how much a run still gains depends on its size and budget, and the
-#    nearest siblings count most. Size is
-#    measured without the embedding and the head (Kaplan et al. 2020 §3.1, Fig. 6: with them, runs
-#    of other depths fall on other trends): at 3k-60k parameters the head is most of N
-#    (docs/isoflop-and-prediction.md: median error 2.36% -> 1.92% on 624 stored runs).
+#    nearest siblings count most. Size is measured without the embedding and the head (Kaplan et
+#    al. 2020 §3.1, Fig. 6: with them, runs of other depths fall on other trends): at 3k-60k
+#    parameters the head is most of N (docs/isoflop-and-prediction.md: 2.36% -> 1.92% median error).
 # 2. The model (`same_model`): finished runs of the same size and peak lr are the same model under
 #    other schedule lengths. Tissue et al. 2024 fit ONE parameter set (L0, A, alpha, C) of their
 #    eq. 1 per model and predict its loss under other schedules from their areas S1, S2; so the
@@ -260,13 +256,12 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
     progress, read off a weighted local line at this run's (size, D) (_local_linear, weights
     Reference.weights). None with no reference run or no evaluation past the start.
 
-    The interval is a prediction interval for one new run: with normalized weights w and the log
-    ratios' residuals e from the line, s^2 = sum w e^2 / (1 - sum w^2) (the unbiased weighted variance with
-    reliability weights; 1 / sum w^2 is the effective number of references, Kish 1965), and
-    m +- 1.96 s sqrt(1 + sum w^2) (the new run's own spread plus the estimate's): as the kernel
-    puts its weight on one reference, s tends to the references' spread, not to 0 as the weighted
-    s.d. used before did (docs/isoflop-and-prediction.md, "The interval"; coverage on 624 stored runs
-    88.9% -> 96.3%). With a single reference (every other weight underflows) there is no spread to
+    The interval is a prediction interval for one new run, m +- t s sqrt(1 + |l|^2): l the line's
+    weights on the references (m = l . r; for a weighted mean l = w), s^2 = sum w e^2 / nu_w from the
+    residuals e of the fit H, nu_w = sum w (1 - 2 h_ii + (H H')_ii) (unbiased; for a mean 1 - sum w^2,
+    the ninth session's: docs/isoflop-and-prediction.md, "The interval"), t Student's 97.5% quantile
+    at nu_w / sum w^2 degrees of freedom (1 / sum w^2: the effective number of references, Kish
+    1965). Where the line nearly passes through its few references there is no spread left to
     measure: no upper end, so early stop cannot stop on it."""
     if len(reference) == 0:
         return None
@@ -277,23 +272,26 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
     i = int(np.argmax(np.where(keep, p, -np.inf)))
     r = reference.log_ratios(float(p[i]))
     w = reference.weights(N, D, bandwidth, N_nonembed)
-    m, resid = _local_linear(r, w, reference.offsets(N, D, N_nonembed))
-    sw2 = float(w @ w)
+    m, resid, dof, lever = _local_linear(r, w, reference.offsets(N, D, N_nonembed))
     final = float(y[i] * math.exp(m))
-    if sw2 > 1 - 1e-9:
+    half = student_t.ppf(0.975, dof / float(w @ w)) * math.sqrt(float(w @ resid ** 2) / dof * (1 + lever)) \
+        if dof > 1e-9 else math.inf
+    if not half < 20:       # a factor e^20: nothing measured
         return Prediction(int(tokens_seen), final, 0.0, math.inf)
-    half = 1.96 * math.sqrt(float(w @ resid ** 2) / (1 - sw2) * (1 + sw2))
     return Prediction(int(tokens_seen), final, final * math.exp(-half), final * math.exp(half))
 
 
-def _local_linear(r: np.ndarray, w: np.ndarray, offsets: np.ndarray) -> tuple[float, np.ndarray]:
-    """The log ratio at this run's (size, D) off a line in (log size, log D) through the references'
-    log ratios R, weights W (local-linear regression, Fan & Gijbels 1996 §3.2.5), and the residuals:
-    the drop after p grows with D at a fixed size, so for a size's shortest or longest run a mean of
-    one-sided neighbours is biased. RIDGE on the slopes: docs/isoflop-and-prediction.md, "Local-linear"."""
+def _local_linear(r: np.ndarray, w: np.ndarray, offsets: np.ndarray):
+    """(m, residuals, weighted residual dof, |l|^2): the log ratio m at this run's (size, D) off a
+    line in (log size, log D) through the references' log ratios r with weights w (local-linear
+    regression, Fan & Gijbels 1996 §3.2.5): the drop after p grows with D at a fixed size, so for a
+    size's shortest or longest run a mean of one-sided neighbours is biased. RIDGE on the slopes:
+    docs/isoflop-and-prediction.md, "Local-linear". ratio_prediction's docstring: the rest."""
     X = np.column_stack([np.ones_like(r), offsets])
-    beta = np.linalg.solve(X.T @ (w[:, None] * X) + np.diag([0.0, RIDGE, RIDGE]), X.T @ (w * r))
-    return float(beta[0]), r - X @ beta
+    B = np.linalg.solve(X.T @ (w[:, None] * X) + np.diag([0.0, RIDGE, RIDGE]), X.T * w)   # beta = B r
+    H = X @ B
+    dof = float(w @ (1 - 2 * np.diag(H) + (H ** 2).sum(axis=1)))
+    return float(B[0] @ r), r - H @ r, dof, float(B[0] @ B[0])
 
 
 def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, tokens_seen: int) -> Prediction | None:

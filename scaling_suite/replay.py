@@ -21,7 +21,7 @@ def leave_one_out(runs: dict, at: float = 0.25, bandwidth: float = BANDWIDTH, re
     for rid, (p, y, final, N, D, *rest) in runs.items():
         ref = Reference()
         for other, c in runs.items():
-            if other != rid and (references is None or other in references[rid]):
+            if other != rid and (references is None or other in references.get(rid, ())):
                 ref = ref.add(*c)
         p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
         seen = p <= at + 1e-9

@@ -208,7 +208,10 @@ def test_validation_set(small):
     starts = [next(j for j in range(n_windows) if np.array_equal(val[17 * j:17 * j + 17], w)) for w in v.numpy()]
     assert starts[0] == 0 and starts[-1] == n_windows - 1 and np.all(np.diff(starts) >= 1), starts
     assert np.ptp(np.diff(starts)) <= 1, starts     # evenly spaced
-
+    assert validation_set(small, 3, 16).shape == (1, 17)  # at least one sequence
+    assert bytes_per_token(small, v) == 1.0
+    with pytest.raises(SuiteError, match="lower eval_tokens"):
+        validation_set(small, len(small.val) + 100, 16)
 
 
 def test_validation_set_samples_many_documents(tmp_path):
