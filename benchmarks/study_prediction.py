@@ -8,8 +8,9 @@ Each finished run (not itself early-stopped) is predicted from its validation ev
 real final loss: the study predictor (ratio and same-model law combined), its ratio estimate alone
 (no schedules given, so no same-model law), and the ratio with equal weights (bandwidth inf: one
 ridge line through every run); with the share of runs whose 95% interval holds the final loss (an
-interval without an upper end counts as holding it, as the logged predict_covered does). Live: the study predictor with, as references, only
-the runs that had finished (MLflow end time) when the run reached 25% of its wall time.
+interval without an upper end counts as holding it, as the logged predict_covered does). Live:
+the study predictor with, as references, only the runs that had finished (MLflow end time) when the
+run reached 25% of its wall time.
 
 The own-curve predictor (earlystop.predict_final, what a run uses before MIN_REFERENCE runs of its
 schedule have finished) is recomputed as train.py makes its first prediction, at predict_from of the

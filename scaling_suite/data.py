@@ -188,8 +188,8 @@ def _token_data(train, val, tok, meta, dataset) -> TokenData:
 
 def validation_set(data: TokenData, eval_tokens: int, context: int) -> torch.Tensor:
     """eval_tokens of val as n_seq >= 1 non-overlapping (context+1)-token windows spread evenly over
-    the whole val split (from its first window to its last when n_seq >= 2); x = [:, :-1], y = [:, 1:]. The same for
-    every run with the same data/context/eval_tokens.
+    the whole val split (from its first window to its last when n_seq >= 2); x = [:, :-1],
+    y = [:, 1:]. The same for every run with the same data/context/eval_tokens.
 
     Spread, not the first eval_tokens: quick's 16,384 tokens at the head of the stdlib val split are
     one or two files, and the loss there tracked the loss on 266k spread tokens with an s.d. of 1.9%

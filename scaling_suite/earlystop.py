@@ -188,8 +188,7 @@ class Reference:
     def add(self, progress, loss, final: float, N: float, D: float, lrs=None, peak_lr: float = math.nan,
             N_nonembed: float = math.nan) -> "Reference":
         """LRS: the run's learning rate at every optimizer step and PEAK_LR its peak (the lr setting);
-        without them the run serves the ratio estimate only. N_nonembed: the kernel's size (see
-        `weights`)."""
+        without them the run serves the ratio estimate only. N_nonembed: the kernel's size (`offsets`)."""
         p, y = np.asarray(progress, dtype=float), np.asarray(loss, dtype=float)
         keep = np.isfinite(p) & np.isfinite(y) & (p > 0) & (y > 0)
         if keep.sum() < 2 or not (math.isfinite(final) and final > 0 and N > 0 and D > 0):
@@ -211,17 +210,17 @@ class Reference:
         col, size = (7, ne) if math.isfinite(ne) and all(math.isfinite(c[7]) for c in self.curves) else (3, N)
         return np.array([(math.log(c[col] / size), math.log(c[4] / D)) for c in self.curves]).reshape(-1, 2)
 
-    def weights(self, N: float, D: float, bandwidth: float = BANDWIDTH,
-                N_nonembed: float = math.nan) -> np.ndarray:
-        """Gaussian weights (summing to 1) on each reference run's distance to (size, D) in log space."""
-        d2 = (self.offsets(N, D, N_nonembed) ** 2).sum(axis=1)
-        w = np.exp(-(d2 - d2.min()) / (2 * bandwidth ** 2))    # shifted: far-only references do not underflow
-        return w / w.sum()
-
     def same_model(self, N: float, peak: float) -> list:
         """The reference runs of size N trained at the same peak lr (with a known schedule): the same
         model under another schedule length."""
         return [c for c in self.curves if c[5] is not None and c[3] == N and math.isclose(c[6], peak, rel_tol=1e-9)]
+
+
+def kernel_weights(offsets: np.ndarray, bandwidth: float = BANDWIDTH) -> np.ndarray:
+    """Gaussian weights (summing to 1) on each reference run's distance in log space (Reference.offsets)."""
+    d2 = (offsets ** 2).sum(axis=1)
+    w = np.exp(-(d2 - d2.min()) / (2 * bandwidth ** 2))    # shifted: far-only references do not underflow
+    return w / w.sum()
 
 
 def _known(N_nonembed) -> float:
@@ -254,7 +253,7 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
                      bandwidth: float = BANDWIDTH, N_nonembed: float = math.nan) -> Prediction | None:
     """Estimate 1 (above): the latest loss times the reference runs' final/partial ratio at that
     progress, read off a weighted local line at this run's (size, D) (_local_linear, weights
-    Reference.weights). None with no reference run or no evaluation past the start.
+    kernel_weights). None with no reference run or no evaluation past the start.
 
     The interval is a prediction interval for one new run, m +- t s sqrt(1 + |l|^2): l the line's
     weights on the references (m = l . r; for a weighted mean l = w), s^2 = sum w e^2 / nu_w from the
@@ -271,8 +270,9 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
         return None
     i = int(np.argmax(np.where(keep, p, -np.inf)))
     r = reference.log_ratios(float(p[i]))
-    w = reference.weights(N, D, bandwidth, N_nonembed)
-    m, resid, dof, lever = _local_linear(r, w, reference.offsets(N, D, N_nonembed))
+    offsets = reference.offsets(N, D, N_nonembed)
+    w = kernel_weights(offsets, bandwidth)
+    m, resid, dof, lever = _local_linear(r, w, offsets)
     final = float(y[i] * math.exp(m))
     half = student_t.ppf(0.975, dof / float(w @ w)) * math.sqrt(float(w @ resid ** 2) / dof * (1 + lever)) \
         if dof > 1e-9 else math.inf

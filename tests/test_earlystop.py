@@ -148,7 +148,7 @@ def test_study_predictor_interval_does_not_vanish_when_one_reference_holds_the_w
     p, y, final, N, D = runs["N0C0"]
     ref = earlystop.Reference().add(*runs["N0C1"]).add(*runs["N3C3"])      # near; 8x N and 8x C away
     k = p <= 0.25
-    w = ref.weights(N, D)
+    w = earlystop.kernel_weights(ref.offsets(N, D))
     r = ref.log_ratios(float(p[k][-1]))
     old = 1.96 * np.sqrt(w @ (r - w @ r) ** 2)
     pred = earlystop.ratio_prediction(ref, p[k], y[k], 0, N, D)
