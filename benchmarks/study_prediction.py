@@ -6,8 +6,9 @@ Each finished run (not itself early-stopped) is predicted from its validation ev
 (and 50%) of its schedule with every OTHER finished run of the selection as reference
 (scaling_suite.replay.leave_one_out, the lr schedules from the logged `lr` histories), against its
 real final loss: the study predictor (ratio and same-model law combined), its ratio estimate alone
-(no schedules given, so no same-model law), and the ratio with equal weights (bandwidth inf: one
-ridge line through every run); with the share of runs whose 95% interval holds the final loss (an
+(no schedules given, so no same-model law; its bandwidth cross-validated per prediction), the ratio
+at the fixed bandwidth ratio_estimate.BANDWIDTH (the twelfth session's predictor before the choice)
+and with equal weights (bandwidth inf: one ridge line through every run); with the share of runs whose 95% interval holds the final loss (an
 interval without an upper end counts as holding it, as the logged predict_covered does). Live:
 the study predictor with, as references, only the runs that had finished (MLflow end time) when the
 run reached 25% of its wall time.
@@ -30,7 +31,7 @@ import math
 import numpy as np
 
 from analysis import load
-from scaling_suite import earlystop, replay
+from scaling_suite import earlystop, ratio_estimate, replay
 from scaling_suite.config import log_every
 from scaling_suite.schedule import lr_from_history
 from scaling_suite.study_report import reference_curve
@@ -69,8 +70,9 @@ def main() -> None:
     data = {r["run_id"]: reference_curve(r, curves) for _, r in runs.iterrows()}
     print(f"{len(data)} finished runs; schedules: {sorted(set(runs['schedule']))}")
     ratio_only = {k: (*v[:5], None, math.nan, v[7]) for k, v in data.items()}    # no schedule: no same-model law
-    variants = (("study predictor (ratio + same-model law)", data, earlystop.BANDWIDTH),
-                ("ratio estimate alone", ratio_only, earlystop.BANDWIDTH),
+    variants = (("study predictor (ratio + same-model law)", data, None),
+                ("ratio estimate alone", ratio_only, None),
+                (f"ratio, fixed bandwidth {ratio_estimate.BANDWIDTH}", ratio_only, ratio_estimate.BANDWIDTH),
                 ("ratio, equal weights", ratio_only, np.inf))
     new = {}
     for label, d, bw in variants:

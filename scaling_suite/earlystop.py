@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import t as student_t
+
+from .ratio_estimate import Reference, log_ratio, normalized
 
 LAMBDA = 0.999        # Tissue et al. 2024 §3: decay of the annealing momentum
 STABLE_COUNT = 3
@@ -153,9 +154,9 @@ def val_gap(train_losses, val_loss: float, steps: int) -> float:
 # 1. The schedule (`ratio`): the drop still ahead of a run at schedule progress p (tokens / D) is
 #    much like the drop its finished siblings took from p to their end, so one estimate is the run's
 #    own validation loss at p times the finished runs' ratio final / loss(p), read in log space off a
-#    line in (log N_nonembed, log D) through them with Gaussian weights on the distance (bandwidth
-#    BANDWIDTH; _local_linear): how much a run still gains depends on its size and budget, and the
-#    nearest siblings count most. Size is measured without the embedding and the head (Kaplan et
+#    line in (log N_nonembed, log D) through them with Gaussian weights on the distance
+#    (scaling_suite/ratio_estimate.py): how much a run still gains depends on its size and budget,
+#    and the nearest siblings count most, how near chosen by cross-validation over them. Size is measured without the embedding and the head (Kaplan et
 #    al. 2020 §3.1, Fig. 6: with them, runs of other depths fall on other trends): at 3k-60k
 #    parameters the head is most of N (docs/isoflop-and-prediction.md: 2.36% -> 1.92% median error).
 # 2. The model (`same_model`): finished runs of the same size and peak lr are the same model under
@@ -171,73 +172,6 @@ def val_gap(train_losses, val_loss: float, steps: int) -> float:
 # trained budget by budget; the law serves WSD cooldown branches, which follow their longer trunk.
 
 MIN_REFERENCE = 2      # finished runs needed before the study predictor is used
-BANDWIDTH = 0.5        # in natural-log units of size and D: a factor 2 away weighs exp(-0.96) ≈ 0.38
-RIDGE = 0.1            # on the local line's slopes in log size and log D (_local_linear)
-
-
-@dataclass(frozen=True)
-class Reference:
-    """Validation curves of finished runs of one schedule: per run (progress = tokens / D, loss,
-    final loss, N, D, lr multipliers per step or None, peak lr, N_nonembed or NaN: the size the
-    kernel weighs by). Immutable: `add` returns a new one."""
-    curves: tuple = ()
-
-    def __len__(self) -> int:
-        return len(self.curves)
-
-    def add(self, progress, loss, final: float, N: float, D: float, lrs=None, peak_lr: float = math.nan,
-            N_nonembed: float = math.nan) -> "Reference":
-        """LRS: the run's learning rate at every optimizer step and PEAK_LR its peak (the lr setting);
-        without them the run serves the ratio estimate only. N_nonembed: the kernel's size (`offsets`)."""
-        p, y = np.asarray(progress, dtype=float), np.asarray(loss, dtype=float)
-        keep = np.isfinite(p) & np.isfinite(y) & (p > 0) & (y > 0)
-        if keep.sum() < 2 or not (math.isfinite(final) and final > 0 and N > 0 and D > 0):
-            return self
-        order = np.argsort(p[keep])
-        mult, peak = _normalized(lrs, peak_lr)
-        return Reference(self.curves + ((p[keep][order], y[keep][order], float(final), float(N), float(D),
-                                         mult, peak, _known(N_nonembed)),))
-
-    def log_ratios(self, p: float) -> np.ndarray:
-        """log(final / loss at progress p) of each reference run (interpolated in log loss)."""
-        return np.array([math.log(c[2]) - float(np.interp(p, c[0], np.log(c[1]))) for c in self.curves])
-
-    def offsets(self, N: float, D: float, N_nonembed: float = math.nan) -> np.ndarray:
-        """Each reference run's (log(size / this size), log(D / this D)), size = N_nonembed (the note
-        above the class says why) where this run and every reference run have it, else N for all:
-        one convention in one distance."""
-        ne = _known(N_nonembed)
-        col, size = (7, ne) if math.isfinite(ne) and all(math.isfinite(c[7]) for c in self.curves) else (3, N)
-        return np.array([(math.log(c[col] / size), math.log(c[4] / D)) for c in self.curves]).reshape(-1, 2)
-
-    def same_model(self, N: float, peak: float) -> list:
-        """The reference runs of size N trained at the same peak lr (with a known schedule): the same
-        model under another schedule length."""
-        return [c for c in self.curves if c[5] is not None and c[3] == N and math.isclose(c[6], peak, rel_tol=1e-9)]
-
-
-def kernel_weights(offsets: np.ndarray, bandwidth: float = BANDWIDTH) -> np.ndarray:
-    """Gaussian weights (summing to 1) on each reference run's distance in log space (Reference.offsets)."""
-    d2 = (offsets ** 2).sum(axis=1)
-    w = np.exp(-(d2 - d2.min()) / (2 * bandwidth ** 2))    # shifted: far-only references do not underflow
-    return w / w.sum()
-
-
-def _known(N_nonembed) -> float:
-    """N_nonembed as a float when known (> 0), else NaN."""
-    ne = float(N_nonembed) if isinstance(N_nonembed, (int, float, np.number)) else math.nan
-    return ne if math.isfinite(ne) and ne > 0 else math.nan
-
-
-def _normalized(lrs, peak_lr: float):
-    """(per-step lr / peak, peak), or (None, nan) without a usable schedule. The peak is the run's
-    lr setting, not the largest lr seen: a logged history thinned to every few steps can miss it."""
-    if lrs is None or not (math.isfinite(peak_lr) and peak_lr > 0):
-        return None, math.nan
-    a = np.asarray(lrs, dtype=float)
-    if a.size == 0 or not np.all(np.isfinite(a)):
-        return None, math.nan
-    return a / peak_lr, float(peak_lr)
 
 
 def _law_points(progress, loss, mult):
@@ -250,18 +184,13 @@ def _law_points(progress, loss, mult):
 
 
 def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: float, D: float,
-                     bandwidth: float = BANDWIDTH, N_nonembed: float = math.nan) -> Prediction | None:
+                     bandwidth: float | None = None, N_nonembed: float = math.nan) -> Prediction | None:
     """Estimate 1 (above): the latest loss times the reference runs' final/partial ratio at that
-    progress, read off a weighted local line at this run's (size, D) (_local_linear, weights
-    kernel_weights). None with no reference run or no evaluation past the start.
-
-    The interval is a prediction interval for one new run, m +- t s sqrt(1 + |l|^2): l the line's
-    weights on the references (m = l . r; for a weighted mean l = w), s^2 = sum w e^2 / nu_w from the
-    residuals e of the fit H, nu_w = sum w (1 - 2 h_ii + (H H')_ii) (unbiased; for a mean 1 - sum w^2,
-    the ninth session's: docs/isoflop-and-prediction.md, "The interval"), t Student's 97.5% quantile
-    at nu_w / sum w^2 degrees of freedom (1 / sum w^2: the effective number of references, Kish
-    1965). Where the line nearly passes through its few references there is no spread left to
-    measure: no upper end, so early stop cannot stop on it."""
+    progress, read off a weighted local line at this run's (size, D) and loss there
+    (ratio_estimate.log_ratio: the line, its setting, chosen by cross-validation unless BANDWIDTH is
+    given, and its interval).
+    None with no reference run or no evaluation past the start; no upper end where nothing is
+    measured, so early stop cannot stop on it."""
     if len(reference) == 0:
         return None
     p, y = np.asarray(progress, dtype=float), np.asarray(loss, dtype=float)
@@ -269,29 +198,13 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
     if not keep.any():
         return None
     i = int(np.argmax(np.where(keep, p, -np.inf)))
-    r = reference.log_ratios(float(p[i]))
-    offsets = reference.offsets(N, D, N_nonembed)
-    w = kernel_weights(offsets, bandwidth)
-    m, resid, dof, lever = _local_linear(r, w, offsets)
+    at = float(p[i])
+    m, half = log_ratio(reference.log_ratios(at), reference.offsets(N, D, N_nonembed),
+                        reference.log_losses(at) - math.log(y[i]), bandwidth)
     final = float(y[i] * math.exp(m))
-    half = student_t.ppf(0.975, dof / float(w @ w)) * math.sqrt(float(w @ resid ** 2) / dof * (1 + lever)) \
-        if dof > 1e-9 else math.inf
     if not half < 20:       # a factor e^20: nothing measured
         return Prediction(int(tokens_seen), final, 0.0, math.inf)
     return Prediction(int(tokens_seen), final, final * math.exp(-half), final * math.exp(half))
-
-
-def _local_linear(r: np.ndarray, w: np.ndarray, offsets: np.ndarray):
-    """(m, residuals, weighted residual dof, |l|^2): the log ratio m at this run's (size, D) off a
-    line in (log size, log D) through the references' log ratios r with weights w (local-linear
-    regression, Fan & Gijbels 1996 §3.2.5): the drop after p grows with D at a fixed size, so for a
-    size's shortest or longest run a mean of one-sided neighbours is biased. RIDGE on the slopes:
-    docs/isoflop-and-prediction.md, "Local-linear". ratio_prediction's docstring: the rest."""
-    X = np.column_stack([np.ones_like(r), offsets])
-    B = np.linalg.solve(X.T @ (w[:, None] * X) + np.diag([0.0, RIDGE, RIDGE]), X.T * w)   # beta = B r
-    H = X @ B
-    dof = float(w @ (1 - 2 * np.diag(H) + (H ** 2).sum(axis=1)))
-    return float(B[0] @ r), r - H @ r, dof, float(B[0] @ B[0])
 
 
 def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, tokens_seen: int) -> Prediction | None:
@@ -307,7 +220,7 @@ def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, token
     model: S2 grows with the step count, so C·S2 at a longer run's end multiplies an error in C by
     the length ratio (a 0.0016 change in C moved a 4x longer run's prediction from +2.7% to -21.5%,
     docs). The law is used inside the lengths it was fitted on only."""
-    mult, _ = _normalized(lrs, peak_lr)
+    mult, _ = normalized(lrs, peak_lr)
     if mult is None or not same:
         return None
     if len(mult) > max(len(c[5]) for c in same):
@@ -342,7 +255,7 @@ def same_model_prediction(same: list, progress, loss, lrs, peak_lr: float, token
 
 
 def predict_from_study(reference: Reference, progress, loss, tokens_seen: int, N: float, D: float,
-                       bandwidth: float = BANDWIDTH, lrs=None, peak_lr: float = math.nan,
+                       bandwidth: float | None = None, lrs=None, peak_lr: float = math.nan,
                        N_nonembed: float = math.nan) -> Prediction | None:
     """The final loss of a run (size N, budget D) whose validation curve so far is (progress, loss):
     the geometric mean of the ratio estimate and, where the reference holds runs of the same model
@@ -355,7 +268,7 @@ def predict_from_study(reference: Reference, progress, loss, tokens_seen: int, N
     ratio = ratio_prediction(reference, progress, loss, tokens_seen, N, D, bandwidth, N_nonembed)
     if ratio is None:
         return None
-    mult, peak = _normalized(lrs, peak_lr)
+    mult, peak = normalized(lrs, peak_lr)
     model = None if mult is None else same_model_prediction(reference.same_model(N, peak), progress, loss, lrs,
                                                              peak, tokens_seen)
     if model is None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .earlystop import BANDWIDTH, Prediction, Reference, predict_final, predict_from_study, val_gap
+from .earlystop import Prediction, Reference, predict_final, predict_from_study, val_gap
 
 
-def leave_one_out(runs: dict, at: float = 0.25, bandwidth: float = BANDWIDTH, references: dict | None = None) -> dict:
+def leave_one_out(runs: dict, at: float = 0.25, bandwidth: float | None = None, references: dict | None = None) -> dict:
     """run id -> (prediction from the run's evaluations up to progress `at` with every OTHER run as
     reference, its relative error against the run's final loss, whether its interval holds the final
     loss). runs: run id -> (progress, loss, final, N, D) or (progress, loss, final, N, D, lrs, peak_lr[,

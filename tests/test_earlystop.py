@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaling_suite import earlystop, replay
+from scaling_suite import earlystop, ratio_estimate, replay
 from scaling_suite.checkpoint import config_from_params
 from scaling_suite.config import make_config
 from scaling_suite.schedule import lr_at, lr_from_history, lr_per_step
@@ -102,7 +102,7 @@ def study_curves(noise=0.0, seed=0):
 
 def test_study_predictor_uses_what_the_nearest_runs_share(monkeypatch):
     """The ratio estimate reads the references' log ratios off a weighted local line in (log size,
-    log D) (earlystop._local_linear). Against the kernel-weighted mean it replaced (an infinite ridge
+    log D) (ratio_estimate._local_linear). Against the kernel-weighted mean it replaced (an infinite ridge
     flattens the line to that mean) and against equal weights, on a grid whose drop depends smoothly
     on where a run sits."""
     runs = study_curves()
@@ -113,9 +113,9 @@ def test_study_predictor_uses_what_the_nearest_runs_share(monkeypatch):
         e = np.abs([v[1] for v in res.values()])
         return np.median(e), e.max()
 
-    line = errors()
-    monkeypatch.setattr(earlystop, "RIDGE", 1e12)
-    mean, flat = errors(), errors(bandwidth=np.inf)      # kernel mean; every finished run alike
+    line = errors(bandwidth=0.5)
+    monkeypatch.setattr(ratio_estimate, "RIDGE", 1e12)
+    mean, flat = errors(bandwidth=0.5), errors(bandwidth=np.inf)      # kernel mean; every finished run alike
     msg = (f"local line: median {line[0]:.2%} max {line[1]:.2%}; kernel mean: median {mean[0]:.2%} max "
            f"{mean[1]:.2%}; equal weights: median {flat[0]:.2%} max {flat[1]:.2%}")
     # Nearest siblings carry the dependence (kernel mean 1.7% / 4.1% against 2.9% / 6.6%), but a mean
@@ -148,7 +148,7 @@ def test_study_predictor_interval_does_not_vanish_when_one_reference_holds_the_w
     p, y, final, N, D = runs["N0C0"]
     ref = earlystop.Reference().add(*runs["N0C1"]).add(*runs["N3C3"])      # near; 8x N and 8x C away
     k = p <= 0.25
-    w = earlystop.kernel_weights(ref.offsets(N, D))
+    w = ratio_estimate.kernel_weights(ref.offsets(N, D))
     r = ref.log_ratios(float(p[k][-1]))
     old = 1.96 * np.sqrt(w @ (r - w @ r) ** 2)
     pred = earlystop.ratio_prediction(ref, p[k], y[k], 0, N, D)
@@ -318,16 +318,18 @@ def test_ratio_interval_covers_a_new_run_with_few_or_many_references():
     log ratios scatter (s.d. 0.1) around a gentle trend in log D, it holds a new run's ratio about
     95% of the time whether 3, 6 or 20 runs have finished (Student's t on the weighted residual
     degrees of freedom: with the residuals of a 3-parameter line and a normal quantile it held 46-77%
-    for 2-6 references), and with two references its upper end is too far to stop on."""
-    rng = np.random.default_rng(3)
+    for 2-6 references), and with two references its upper end is too far to stop on. The bandwidth
+    and the level's weight are chosen by cross-validation on the same references; that choice is
+    not in the interval, and must not empty it."""
+    rng, levels = np.random.default_rng(3), np.random.default_rng(4)
 
     def trial(k):
         ref = earlystop.Reference()
         for _ in range(k):
             N, D = 2e4 * math.exp(rng.normal(0, 0.7)), 2e6 * math.exp(rng.normal(0, 0.7))
-            final = 1.8
             ratio = 0.1 * rng.standard_normal() - 0.2 + 0.05 * math.log(D / 2e6)
-            ref = ref.add([0.25, 1.0], [final / math.exp(ratio), final], final, N, D)
+            at = math.exp(0.1 * levels.standard_normal())    # the loss at p tells nothing of the ratio here
+            ref = ref.add([0.25, 1.0], [at, at * math.exp(ratio)], at * math.exp(ratio), N, D)
         new = 0.1 * rng.standard_normal() - 0.2       # this run sits at (2e4, 2e6)
         pred = earlystop.ratio_prediction(ref, [0.25], [1.0], 0, 2e4, 2e6)
         return pred.lo <= math.exp(new) <= pred.hi, pred.hi / pred.final_loss
@@ -336,3 +338,57 @@ def test_ratio_interval_covers_a_new_run_with_few_or_many_references():
     for k in (3, 6, 20):
         cov = np.mean([trial(k)[0] for _ in range(600)])
         assert 0.92 <= cov, (k, cov)
+
+
+def nsweep_curves(noise=0.01, seed=0):
+    """An n_sweep: 5 sizes a factor 4 apart at one D, log(loss(p) / final) = g(N) (1 - p)^1.5 with g
+    linear in log N, and evaluation noise."""
+    rng = np.random.default_rng(seed)
+    runs = {}
+    for i, N in enumerate(8e3 * 4.0 ** np.arange(5)):
+        final, p = 1.4 + 0.4 * rng.random(), np.linspace(0.05, 1, 20)
+        y = final * np.exp((0.2 + 0.04 * np.log(N / 8e3)) * (1 - p) ** 1.5 + noise * rng.standard_normal(p.size))
+        y[-1] = final
+        runs[f"N{i}"] = (p, y, final, N, 4e6)
+    return runs
+
+
+def loo_errors(runs, **kw) -> np.ndarray:
+    return np.abs([v[1] for v in replay.leave_one_out(runs, at=0.25, **kw).values()])
+
+
+def test_bandwidth_is_chosen_by_cross_validation_over_the_finished_runs():
+    """With sizes a factor 4 apart (an n_sweep) a bandwidth of 0.5 reads each run off one neighbour
+    and extrapolates that neighbour's noise; chosen by leave-one-out cross-validation over the
+    references, the line reaches the trend the runs share. Planted (30 studies) and on a real
+    n_sweep's curves (tests/data/nsweep_s12_curves.json: 4.3% / 8.0% at 0.5, 1.7% / 2.7% chosen)."""
+    chosen, fixed = (np.array([loo_errors(nsweep_curves(seed=s), **kw).max() for s in range(30)])
+                     for kw in ({}, {"bandwidth": 0.5}))
+    msg = f"planted n_sweeps, mean of the max error: chosen {chosen.mean():.2%}, fixed 0.5 {fixed.mean():.2%}"
+    assert chosen.mean() < 0.8 * fixed.mean(), msg       # 3.0% against 4.4%
+    real = json.loads((Path(__file__).parent / "data" / "nsweep_s12_curves.json").read_text())["runs"]
+    runs = {r["run_name"]: (r["progress"], r["val_loss"], r["final_val_loss"], r["N"], r["D"], None, math.nan,
+                            r["N_nonembed"]) for r in real}
+    e, e_fixed = loo_errors(runs), loo_errors(runs, bandwidth=0.5)
+    msg = f"real n_sweep: chosen median {np.median(e):.2%} max {e.max():.2%}; fixed 0.5 {np.median(e_fixed):.2%} / {e_fixed.max():.2%}"
+    assert np.median(e) < 0.02 and e.max() < 0.03 and e_fixed.max() > 0.07, msg
+
+
+def test_a_run_still_high_at_p_is_read_by_its_level():
+    """Every other size starts slower (its loss at p stands higher) and catches up by the end: what it
+    still gains is read by the level coordinate (its log loss at p against the references'), which
+    the cross-validation takes up; without it (the fixed bandwidth, no level) those runs borrow their
+    neighbours' smaller drop."""
+    rng = np.random.default_rng(0)
+    runs = {}
+    for i, N in enumerate(1e4 * 1.4 ** np.arange(6)):
+        for j, C in enumerate(1e12 * 1.4 ** np.arange(6)):
+            D = C / (6 * N)
+            g = 0.25 + 0.12 * np.tanh(np.log(N / 2e4)) + 0.06 * np.log(D / 2e7) + 0.2 * (i % 2)
+            final, p = 1.6 + 0.3 * rng.random(), np.linspace(0.05, 1, 20)
+            y = final * np.exp(g * (1 - p) ** 1.5 + 0.003 * rng.standard_normal(p.size))
+            y[-1] = final
+            runs[f"N{i}C{j}"] = (p, y, final, N, D)
+    e, e_fixed = loo_errors(runs), loo_errors(runs, bandwidth=0.5)
+    msg = f"chosen: median {np.median(e):.2%} max {e.max():.2%}; fixed 0.5, no level: {np.median(e_fixed):.2%} / {e_fixed.max():.2%}"
+    assert np.median(e) < 0.5 * np.median(e_fixed), msg     # 2.8% against 7.2% (without the level: 6.7%)
