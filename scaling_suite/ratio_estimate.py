@@ -23,7 +23,7 @@ BANDWIDTH = 0.5        # with 2 reference runs (nothing to cross-validate): a fa
 BANDWIDTHS = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, math.inf)
 # The level's weight: its coordinate is weight x log(reference's loss at p / this run's); 0: not used.
 # At 10, a loss 10% apart at p counts as far as a factor e in size.
-LEVELS = (0.0, 5.0, 10.0, 20.0)
+LEVELS = (0.0, 5.0, 10.0)
 RIDGE = 0.1            # on the local line's slopes in log size and log D (_local_linear)
 
 
@@ -88,17 +88,27 @@ def log_ratio(r: np.ndarray, offsets: np.ndarray, level: np.ndarray, bandwidth: 
     None: bandwidth and level weight chosen by `select`; given: that bandwidth without the level (the
     eleventh session's predictor, kept for comparison).
 
-    The interval is m +- t s sqrt(1 + |l|^2): l the line's weights on the references (m = l . r; for a
-    weighted mean l = w), s^2 = sum w e^2 / nu_w from the residuals e of the fit H, nu_w = sum w (1 -
-    2 h_ii + (H H')_ii) (unbiased; for a mean 1 - sum w^2, the ninth session's form:
-    docs/isoflop-and-prediction.md, "The interval"), t Student's 97.5% quantile at nu_w / sum w^2
-    degrees of freedom (1 / sum w^2: the effective number of references, Kish 1965). Where the line
-    nearly passes through its few references there is no spread left to measure: no upper end. The
-    choice by cross-validation is not counted in it (measured: 95-100% of real runs inside, docs)."""
-    bandwidth, weight = select(r, offsets, level) if bandwidth is None else (bandwidth, 0.0)
+    The interval, where `select` chose: t s sqrt(1 + |l|^2), s^2 the mean squared leave-one-out error
+    of the chosen setting over the k references (each an out-of-sample error of this very method on a
+    run like this one), |l|^2 (l the line's weights on the references: m = l . r) widening it where
+    the estimate rests on few of them (a design's edge), t Student's 97.5% quantile at k - 1 degrees
+    of freedom. The line's own residuals cannot serve once the bandwidth is chosen: a narrow chosen
+    bandwidth leaves a handful of effective references and an interval of several hundred percent
+    (docs/isoflop-and-prediction.md, "The bandwidth and the level").
+
+    With a given bandwidth (and with 2 references): m +- t s sqrt(1 + |l|^2) with s^2 = sum w e^2 /
+    nu_w from the residuals e of the weighted fit H, nu_w = sum w (1 - 2 h_ii + (H H')_ii) (unbiased;
+    for a mean 1 - sum w^2, the ninth session's form: docs/isoflop-and-prediction.md, "The
+    interval"), t at nu_w / sum w^2 degrees of freedom (1 / sum w^2: the effective number of
+    references, Kish 1965). Where the line nearly passes through its few references there is no
+    spread left to measure: no upper end."""
+    chosen = select(r, offsets, level) if bandwidth is None else None
+    bandwidth, weight, cv_mse = chosen if chosen else (bandwidth, 0.0, math.nan)
     X = _positions(offsets, level, weight)
     w = kernel_weights(X, bandwidth)
     m, resid, dof, lever = _local_linear(r, w, X)
+    if math.isfinite(cv_mse):
+        return m, float(student_t.ppf(0.975, len(r) - 1) * math.sqrt(cv_mse * (1 + lever)))
     if dof <= 1e-9:
         return m, math.inf
     return m, float(student_t.ppf(0.975, dof / float(w @ w)) * math.sqrt(float(w @ resid ** 2) / dof * (1 + lever)))
@@ -109,12 +119,12 @@ def _positions(offsets: np.ndarray, level: np.ndarray, weight: float) -> np.ndar
     return np.column_stack([offsets, weight * np.asarray(level, dtype=float)]) if weight else np.asarray(offsets)
 
 
-def select(r: np.ndarray, offsets: np.ndarray, level: np.ndarray) -> tuple[float, float]:
-    """(bandwidth, level weight) of BANDWIDTHS x LEVELS whose local line best predicts each reference
-    run's log ratio R from the others' (least-squares leave-one-out cross-validation, Härdle & Marron
-    1985; the first candidate on a tie), the references placed at OFFSETS and LEVEL (any origin).
-    (BANDWIDTH, 0) with fewer than 3 references: leaving one of two out, every choice gives the
-    other's ratio.
+def select(r: np.ndarray, offsets: np.ndarray, level: np.ndarray) -> tuple[float, float, float]:
+    """(bandwidth, level weight, mean squared error) of the setting of BANDWIDTHS x LEVELS whose local
+    line best predicts each reference run's log ratio R from the others' (least-squares leave-one-out
+    cross-validation, Härdle & Marron 1985; the first candidate on a tie), the references placed at
+    OFFSETS and LEVEL (any origin). (BANDWIDTH, 0, nan) with fewer than 3 references: leaving one of
+    two out, every choice gives the other's ratio.
 
     Why chosen, not fixed: a study's spacing is its design's. An adaptive study's runs lie a factor
     1.2-1.5 apart and the nearest tell most; an n_sweep's sizes lie 3-5x apart at one D, where a
@@ -126,7 +136,7 @@ def select(r: np.ndarray, offsets: np.ndarray, level: np.ndarray) -> tuple[float
     (docs/isoflop-and-prediction.md, "The bandwidth and the level")."""
     k = len(r)
     if k < 3:
-        return BANDWIDTH, 0.0
+        return BANDWIDTH, 0.0, math.nan
     others = ~np.eye(k, dtype=bool)
     best, choice = math.inf, (BANDWIDTH, 0.0)
     for weight in LEVELS:
@@ -146,7 +156,7 @@ def select(r: np.ndarray, offsets: np.ndarray, level: np.ndarray) -> tuple[float
             score = float(np.mean((pred - r) ** 2))
             if score < best * (1 - 1e-9):
                 best, choice = score, (h, weight)
-    return choice
+    return (*choice, best)
 
 
 def _local_linear(r: np.ndarray, w: np.ndarray, offsets: np.ndarray):
