@@ -6,10 +6,11 @@ Each finished run (not itself early-stopped) is predicted from its validation ev
 (and 50%) of its schedule with every OTHER finished run of the selection as reference
 (scaling_suite.replay.leave_one_out, the lr schedules from the logged `lr` histories), against its
 real final loss: the study predictor (ratio and same-model law combined), its ratio estimate alone
-(no schedules given, so no same-model law; its bandwidth cross-validated per prediction), the ratio
-at the fixed bandwidth ratio_estimate.BANDWIDTH (the twelfth session's predictor before the choice)
-and with equal weights (bandwidth inf: one ridge line through every run); with the share of runs whose 95% interval holds the final loss (an
-interval without an upper end counts as holding it, as the logged predict_covered does). Live:
+(no schedules given, so no same-model law; its bandwidth and level cross-validated per prediction),
+the ratio at the fixed bandwidth ratio_estimate.BANDWIDTH without the level (the eleventh session's
+predictor) and with equal weights (bandwidth inf: one ridge line through every run); with the share
+of runs whose 95% interval holds the final loss (an interval without an upper end counts as holding
+it, as the logged predict_covered does). Live:
 the study predictor with, as references, only the runs that had finished (MLflow end time) when the
 run reached 25% of its wall time.
 

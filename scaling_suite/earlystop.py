@@ -154,11 +154,13 @@ def val_gap(train_losses, val_loss: float, steps: int) -> float:
 # 1. The schedule (`ratio`): the drop still ahead of a run at schedule progress p (tokens / D) is
 #    much like the drop its finished siblings took from p to their end, so one estimate is the run's
 #    own validation loss at p times the finished runs' ratio final / loss(p), read in log space off a
-#    line in (log N_nonembed, log D) through them with Gaussian weights on the distance
-#    (scaling_suite/ratio_estimate.py): how much a run still gains depends on its size and budget,
-#    and the nearest siblings count most, how near chosen by cross-validation over them. Size is measured without the embedding and the head (Kaplan et
-#    al. 2020 §3.1, Fig. 6: with them, runs of other depths fall on other trends): at 3k-60k
-#    parameters the head is most of N (docs/isoflop-and-prediction.md: 2.36% -> 1.92% median error).
+#    line in (log N_nonembed, log D and, where it helps, the run's own log loss at p: the level)
+#    through them with Gaussian weights on the distance (scaling_suite/ratio_estimate.py): how much
+#    a run still gains depends on its size, its budget and how far it still stands above where its
+#    siblings stood; the nearest siblings count most, how near chosen by cross-validation over them.
+#    Size is measured without the embedding and the head (Kaplan et al. 2020 §3.1, Fig. 6: with
+#    them, runs of other depths fall on other trends): at 3k-60k parameters the head is most of N
+#    (docs/isoflop-and-prediction.md: 2.36% -> 1.92% median error).
 # 2. The model (`same_model`): finished runs of the same size and peak lr are the same model under
 #    other schedule lengths. Tissue et al. 2024 fit ONE parameter set (L0, A, alpha, C) of their
 #    eq. 1 per model and predict its loss under other schedules from their areas S1, S2; so the

@@ -375,7 +375,8 @@ def test_bandwidth_is_chosen_by_cross_validation_over_the_finished_runs():
     assert chosen.mean() < 0.8 * fixed.mean(), msg       # 2.7% against 4.6%
     runs = stored_curves("nsweep_s12_curves.json")
     e, e_fixed = loo_errors(runs), loo_errors(runs, bandwidth=0.5)
-    msg = f"real n_sweep: chosen median {np.median(e):.2%} max {e.max():.2%}; fixed 0.5 {np.median(e_fixed):.2%} / {e_fixed.max():.2%}"
+    msg = (f"real n_sweep: chosen median {np.median(e):.2%} max {e.max():.2%}; "
+           f"fixed 0.5 {np.median(e_fixed):.2%} / {e_fixed.max():.2%}")
     assert np.median(e) < 0.02 and e.max() < 0.03 and e_fixed.max() > 0.07, msg
 
 
@@ -395,7 +396,8 @@ def test_a_run_still_high_at_p_is_read_by_its_level():
             y[-1] = final
             runs[f"N{i}C{j}"] = (p, y, final, N, D)
     e, e_fixed = loo_errors(runs), loo_errors(runs, bandwidth=0.5)
-    msg = f"chosen: median {np.median(e):.2%} max {e.max():.2%}; fixed 0.5, no level: {np.median(e_fixed):.2%} / {e_fixed.max():.2%}"
+    msg = (f"chosen: median {np.median(e):.2%} max {e.max():.2%}; "
+           f"fixed 0.5, no level: {np.median(e_fixed):.2%} / {e_fixed.max():.2%}")
     assert np.median(e) < 0.5 * np.median(e_fixed), msg     # 3.2% against 7.2% (without the level: 6.7%)
 
 
