@@ -12,7 +12,8 @@ predictor) and with equal weights (bandwidth inf: one ridge line through every r
 of runs whose 95% interval holds the final loss (an interval without an upper end counts as holding
 it, as the logged predict_covered does). Live:
 the study predictor with, as references, only the runs that had finished (MLflow end time) when the
-run reached 25% of its wall time.
+run reached 25% of its wall time. Early stop replayed: the stability rule (earlystop.is_stable) on the
+ratio estimate's predictions at every evaluation from 25%, every other run as reference.
 
 The own-curve predictor (earlystop.predict_final, what a run uses before MIN_REFERENCE runs of its
 schedule have finished) is recomputed as train.py makes its first prediction, at predict_from of the
@@ -52,6 +53,28 @@ def own_curve_error(r, curves) -> float:
     return math.nan if p is None else (p.final_loss - float(r["final_val_loss"])) / float(r["final_val_loss"])
 
 
+def early_stop_replay(data: dict, bandwidth) -> str:
+    """Early stop replayed with every other run as reference: the study predictor's ratio estimate at
+    each evaluation from 25% of the run (as train.py predicts), earlystop.prediction_errors' rule
+    (is_stable) on them: the runs it would have stopped, the compute saved, the error at the stop."""
+    saved, errors = [], []
+    for rid, (p, y, final, N, D, *rest) in data.items():
+        ref = earlystop.Reference()
+        for other, c in data.items():
+            ref = ref if other == rid else ref.add(*c)
+        p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
+        ne = rest[2] if len(rest) > 2 else math.nan
+        preds = [earlystop.ratio_prediction(ref, p[:i + 1], y[:i + 1], int(p[i] * D), N, D, bandwidth, ne)
+                 for i in range(len(p)) if 0.25 - 1e-9 <= p[i] < 1]
+        out = earlystop.prediction_errors([q for q in preds if q is not None], final, D)
+        saved.append(out.get("early_stop_saving", 0.0))
+        if "predict_error_stable" in out:
+            errors.append(abs(out["predict_error_stable"]))
+    e = np.asarray(errors)
+    at_stop = f", |error| at the stop median {np.median(e):.2%} max {e.max():.2%}" if e.size else ""
+    return f"would stop {e.size} of {len(data)} runs, saving {np.mean(saved):.1%} of their compute{at_stop}"
+
+
 def summary(errors, covered=None) -> str:
     e = np.abs(np.asarray([x for x in errors if np.isfinite(x)], dtype=float))
     cov = f", interval coverage {np.mean(list(covered)):.1%}" if covered is not None else ""
@@ -87,6 +110,8 @@ def main() -> None:
     signed = np.mean([v[1] for v in live.values()]) if live else math.nan
     print(f"  study predictor live (references finished at 25%) from 25%: "
           f"{summary([v[1] for v in live.values()], [v[2] for v in live.values()])}, mean signed {signed:+.2%}")
+    for label, bw in (("chosen", None), (f"fixed bandwidth {ratio_estimate.BANDWIDTH}", ratio_estimate.BANDWIDTH)):
+        print(f"  early stop replayed (ratio estimate, {label}): {early_stop_replay(ratio_only, bw)}")
     own = {r["run_id"]: own_curve_error(r, curves) for _, r in runs.iterrows()}
     print(f"  own-curve predictor (recomputed, from 25%): {summary(own.values())}")
     print(f"  logged predict_error: {summary(runs['predict_error'].astype(float))}")
