@@ -59,9 +59,7 @@ def early_stop_replay(data: dict, bandwidth) -> str:
     (is_stable) on them: the runs it would have stopped, the compute saved, the error at the stop."""
     saved, errors = [], []
     for rid, (p, y, final, N, D, *rest) in data.items():
-        ref = earlystop.Reference()
-        for other, c in data.items():
-            ref = ref if other == rid else ref.add(*c)
+        ref = replay.others(data, rid)
         p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
         ne = rest[2] if len(rest) > 2 else math.nan
         preds = [earlystop.ratio_prediction(ref, p[:i + 1], y[:i + 1], int(p[i] * D), N, D, bandwidth, ne)

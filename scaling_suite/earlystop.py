@@ -200,9 +200,9 @@ def ratio_prediction(reference: Reference, progress, loss, tokens_seen: int, N: 
     if not keep.any():
         return None
     i = int(np.argmax(np.where(keep, p, -np.inf)))
-    at = float(p[i])
-    m, half = log_ratio(reference.log_ratios(at), reference.offsets(N, D, N_nonembed),
-                        reference.log_losses(at) - math.log(y[i]), bandwidth)
+    losses = reference.log_losses(float(p[i]))       # each reference's log loss at this run's progress
+    m, half = log_ratio(reference.log_finals() - losses, reference.offsets(N, D, N_nonembed),
+                        losses - math.log(y[i]), bandwidth)
     final = float(y[i] * math.exp(m))
     if not half < 20:       # a factor e^20: nothing measured
         return Prediction(int(tokens_seen), final, 0.0, math.inf)

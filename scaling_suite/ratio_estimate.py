@@ -54,9 +54,13 @@ class Reference:
         """log(loss at progress p) of each reference run (interpolated in log loss)."""
         return np.array([float(np.interp(p, c[0], np.log(c[1]))) for c in self.curves])
 
+    def log_finals(self) -> np.ndarray:
+        """log(final loss) of each reference run."""
+        return np.array([math.log(c[2]) for c in self.curves])
+
     def log_ratios(self, p: float) -> np.ndarray:
         """log(final / loss at progress p) of each reference run."""
-        return np.array([math.log(c[2]) for c in self.curves]) - self.log_losses(p)
+        return self.log_finals() - self.log_losses(p)
 
     def offsets(self, N: float, D: float, N_nonembed: float = math.nan) -> np.ndarray:
         """Each reference run's (log(size / this size), log(D / this D)), size = N_nonembed (earlystop's

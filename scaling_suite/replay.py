@@ -19,16 +19,22 @@ def leave_one_out(runs: dict, at: float = 0.25, bandwidth: float | None = None, 
     (`live_references`: those finished when it reached `at`); None: every other run."""
     out = {}
     for rid, (p, y, final, N, D, *rest) in runs.items():
-        ref = Reference()
-        for other, c in runs.items():
-            if other != rid and (references is None or other in references.get(rid, ())):
-                ref = ref.add(*c)
+        ref = others(runs, rid, None if references is None else references.get(rid, ()))
         p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
         seen = p <= at + 1e-9
         pred = predict_from_study(ref, p[seen], y[seen], 0, N, D, bandwidth, *rest)
         if pred is not None:
             out[rid] = (pred.final_loss, (pred.final_loss - final) / final, bool(pred.lo <= final <= pred.hi))
     return out
+
+
+def others(runs: dict, rid, allowed=None) -> Reference:
+    """The Reference of every run of RUNS (leave_one_out's form) but RID, or of those in ALLOWED."""
+    ref = Reference()
+    for other, c in runs.items():
+        if other != rid and (allowed is None or other in allowed):
+            ref = ref.add(*c)
+    return ref
 
 
 def live_references(times: dict, at: float = 0.25) -> dict:

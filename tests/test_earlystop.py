@@ -414,9 +414,7 @@ def test_study_predictor_on_a_stored_adaptive_study():
     covered = np.mean([v[2] for v in res.values()])
     width = []
     for rid, (p, y, final, N, D, *rest) in runs.items():
-        ref = earlystop.Reference()
-        for other, c in runs.items():
-            ref = ref if other == rid else ref.add(*c)
+        ref = replay.others(runs, rid)
         seen = np.asarray(p) <= 0.25
         pred = earlystop.ratio_prediction(ref, np.asarray(p)[seen], np.asarray(y)[seen], 0, N, D, N_nonembed=rest[2])
         width.append((pred.hi - pred.lo) / pred.final_loss)
